@@ -1,0 +1,55 @@
+"""hft-plugin: Half Fine-Tuning for the trainers people already use.
+
+Half Fine-Tuning (Hui et al., ACL 2025) trains a chosen half of an LLM's parameters in each
+fine-tuning round and freezes the rest, choosing a new half each round; it forgets less than full
+fine-tuning and trains faster.
+
+    >>> from hft_plugin import select_half, apply_selection, HFTConfig, HFTError
+
+Nothing heavy is imported until it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "HFTConfig": "config",
+    "HFTError": "errors",
+    "ConfigError": "errors",
+    "LayoutError": "errors",
+    "UnsupportedModelError": "errors",
+    "SelectionMismatchError": "errors",
+    "IntegrationError": "errors",
+    "Selection": "selection",
+    "select_half": "selection",
+    "apply_selection": "freeze",
+    "HFTHandle": "freeze",
+    "enable_hft": "adapters.transformers",
+    "disable_hft": "adapters.transformers",
+    "half_reset": "half_reset",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import HFTConfig
+    from .errors import ConfigError, HFTError, IntegrationError, LayoutError, SelectionMismatchError, UnsupportedModelError
+    from .freeze import HFTHandle, apply_selection
+    from .selection import Selection, select_half
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hft_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

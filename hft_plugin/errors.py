@@ -1,0 +1,31 @@
+"""The typed errors of hft-plugin.
+
+Every error the plugin raises on purpose is an :class:`HFTError`, so callers can catch one class.
+Errors about user input are raised before anything on the model changes.
+"""
+
+from __future__ import annotations
+
+
+class HFTError(Exception):
+    """Base class of every error hft-plugin raises on purpose."""
+
+
+class ConfigError(HFTError, ValueError):
+    """A configuration value is invalid (ratio, strategy, round, seed, an unknown key...)."""
+
+
+class UnsupportedModelError(HFTError, TypeError):
+    """The model cannot be half fine-tuned as it is (PEFT-wrapped, quantized, integer weights...)."""
+
+
+class LayoutError(HFTError):
+    """The model's parameters could not be placed into transformer layers and roles."""
+
+
+class SelectionMismatchError(HFTError):
+    """A saved selection does not fit the model or run it is applied to."""
+
+
+class IntegrationError(HFTError):
+    """HFT could not be attached to a trainer or framework."""

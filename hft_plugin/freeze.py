@@ -1,0 +1,171 @@
+"""Apply a Selection to a model, and undo it.
+
+Whole frozen tensors get ``requires_grad=False`` (no gradient, no optimizer state). Partly frozen
+tensors keep ``requires_grad`` and are masked by :mod:`hft_plugin.masking` once an optimizer is
+attached. Everything is recorded so :meth:`HFTHandle.remove` puts the model back as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import SelectionMismatchError
+from .layouts.base import fingerprint_shapes, param_shape, unwrap_model
+from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
+from .selection import Selection, check_model
+
+logger = logging.getLogger("hft_plugin")
+
+# model -> its active handle; weak, and not an attribute, so copies of a model carry no handle
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDictionary()
+
+
+class HFTHandle:
+    """A selection applied to a model.
+
+    ``parameters()`` is exactly what the optimizer should own; ``attach(optimizer)`` keeps the
+    frozen regions of fused tensors still; ``remove()`` restores the model's flags and hooks.
+    """
+
+    def __init__(self, model: nn.Module, selection: Selection):
+        self.model = model
+        self.selection = selection
+        self._original_flags: dict[str, bool] = {}
+        self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        self._masked: dict[str, torch.Tensor] = {}
+        self._hooks: list = []
+        self.mask: GradientMask | None = None
+        self.restore: FrozenRestore | None = None
+        self.removed = False
+
+    # -- applying ------------------------------------------------------------------------------------
+    def _apply(self) -> None:
+        plan = self.selection.plan()
+        kept_frozen = []
+        for name, param in self._params.items():
+            self._original_flags[name] = param.requires_grad
+        for name in plan.frozen:
+            self._params[name].requires_grad_(False)
+        for name in plan.trainable:
+            if not self._original_flags[name]:
+                kept_frozen.append(name)
+        for name, boxes in plan.partial.items():
+            param = self._params[name]
+            if not self._original_flags[name]:
+                kept_frozen.append(name)
+                continue
+            self._masked[name] = region_mask(param_shape(param), boxes, device=param.device)
+        if kept_frozen:
+            logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters that train (whole or in part), in model order."""
+        for name, param in self._params.items():
+            if param.requires_grad:
+                yield name, param
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Exactly the parameters an optimizer should own."""
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def masked_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: self._params[n] for n in self._masked}
+
+    def attach(self, optimizer: torch.optim.Optimizer, restore: bool | None = None) -> "HFTHandle":
+        """Keep the frozen regions of partly trained tensors still under ``optimizer``.
+
+        Masks their gradients once per step (one fused call, from a step pre-hook). ``restore``:
+        also put frozen elements back after each step; by default only where masking alone cannot
+        guarantee it (weight decay, or an optimizer that is not elementwise). Without masked
+        tensors this does nothing.
+        """
+        if not self._masked:
+            return self
+        params = [self._params[n] for n in self._masked]
+        masks = list(self._masked.values())
+        self.mask = GradientMask(params, masks)
+        if restore is None:
+            restore = needs_restore(optimizer, params)
+        if restore:
+            logger.info("hft_plugin: %s with weight decay or mixing updates: restoring frozen slices after each step.",
+                        type(optimizer).__name__)
+            self.restore = FrozenRestore(params, masks)
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.mask.apply()))
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        return self
+
+    def _after_step(self, *_):
+        if self.restore is not None:
+            self.restore.apply()
+        self.mask.applied = False
+
+    def mask_gradients(self) -> None:
+        """Mask the frozen regions' gradients now (e.g. before clipping). Idempotent per step."""
+        if self.mask is not None:
+            self.mask.apply()
+
+    # -- undoing -------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore every ``requires_grad`` flag and remove the optimizer hooks. A second call is harmless."""
+        if self.removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for name, flag in self._original_flags.items():
+            self._params[name].requires_grad_(flag)
+        self.removed = True
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __repr__(self) -> str:
+        trainable = sum(1 for _ in self.named_parameters())
+        return (f"HFTHandle(round={self.selection.config.round}, trainable_tensors={trainable}, "
+                f"masked_tensors={len(self._masked)}, removed={self.removed})")
+
+
+def apply_selection(model: nn.Module, selection: Selection) -> HFTHandle:
+    """Freeze the half of ``model`` that ``selection`` does not train.
+
+    Checks everything first (the model can be trained, the selection was made for this model's
+    structure) and changes nothing if a check fails. A model that already has a selection applied
+    has it removed first, so rounds can follow each other on one model object.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from hft_plugin import apply_selection, select_half
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
+        ...     num_hidden_layers=2, num_attention_heads=4, vocab_size=128))
+        >>> handle = apply_selection(model, select_half(model, round=0))
+        >>> optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-3)
+        >>> _ = handle.attach(optimizer)
+        >>> handle.remove()
+    """
+    model = check_model(model)
+    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
+    if fingerprint_shapes(shapes) != selection.fingerprint:
+        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
+        raise SelectionMismatchError(
+            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
+            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
+            "Call select_half on this model."
+        )
+    previous = _ACTIVE.get(model)
+    if previous is not None:
+        previous.remove()
+    handle = HFTHandle(model, selection)
+    handle._apply()
+    _ACTIVE[model] = handle
+    return handle
+
+
+def active_handle(model: nn.Module) -> HFTHandle | None:
+    """The handle of the selection applied to ``model``, if any."""
+    return _ACTIVE.get(unwrap_model(model))

@@ -1,0 +1,145 @@
+"""The data a layout reader produces: a model read into layers, groups and units.
+
+A *unit* is the smallest thing a strategy trains or freezes: one projection with its bias, one
+norm, one expert's gate matrix. A unit is made of *parts*; a part is a whole parameter or a region
+of one (a slice of a fused ``qkv_proj``, one expert of a stacked expert tensor). A region is a union
+of boxes; a box fixes index ranges along some dimensions and leaves the others whole.
+
+Sizes are read without touching weights, so meta-device models and DeepSpeed ZeRO-3 partitioned
+parameters (``ds_shape``) read the same as materialised ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+# A box: ((dim, start, stop), ...); dimensions not named are taken whole.
+Box = tuple[tuple[int, int, int], ...]
+
+GROUPS = ("attention", "mlp", "norm", "router", "other")
+"""Roles inside a transformer block. The category strategy balances each role on its own."""
+
+
+def param_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of a parameter, also when ZeRO-3 has partitioned it away."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
+
+
+def box_numel(shape: tuple[int, ...], box: Box) -> int:
+    sizes = list(shape)
+    for dim, start, stop in box:
+        sizes[dim] = stop - start
+    return math.prod(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A whole parameter (``boxes is None``) or the union of disjoint boxes of it."""
+
+    param: str
+    numel: int
+    boxes: tuple[Box, ...] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.boxes is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What trains or freezes as one: e.g. ``layers.3.self_attn.q`` with its weight and bias."""
+
+    key: str
+    group: str
+    layer: int
+    parts: tuple[Part, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+
+@dataclasses.dataclass
+class Layout:
+    """A model read into transformer layers.
+
+    Attributes:
+        name: which reader read it, e.g. ``"llama (named)"`` or ``"generic"``.
+        layers: per layer, its units.
+        outside: names of parameters outside the layers (embeddings, lm_head, final norm...).
+        shapes: every parameter's full shape, by name.
+    """
+
+    name: str
+    layers: list[list[Unit]]
+    outside: list[str]
+    shapes: dict[str, tuple[int, ...]]
+
+    def units(self) -> Iterator[Unit]:
+        for layer in self.layers:
+            yield from layer
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shapes[name])
+
+    @property
+    def layer_numel(self) -> int:
+        return sum(u.numel for u in self.units())
+
+    @property
+    def outside_numel(self) -> int:
+        return sum(self.numel(n) for n in self.outside)
+
+    def fingerprint(self) -> str:
+        return fingerprint_shapes(self.shapes)
+
+
+def fingerprint_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    """A short hash of parameter names and shapes: the same model structure, the same fingerprint."""
+    text = "\n".join(f"{name}:{','.join(map(str, shape))}" for name, shape in sorted(shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under DDP/DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine",
+        ):
+            model = inner
+            continue
+    return model
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The transformer layers: the ModuleList holding the most parameters, if it holds most of them."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(math.prod(param_shape(p)) for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None or best[0] == 0:
+        return None
+    return best[1], best[2]
+
+
+def leaf_params(module: nn.Module, prefix: str = "") -> Iterable[tuple[str, str, nn.Module, nn.Parameter]]:
+    """(module path, parameter name, module, parameter) for every parameter a module owns directly."""
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        for pname, param in mod.named_parameters(recurse=False):
+            yield mod_name, pname, mod, param

@@ -1,0 +1,170 @@
+"""Shared machinery of the layout readers: walk the layers, turn modules into units."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from torch import nn
+
+from ..errors import LayoutError
+from .base import Box, Layout, Part, Unit, find_layer_list, param_shape
+
+# A splitter turns one parameter of a fused module into named regions:
+# (param_name, shape) -> [(part_name, boxes), ...] covering the parameter exactly once.
+Splitter = Callable[[str, tuple[int, ...]], Sequence[tuple[str, tuple[Box, ...]]]]
+
+# A classifier places one module inside a block: (path in block, module, its params) ->
+# (group, splitter or None, unit the module follows or None), or None when it cannot place it.
+Placement = tuple[str, "Splitter | None", "str | None"]
+Classifier = Callable[[str, nn.Module], "Placement | None"]
+
+
+def read_with(model: nn.Module, name: str, classify: Classifier) -> Layout:
+    """Read ``model`` into a Layout, placing each module of each layer with ``classify``.
+
+    Raises LayoutError naming every parameter ``classify`` could not place.
+    """
+    found = find_layer_list(model)
+    if found is None:
+        raise LayoutError(
+            f"{type(model).__name__} has no list of transformer layers (no nn.ModuleList with "
+            "parameters). Register a layout for it with the hft_read_layout hook."
+        )
+    list_name, layer_list = found
+    canonical = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once
+    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
+    in_layers: set[str] = set()
+    layers: list[list[Unit]] = []
+    unplaced: list[str] = []
+    for index, block in enumerate(layer_list):
+        prefix = f"{list_name}.{index}"
+        units: dict[str, list[Part]] = {}
+        groups: dict[str, str] = {}
+        follows: list[tuple[str, list[Part]]] = []
+        for path, module in block.named_modules():
+            own = [
+                (pname, p) for pname, p in module.named_parameters(recurse=False)
+                if canonical.get(id(p)) == _join(prefix, path, pname)
+            ]
+            if not own:
+                continue
+            placement = classify(path, module)
+            if placement is None:
+                unplaced.extend(_join(prefix, path, pname) for pname, _ in own)
+                continue
+            group, splitter, follow = placement
+            module_key = _join(prefix, path)
+            for pname, p in own:
+                full = _join(prefix, path, pname)
+                in_layers.add(full)
+                shape = param_shape(p)
+                pieces = splitter(pname, shape) if splitter else [("", None)]
+                for piece, boxes in pieces:
+                    key = f"{module_key}:{piece}" if piece else module_key
+                    numel = math.prod(shape) if boxes is None else sum(_box_numel(shape, b) for b in boxes)
+                    part = Part(full, numel, boxes)
+                    if follow:
+                        follows.append((_join(prefix, follow), [part]))
+                    else:
+                        units.setdefault(key, []).append(part)
+                        groups[key] = group
+        for target, parts in follows:
+            owner = next((k for k in units if k == target or k.startswith(target + ":")), None)
+            if owner is None:
+                unplaced.extend(p.param for p in parts)
+            else:
+                units[owner].extend(parts)
+        layers.append([Unit(k, groups[k], index, tuple(ps)) for k, ps in units.items()])
+    if unplaced:
+        shown = ", ".join(unplaced[:8]) + (f" and {len(unplaced) - 8} more" if len(unplaced) > 8 else "")
+        raise LayoutError(
+            f"The {name} layout could not place these parameters of {type(model).__name__}: {shown}. "
+            "Register a layout for this architecture with the hft_read_layout hook "
+            "(see hft_plugin.hookspecs), or report the model type."
+        )
+    outside = [n for n in shapes if n not in in_layers]
+    return Layout(name=name, layers=layers, outside=outside, shapes=shapes)
+
+
+def _join(*names: str) -> str:
+    return ".".join(n for n in names if n)
+
+
+def _box_numel(shape: tuple[int, ...], box: Box) -> int:
+    sizes = list(shape)
+    for dim, start, stop in box:
+        sizes[dim] = stop - start
+    return math.prod(sizes)
+
+
+# Splitters for the fused tensors transformers uses today.
+
+def split_along(dim_for: Callable[[str, tuple[int, ...]], int], sizes_for: Callable[[int], Sequence[tuple[str, int]]]) -> Splitter:
+    """Consecutive blocks along one dimension, e.g. Phi-3 ``qkv_proj`` rows [q | k | v].
+
+    ``dim_for(param_name, shape)`` picks the dimension; ``sizes_for(length)`` names the blocks.
+    """
+
+    def split(pname: str, shape: tuple[int, ...]):
+        dim = dim_for(pname, shape)
+        pieces, start = [], 0
+        for piece, size in sizes_for(shape[dim]):
+            pieces.append((piece, (((dim, start, start + size),),)))
+            start += size
+        if start != shape[dim]:
+            raise LayoutError(f"Cannot split {pname} of shape {shape}: parts add up to {start}, not {shape[dim]}.")
+        return pieces
+
+    return split
+
+
+def equal_split(names: Sequence[str], dim: int | Callable[[str, tuple[int, ...]], int] = 0) -> Splitter:
+    """Equal consecutive blocks, e.g. ``gate_up_proj`` [gate | up] or GPT-2 ``c_attn`` [q | k | v]."""
+    dim_for = dim if callable(dim) else (lambda _p, _s: dim)
+
+    def sizes(total: int):
+        if total % len(names):
+            raise LayoutError(f"Cannot split a dimension of {total} into {len(names)} equal parts.")
+        return [(n, total // len(names)) for n in names]
+
+    return split_along(dim_for, sizes)
+
+
+def interleaved_split(names: Sequence[str], groups: int, dim: int = 0) -> Splitter:
+    """Per-head interleaving, e.g. GPT-NeoX ``query_key_value`` rows [h0: q k v | h1: q k v | ...]."""
+
+    def split(pname: str, shape: tuple[int, ...]):
+        total = shape[dim]
+        if total % (groups * len(names)):
+            raise LayoutError(f"Cannot split {pname} of shape {shape} into {groups} heads x {len(names)} parts.")
+        size = total // (groups * len(names))
+        return [
+            (n, tuple(((dim, (g * len(names) + i) * size, (g * len(names) + i + 1) * size),) for g in range(groups)))
+            for i, n in enumerate(names)
+        ]
+
+    return split
+
+
+def per_expert(num_experts: int) -> Splitter:
+    """Stacked expert tensors (E, ...) split per expert. A fused ``gate_up_proj`` (E, 2I, H) (and its
+    bias (E, 2I)) is also split along dim 1 into gate and up, so each expert has gate, up and down
+    units like a dense MLP."""
+
+    def split(pname: str, shape: tuple[int, ...]):
+        if len(shape) < 2 or shape[0] != num_experts:
+            return [("", None)]
+        label = pname.removesuffix("_bias").removesuffix("_proj")
+        fused = ("gate", "up") if "gate_up" in pname and shape[1] % 2 == 0 else None
+        pieces = []
+        for e in range(num_experts):
+            if fused:
+                step = shape[1] // 2
+                for i, n in enumerate(fused):
+                    pieces.append((f"{e}.{n}", (((0, e, e + 1), (1, i * step, (i + 1) * step)),)))
+            else:
+                pieces.append((f"{e}.{label}", (((0, e, e + 1),),)))
+        return pieces
+
+    return split
