@@ -1,0 +1,1 @@
+"""Framework adapters: one small module per framework (transformers/TRL, LLaMA-Factory, OpenRLHF)."""
