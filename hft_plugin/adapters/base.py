@@ -31,7 +31,8 @@ from ..errors import IntegrationError
 
 logger = logging.getLogger("hft_plugin")
 
-MARKER = "_hft_patched"
+# wrapt proxies keep attributes named _self_* on the proxy itself (others go to the wrapped object).
+MARKER = "_self_hft_patched"
 
 
 class IncompatibleVersionError(IntegrationError):
@@ -90,7 +91,7 @@ def unpatch(module: str | Any, path: str) -> bool:
     except (ImportError, AttributeError):
         return False
     current = owner.__dict__.get(attribute)
-    if isinstance(current, wrapt.ObjectProxy) and getattr(current, MARKER, False):
+    if getattr(current, MARKER, False) and hasattr(current, "__wrapped__"):
         setattr(owner, attribute, current.__wrapped__)
         return True
     return False
