@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create (or reuse) the LLaMA-Factory 0.9.5 environment and run the LLaMA-Factory tests in it.
+#
+# LLaMA-Factory pins transformers<=5.6 and trl<=0.24, so it gets its own venv. torch stays the
+# CPU 2.13.0 build: every install runs under requirements/cpu-torch.txt as a constraint, and
+# llamafactory itself is installed with --no-deps so its torchaudio/torchvision/gradio pins
+# cannot pull a CUDA torch. The venv is reused when its stamp matches the requirement files.
+#
+#   bash .ci/llamafactory.sh              # build if needed, run tests/test_llamafactory*.py
+#   bash .ci/llamafactory.sh --setup-only # build if needed, print the venv's python
+#   HFT_LF_VENV=/path bash .ci/llamafactory.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HFT_LF_VENV:-$HOME/.cache/hft-plugin/venv-llamafactory-0.9.5}"
+PY_BASE="${PYTHON:-python3.11}"
+command -v "$PY_BASE" >/dev/null || PY_BASE=python3
+REQ="$ROOT/requirements/llamafactory-0.9.5.txt"
+CON="$ROOT/requirements/cpu-torch.txt"
+STAMP="$VENV/.hft-stamp"
+want="$(cat "$REQ" "$CON" | sha256sum | cut -c1-16)"
+
+if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+    echo "llamafactory env: building $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PY_BASE" -m venv "$VENV"
+    PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+    "${PIP[@]}" -c "$CON" torch==2.13.0
+    "${PIP[@]}" -c "$CON" -r "$REQ"
+    "${PIP[@]}" --no-deps llamafactory==0.9.5
+    # The plugin itself, editable, without touching the pinned packages above.
+    "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+    torch_version="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+    if [[ "$torch_version" != 2.13.0+cpu ]]; then
+        echo "llamafactory env: torch is $torch_version, expected 2.13.0+cpu" >&2
+        exit 1
+    fi
+    echo "$want" > "$STAMP"
+else
+    # Reused venv: make sure the editable install points at this checkout (CI clones elsewhere).
+    if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null; then
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
+    fi
+fi
+
+if [[ "${1:-}" == "--setup-only" ]]; then
+    echo "$VENV/bin/python"
+    exit 0
+fi
+cd "$ROOT"
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" -m pytest tests/test_llamafactory*.py -q -p no:cacheprovider "$@"

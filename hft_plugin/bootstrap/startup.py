@@ -1,0 +1,169 @@
+"""The start-up hook: arm the adapters in every Python process where ``HFT_ENABLE`` is set.
+
+The package installs ``hft-plugin.pth`` into site-packages. Python runs its one line at start-up;
+that line reads ``HFT_ENABLE`` and, only if it is set to something other than off, imports this
+module and calls :func:`activate`. ``activate`` imports neither torch nor a framework: it registers
+wrapt post-import hooks, so an adapter is instrumented the moment its framework's module is
+imported (or at once if it already is). torchrun, the deepspeed launcher, accelerate launch and
+LLaMA-Factory's FORCE_TORCHRUN start fresh interpreters that inherit the environment, so every
+worker arms itself the same way.
+
+Failure policy. A process that never trains must never be broken: any exception here, or inside
+a post-import hook, becomes one warning. A process that does train with ``HFT_ENABLE=1`` must not
+silently fine-tune everything: if an adapter of a framework in use could not be instrumented,
+:func:`activate` arms a guard that raises :class:`~hft_plugin.IntegrationError` when an optimizer is
+built (the moment training would start without HFT).
+
+Explicit forms: ``import hft_plugin.auto`` and ``hft-run -- COMMAND``.
+
+    >>> import hft_plugin.bootstrap.startup as startup
+    >>> startup.activate({"HFT_ENABLE": "0"})
+    False
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping
+
+from . import env
+
+ADAPTERS: dict[str, tuple[str, str]] = {
+    # adapter name: (module whose import arms it, "adapter module:class")
+    "transformers": ("transformers.trainer", "hft_plugin.adapters.transformers:TransformersAdapter"),
+    "llamafactory": ("llamafactory.model.adapter", "hft_plugin.adapters.llamafactory:LlamaFactoryAdapter"),
+    "openrlhf": ("openrlhf.utils.deepspeed.deepspeed", "hft_plugin.adapters.openrlhf:OpenRLHFAdapter"),
+}
+"""Every adapter the hook knows, named by string so that start-up imports none of them."""
+
+PTH_NAME = "hft-plugin.pth"
+
+_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False}
+
+
+def _warn(message: str) -> None:
+    # logging may not be configured yet and warnings can be filtered to errors by the host
+    # program; a plain line on stderr is the one warning that can never break anything.
+    sys.stderr.write(f"hft_plugin: {message}\n")
+
+
+def activate(environ: Mapping[str, str] | None = None) -> bool:
+    """Register the post-import hooks once per process. Returns True if it armed them now.
+
+    Never raises: an error becomes one warning on stderr.
+    """
+    environ = os.environ if environ is None else environ
+    if _state["active"]:
+        return False
+    try:
+        if not env.maybe_enabled(environ):
+            return False
+        import wrapt
+
+        skipped = env.disabled_adapters(environ)
+        unknown = skipped - set(ADAPTERS)
+        if unknown:
+            _warn(f"{env.HFT_DISABLE_ADAPTERS} names unknown adapters {sorted(unknown)}; known: {sorted(ADAPTERS)}.")
+        for name, (module, _) in ADAPTERS.items():
+            if name in skipped:
+                continue
+            hook = _make_hook(name)
+            wrapt.register_post_import_hook(hook, module)
+            _state["hooks"].append((module, hook))
+        _state["active"] = True
+        return True
+    except Exception as exc:  # noqa: BLE001 - start-up must never break the host program
+        _warn(f"start-up hook disabled: {exc!r}")
+        return False
+
+
+def _make_hook(name: str):
+    def hook(_module) -> None:
+        instrument(name)
+
+    hook.__name__ = f"hft_instrument_{name}"
+    return hook
+
+
+def instrument(name: str) -> bool:
+    """Instrument one adapter in auto mode (called by the post-import hook). Never raises; a
+    failure is remembered and arms the optimizer guard (see the module docstring)."""
+    if name in _state["instances"]:
+        return False
+    try:
+        import importlib
+
+        module, _, attribute = ADAPTERS[name][1].partition(":")
+        adapter = getattr(importlib.import_module(module), attribute)()
+        if adapter.instrument(raise_errors=False):
+            _state["instances"][name] = adapter
+            return True
+        reason = "its framework version is not supported (see the warning above)"
+    except Exception as exc:  # noqa: BLE001
+        reason = repr(exc)
+        _warn(f"the {name} adapter could not be activated: {reason}")
+    _state["failures"][name] = reason
+    _arm_guard()
+    return False
+
+
+def _arm_guard() -> None:
+    if _state["guard"]:
+        return
+    import wrapt
+
+    def guard_hook(torch_optim) -> None:
+        try:
+            from ..adapters.base import patch
+
+            patch(torch_optim, "Optimizer.__init__", _refuse_optimizer)
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"could not arm the optimizer guard: {exc!r}")
+
+    wrapt.register_post_import_hook(guard_hook, "torch.optim")
+    _state["guard"] = True
+
+
+def _refuse_optimizer(wrapped, instance, args, kwargs):
+    if not _state["failures"]:
+        return wrapped(*args, **kwargs)
+    from ..errors import IntegrationError
+
+    failures = "; ".join(f"{name}: {why}" for name, why in _state["failures"].items())
+    raise IntegrationError(
+        f"HFT_ENABLE is set but HFT could not be attached ({failures}), so this optimizer would "
+        "fine-tune every parameter. Install a supported version (see docs/activation.md), or set "
+        f"{env.HFT_DISABLE_ADAPTERS}=<name> to skip an adapter this run does not use, or unset HFT_ENABLE."
+    )
+
+
+def status() -> dict:
+    """What the hook did in this process: armed, instrumented adapters, failures."""
+    return {
+        "active": _state["active"],
+        "instrumented": sorted(_state["instances"]),
+        "failures": dict(_state["failures"]),
+        "guard": _state["guard"],
+    }
+
+
+def deactivate() -> None:
+    """Undo :func:`activate` (tests and ``hft_plugin.auto`` users): uninstrument adapters and drop
+    hooks that have not fired, disarm the optimizer guard."""
+    import wrapt.importer as importer
+
+    for module, hook in _state["hooks"]:
+        hooks = importer._post_import_hooks.get(module)
+        if hooks and hook in hooks:
+            hooks.remove(hook)
+    for adapter in _state["instances"].values():
+        adapter.uninstrument()
+    if _state["guard"] and "torch.optim" in sys.modules:
+        from ..adapters.base import unpatch
+
+        unpatch(sys.modules["torch.optim"], "Optimizer.__init__")
+    hooks = importer._post_import_hooks.get("torch.optim")
+    if hooks:
+        hooks[:] = [h for h in hooks if getattr(h, "__name__", "") != "guard_hook"]
+    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False)
