@@ -1,0 +1,267 @@
+"""The ``hft`` command: see which half trains, reset a tuned half, run a trainer with HFT on.
+
+    hft plan MODEL [--round N | --rounds 0-3] [--strategy S] [--ratio R] [--seed N]
+                   [--train-embeddings | --freeze-embeddings] [--json] [--plot FILE.png]
+    hft half-reset ...          (see ``hft half-reset --help``)
+    hft run [options] -- COMMAND ...   (the same as ``hft-run``)
+
+``hft plan`` builds the model from its config on the meta device: no weights are read, so it is
+instant even for a 70B model. Every error is one line on stderr and exit code 2.
+
+Example:
+    >>> import json, os, tempfile
+    >>> from hft_plugin.testing import tiny_config
+    >>> folder = tempfile.mkdtemp()
+    >>> tiny_config("llama").save_pretrained(folder)
+    >>> main(["plan", folder, "--round", "1"])  # doctest: +ELLIPSIS
+    model: LlamaForCausalLM ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+PROG = "hft"
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+# -- hft plan ----------------------------------------------------------------------------------------
+
+def load_config(path: str) -> Any:
+    """The transformers config of a model directory or a config.json file, read offline."""
+    if not os.path.exists(path):
+        raise CommandError(f"no such file or directory: {path}")
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise CommandError(f"{path} has no config.json; pass a model directory that has one, or the config.json itself")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{file} is not a readable JSON model config ({error})") from None
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise CommandError(f"{file} has no \"model_type\"; is it a transformers model config?")
+    from transformers import CONFIG_MAPPING, __version__ as transformers_version
+
+    model_type = data["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        hint = " (it names custom code in auto_map, which hft plan does not run)" if "auto_map" in data else ""
+        raise CommandError(
+            f"unknown model type {model_type!r} in {file}{hint}: transformers {transformers_version} does not know it; "
+            "upgrade transformers or register a layout for it"
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as error:  # a config class rejects its own values: say which file
+        raise CommandError(f"cannot read {file} as a {model_type} config: {_first_line(error)}") from None
+
+
+def build_meta_model(config: Any):
+    """The model of ``config`` on the meta device: shapes only, no memory, no weights read."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM (an encoder, a vision-language wrapper...): its base model
+            try:
+                return AutoModel.from_config(config)
+            except Exception as error:
+                raise CommandError(f"cannot build a {config.model_type} model: {_first_line(error)}") from None
+        except Exception as error:
+            raise CommandError(f"cannot build a {config.model_type} model: {_first_line(error)}") from None
+
+
+def parse_rounds(text: str) -> list[int]:
+    """``"0-3"`` -> [0, 1, 2, 3]; ``"0,2,5"`` -> [0, 2, 5]; ``"4"`` -> [4]."""
+    rounds: list[int] = []
+    try:
+        for piece in text.split(","):
+            first, dash, last = piece.strip().partition("-")
+            start, stop = int(first), int(last) if dash else int(first)
+            if start < 0 or stop < start:
+                raise ValueError
+            rounds.extend(range(start, stop + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of rounds; write e.g. 0-3 or 0,2,5") from None
+    if len(rounds) > 16:
+        raise argparse.ArgumentTypeError(f"{text!r} names {len(rounds)} rounds; at most 16 fit in one picture")
+    return rounds
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share in (0, 1), e.g. 0.5") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1); pass a share of the layers, e.g. 0.5")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; rounds and seeds count from 0")
+    return value
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .config import HFTConfig
+    from .report import layer_grid, plot_grids, render_table
+    from .selection import select_half, strategy_names
+
+    if args.strategy not in strategy_names():
+        raise CommandError(f"unknown strategy {args.strategy!r}; known: {', '.join(strategy_names())}")
+    config = load_config(args.model)
+    model = build_meta_model(config)
+    rounds = args.rounds or [args.round]
+    selections = [
+        select_half(model, config=HFTConfig(ratio=args.ratio, strategy=args.strategy, round=r, seed=args.seed,
+                                            train_embeddings=args.train_embeddings))
+        for r in rounds
+    ]
+    if args.json:
+        payload = [s.to_dict() for s in selections]
+        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        print(f"model: {type(model).__name__} from {args.model} ({total:,} parameters; meta device, no weights read)")
+        for selection in selections:
+            print()
+            print(render_table(layer_grid(selection)))
+            print()
+            print(selection.summary())
+    if args.plot:
+        title = f"{type(model).__name__} ({os.path.basename(os.path.normpath(args.model))})"
+        try:
+            plot_grids([layer_grid(s) for s in selections], args.plot, title=title)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot write the plot {args.plot}: {_first_line(error)}") from None
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _add_plan(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan", help="show which half of a model trains (no weights read)",
+        description="Build MODEL from its config on the meta device (no weights are read) and show, per "
+                    "layer and role, which half trains in a round, with the shares per role.",
+        epilog="example: hft plan ./SmolLM2-135M --rounds 0-3 --plot rounds.png",
+    )
+    plan.add_argument("model", metavar="MODEL", help="a local model directory with a config.json, or a config.json")
+    rounds = plan.add_mutually_exclusive_group()
+    rounds.add_argument("--round", type=_count, default=0, help="the fine-tuning round (default 0)")
+    rounds.add_argument("--rounds", type=parse_rounds, metavar="RANGE",
+                        help="several rounds, e.g. 0-3 or 0,2,5: one table each, one picture side by side")
+    plan.add_argument("--strategy", default="category", help="category (default, the paper's), layer, model, or a plugin's")
+    plan.add_argument("--ratio", type=_ratio, default=0.5, help="trainable share of the layers' parameters (default 0.5)")
+    plan.add_argument("--seed", type=_count, default=0, help="seeds the draw (default 0)")
+    embeddings = plan.add_mutually_exclusive_group()
+    embeddings.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
+                            help="train embeddings, lm_head and final norm (default, as the paper)")
+    embeddings.add_argument("--freeze-embeddings", dest="train_embeddings", action="store_false",
+                            help="freeze everything outside the transformer layers")
+    plan.add_argument("--json", action="store_true", help="print the selection as JSON (a list for several rounds)")
+    plan.add_argument("--plot", metavar="FILE.png", help="also draw the map as a heatmap into this file")
+    plan.set_defaults(func=run_plan)
+
+
+# -- hft half-reset and hft run: their own modules, loaded only when used ----------------------------
+
+_HALF_RESET_HELP = "reset the frozen half of a tuned model to its base (the paper's Half-Reset)"
+_RUN_HELP = "run a training command with HFT on in every process (the same as hft-run)"
+
+
+def _add_half_reset(subparsers, load: bool) -> None:
+    if load:
+        try:
+            from . import half_reset
+        except ImportError as error:
+            raise CommandError(f"hft half-reset is not available in this installation ({_first_line(error)})") from None
+        register = getattr(half_reset, "register_cli", None)
+        if register is None:
+            raise CommandError("hft half-reset is not available in this installation (hft_plugin.half_reset has no register_cli)")
+        # register_cli adds the "half-reset" parser and sets its defaults(func=callable(args) -> int)
+        register(subparsers)
+    else:  # listed in `hft --help` without importing its module
+        subparsers.add_parser("half-reset", help=_HALF_RESET_HELP, add_help=False)
+
+
+def _run(argv: Sequence[str]) -> int:
+    try:
+        from .bootstrap import run
+    except ImportError as error:
+        raise CommandError(f"hft run is not available in this installation ({_first_line(error)})") from None
+    return run.main(list(argv))
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The ``hft`` parser; ``load`` names the subcommand whose own module should be imported."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Half Fine-Tuning: train half of an LLM each round, forget less.",
+        epilog="Run 'hft COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hft-plugin {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_plan(subparsers)
+    _add_half_reset(subparsers, load == "half-reset")
+    subparsers.add_parser("run", help=_RUN_HELP, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hft`` command; returns its exit code (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    try:
+        if command == "run":  # everything after "run" belongs to hft-run, "--" and COMMAND included
+            return _run(argv[1:])
+        parser = build_parser(load=command)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help (0) or a usage error (2), already printed by argparse
+            return done.code if isinstance(done.code, int) else 2
+        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+        if func is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(func(args) or 0)
+    except CommandError as error:
+        return _fail(command, str(error))
+    except Exception as error:
+        from .errors import HFTError
+
+        if isinstance(error, HFTError):
+            return _fail(command, _first_line(error))
+        raise
+
+
+def _fail(command: str | None, message: str) -> int:
+    print(f"{PROG}{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
