@@ -100,7 +100,7 @@ def _parse_ratio(variable: str, text: str) -> float:
 def _parse_strategy(variable: str, text: str) -> str:
     value = text.strip()
     if not value:
-        raise _error(f"{variable} is empty; set it to category, layer or model (or unset it).")
+        raise _error(f"{variable}={text!r} is empty; set it to category, layer or model (or unset it).")
     return value
 
 

@@ -94,8 +94,20 @@ def instrument(name: str) -> bool:
     try:
         import importlib
 
+        from ..errors import ConfigError
+
+        try:
+            config = env.load_config()
+        except ConfigError as exc:
+            # Not raised here: this import may be in a process that never trains. The guard
+            # raises it when an optimizer is built, which is where it matters.
+            reason = str(exc)
+            _warn(f"the {name} adapter is not active: {reason}")
+            _state["failures"][name] = reason
+            _arm_guard()
+            return False
         module, _, attribute = ADAPTERS[name][1].partition(":")
-        adapter = getattr(importlib.import_module(module), attribute)()
+        adapter = getattr(importlib.import_module(module), attribute)(config=config)
         if adapter.instrument(raise_errors=False):
             _state["instances"][name] = adapter
             return True
@@ -126,7 +138,9 @@ def _arm_guard() -> None:
 
 
 def _refuse_optimizer(wrapped, instance, args, kwargs):
-    if not _state["failures"]:
+    freeze = sys.modules.get("hft_plugin.freeze")
+    if not _state["failures"] or (freeze is not None and len(freeze._ACTIVE)):
+        # nothing failed, or another adapter did apply HFT to the model being trained
         return wrapped(*args, **kwargs)
     from ..errors import IntegrationError
 

@@ -1,0 +1,126 @@
+"""The HFT_* variables: parsing, precedence (call > variables > HFT_CONFIG file > defaults), errors
+that name the variable, and hft-run's environment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hft_plugin import ConfigError, HFTConfig
+from hft_plugin.bootstrap import env
+from hft_plugin.bootstrap.run import build_environment
+
+
+def test_variables_are_documented_constants():
+    for variable in env.ALL_VARIABLES:
+        assert getattr(env, variable) == variable
+    assert set(env.CONFIG_VARIABLES) == set(HFTConfig.field_names())
+
+
+def test_defaults_when_nothing_is_set():
+    assert env.load_config({}) == HFTConfig()
+    assert env.is_enabled({}) is False
+
+
+@pytest.mark.parametrize("text,expected", [("1", True), ("true", True), (" ON ", True), ("yes", True),
+                                           ("0", False), ("false", False), ("", False), ("Off", False)])
+def test_enable_values(text, expected):
+    assert env.is_enabled({"HFT_ENABLE": text}) is expected
+
+
+def test_every_variable_is_read():
+    config = env.load_config({"HFT_RATIO": "0.3", "HFT_STRATEGY": "layer", "HFT_ROUND": "2", "HFT_SEED": "7",
+                              "HFT_TRAIN_EMBEDDINGS": "0"})
+    assert config == HFTConfig(ratio=0.3, strategy="layer", round=2, seed=7, train_embeddings=False)
+
+
+@pytest.mark.parametrize("variable,value", [
+    ("HFT_RATIO", "abc"), ("HFT_RATIO", "1.5"), ("HFT_RATIO", "nan"), ("HFT_ROUND", "-1"), ("HFT_ROUND", "1.5"),
+    ("HFT_SEED", "x"), ("HFT_TRAIN_EMBEDDINGS", "maybe"), ("HFT_STRATEGY", "  "),
+])
+def test_malformed_value_names_the_variable(variable, value):
+    with pytest.raises(ConfigError) as info:
+        env.load_config({variable: value})
+    assert variable in str(info.value) and repr(value) in str(info.value)
+
+
+def test_malformed_enable_names_the_variable():
+    with pytest.raises(ConfigError, match="HFT_ENABLE='ture'"):
+        env.is_enabled({"HFT_ENABLE": "ture"})
+    assert env.maybe_enabled({"HFT_ENABLE": "ture"})  # the hook arms, training then fails loudly
+
+
+def test_missing_config_file_names_the_variable(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"HFT_CONFIG=.*nope\.yaml.*no such file"):
+        env.load_config({"HFT_CONFIG": str(missing)})
+
+
+def test_yaml_and_json_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("round: 3\nstrategy: layer\ntrain_embeddings: false\n")
+    (tmp_path / "b.json").write_text(json.dumps({"ratio": 0.25, "seed": 4}))
+    assert env.load_config({"HFT_CONFIG": str(tmp_path / "a.yaml")}) == HFTConfig(round=3, strategy="layer",
+                                                                                  train_embeddings=False)
+    assert env.load_config({"HFT_CONFIG": str(tmp_path / "b.json")}) == HFTConfig(ratio=0.25, seed=4)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("rund: 1\n", r"unknown key 'rund'.*Did you mean 'round'"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+    ("round: [1\n", "could not be parsed"),
+    ("round: one\n", r"HFT_CONFIG=.*round='one'"),
+    ("!!python/object/apply:os.system ['true']\n", "could not be parsed"),  # safe_load only
+])
+def test_bad_config_files(tmp_path, text, match):
+    path = tmp_path / "hft.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        env.load_config({"HFT_CONFIG": str(path)})
+
+
+def test_precedence_call_over_variables_over_file_over_defaults(tmp_path):
+    path = tmp_path / "hft.yaml"
+    path.write_text("round: 1\nseed: 5\nstrategy: layer\n")
+    environ = {"HFT_CONFIG": str(path), "HFT_ROUND": "2", "HFT_RATIO": "0.4"}
+    config = env.load_config(environ, round=3, seed=None)
+    assert config.round == 3          # call argument beats the variable and the file
+    assert config.ratio == 0.4        # variable beats the default
+    assert config.seed == 5           # file beats the default; None means "not given"
+    assert config.strategy == "layer"
+    assert env.load_config(environ).round == 2  # variable beats the file
+
+
+def test_disabled_adapters():
+    assert env.disabled_adapters({"HFT_DISABLE_ADAPTERS": " LlamaFactory, openrlhf ,"}) == {"llamafactory", "openrlhf"}
+    assert env.disabled_adapters({}) == frozenset()
+
+
+def test_export_round_trips():
+    config = HFTConfig(ratio=0.3, strategy="layer", round=2, seed=1, train_embeddings=False)
+    environ = env.export(config, {})
+    assert environ["HFT_ENABLE"] == "1"
+    assert env.load_config(environ) == config
+    with pytest.raises(ConfigError, match="rnd"):
+        env.export({"rnd": 1}, {})
+
+
+def test_hft_run_builds_the_environment(tmp_path):
+    path = tmp_path / "hft.yaml"
+    path.write_text("seed: 9\n")
+    environ, command = build_environment(
+        ["--ratio", "0.3", "--round", "2", "--freeze-embeddings", "--config", str(path),
+         "--disable-adapter", "openrlhf", "--", "torchrun", "--nproc_per_node", "2", "train.py", "--round", "7"],
+        {"PATH": "/bin"})
+    assert command == ["torchrun", "--nproc_per_node", "2", "train.py", "--round", "7"]
+    assert environ["PATH"] == "/bin"
+    assert (environ["HFT_ENABLE"], environ["HFT_RATIO"], environ["HFT_ROUND"]) == ("1", "0.3", "2")
+    assert environ["HFT_TRAIN_EMBEDDINGS"] == "0" and environ["HFT_DISABLE_ADAPTERS"] == "openrlhf"
+    assert env.load_config(environ) == HFTConfig(ratio=0.3, round=2, seed=9, train_embeddings=False)
+
+
+def test_hft_run_rejects_bad_values_before_running():
+    with pytest.raises(ConfigError, match="HFT_RATIO='abc'"):
+        build_environment(["--ratio", "abc", "--", "true"], {})
+    with pytest.raises(ConfigError, match="HFT_ROUND='-1'"):
+        build_environment(["--round=-1", "--", "true"], {})
