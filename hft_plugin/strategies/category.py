@@ -6,8 +6,8 @@ trains. Here each role (attention, mlp, norm, router, other) is balanced on its 
 visited in a random order, and each picks, among all subsets of its units in that role, one of
 those that bring the running total closest to ``ratio`` of the role's parameters (ties drawn at
 random). At ratio 0.5 on Llama this is exactly the paper's rule; with grouped-query attention it
-trains one of q/o and one of k/v (still exactly half); at other ratios it keeps every role within
-a fraction of one unit of its target.
+trains one of q/o and one of k/v (still exactly half); at other ratios every role lands within about
+one unit of its target, and the remainder of each role is carried into the next.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ _EXHAUSTIVE_MAX_UNITS = 10  # 2**10 subsets per layer and role; larger roles (Mo
 def select(layout: Layout, config, round: int, attempt: int) -> set[str]:
     rng = make_rng(config, round, attempt)
     chosen: set[str] = set()
-    groups = sorted({u.group for u in layout.units()}, key=lambda g: (GROUPS.index(g) if g in GROUPS else len(GROUPS), g))
+    # Roles with the coarsest units first: what one role cannot hit exactly (at most half a unit)
+    # is carried into the next, finer one, so the layers' total lands closer than any role alone.
+    largest = {}
+    for unit in layout.units():
+        largest[unit.group] = max(largest.get(unit.group, 0), unit.numel)
+    groups = sorted(largest, key=lambda g: (-largest[g], GROUPS.index(g) if g in GROUPS else len(GROUPS), g))
+    carry = 0.0  # chosen minus ideal so far, in parameters
     for group in groups:
         per_layer = [sorted((u for u in layer if u.group == group), key=lambda u: u.key) for layer in layout.layers]
         order = [i for i, units in enumerate(per_layer) if units]
         rng.shuffle(order)
-        carry = 0.0  # chosen minus ideal so far, in parameters
         for i in order:
             units = per_layer[i]
             ideal = config.ratio * sum(u.numel for u in units)
