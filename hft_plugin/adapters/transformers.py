@@ -139,7 +139,7 @@ class _Session:
         self._input_grads_enabled = False
         self._attached_to: Any = None
         self._agreed_digest: str | None = None
-        self._pruned: list[tuple[dict, list]] = []
+        self._pruned: list[tuple[Any, int, list]] = []
         self._report_metrics = False
         self._in_prepare = False
 
@@ -183,8 +183,9 @@ class _Session:
             if model is not None and hasattr(model, "disable_input_require_grads"):
                 model.disable_input_require_grads()
             self._input_grads_enabled = False
-        for group, params in self._pruned:
-            group["params"] = params
+        for optimizer, index, params in reversed(self._pruned):
+            if index < len(optimizer.param_groups):
+                optimizer.param_groups[index]["params"] = params
         self._pruned.clear()
         if self.handle is not None:
             self.handle.remove()
@@ -373,11 +374,12 @@ class _Session:
         if not groups:
             return 0
         removed = 0
-        for group in groups:
+        for index, group in enumerate(groups):
             params = group["params"]
             kept = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
             if len(kept) != len(params):
-                self._pruned.append((group, list(params)))
+                # by index: accelerate's load_state_dict replaces the group dicts
+                self._pruned.append((optimizer, index, list(params)))
                 for p in params:
                     if isinstance(p, torch.Tensor) and not p.requires_grad:
                         optimizer.state.pop(p, None)

@@ -1,0 +1,165 @@
+"""Launched by tests/test_distributed.py under torchrun: trains tiny models through the HF Trainer
+with HFT on every rank and writes what each rank saw to OUT/rank<N>.json.
+
+    torchrun --nproc_per_node 2 tests/_workers/train_distributed.py ddp OUT
+    torchrun --nproc_per_node 2 tests/_workers/train_distributed.py deepspeed OUT
+
+One launch runs many cases, because each launch costs start-up time: ``ddp`` runs the rank
+disagreement check, then Llama and Phi-3 (fused tensors) under DDP; ``deepspeed`` runs ZeRO-2 and
+ZeRO-3, each with the trainer's optimizer (create_optimizer) and with a DeepSpeed config
+"optimizer" block (DummyOptim), on Llama and Phi-3, plus the refusal of weight decay on masked
+tensors. A failing case is recorded and the next one runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from _workers.common import check_training, collate, lm_dataset, snapshot, train_args  # noqa: E402
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(state[name].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def all_digests(value: str) -> list:
+    if not torch.distributed.is_initialized():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def run_case(results: list, name: str, fn) -> None:
+    try:
+        results.append({"case": name, "ok": True, **fn()})
+    except Exception as exc:  # recorded for the test to report
+        results.append({"case": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                        "trace": traceback.format_exc()[-3000:]})
+    gc.collect()
+
+
+def train_case(family: str, out: str, **arg_overrides) -> dict:
+    from transformers import Trainer
+
+    from hft_plugin import enable_hft
+    from hft_plugin.testing import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    args = train_args(out, per_device_train_batch_size=2, **arg_overrides)  # before the model: ZeRO-3 builds it partitioned
+    model = tiny_model(family)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
+    handle = enable_hft(trainer)
+    before = snapshot(model)
+    trainer.train()
+    after = snapshot(model)
+    counts = check_training(handle.selection, before, after, trainer, handle)
+    counts["trainable_numel_expected"] = handle.selection.stats()["trainable_params"]
+    counts["rank_digests"] = all_digests(digest(after))
+    counts["manifest"] = os.path.isfile(os.path.join(out, "hft_selection.json"))
+    counts["wrapper"] = type(trainer.model_wrapped).__name__
+    counts["world_size"] = trainer.args.world_size
+    return counts
+
+
+def ddp(out: str, results: list) -> None:
+    from transformers import Trainer
+
+    from hft_plugin import SelectionMismatchError, enable_hft
+    from hft_plugin.testing import tiny_model, tiny_tokenizer
+
+    def mismatch():
+        tokenizer = tiny_tokenizer()
+        model = tiny_model("llama")
+        trainer = Trainer(model=model, args=train_args(f"{out}/mismatch", ddp_backend="gloo"),
+                          train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
+        enable_hft(trainer, seed=int(os.environ["RANK"]))  # each rank draws another half
+        before = snapshot(model)
+        try:
+            trainer.train()
+        except SelectionMismatchError as exc:
+            unchanged = all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+            return {"raised": "SelectionMismatchError", "message": str(exc), "weights_unchanged": unchanged}
+        return {"raised": None}
+
+    run_case(results, "ddp-rank-mismatch", mismatch)
+    for family in ("llama", "phi3"):
+        run_case(results, f"ddp-{family}", lambda: train_case(family, f"{out}/ddp-{family}", ddp_backend="gloo"))
+
+
+def deepspeed(out: str, results: list) -> None:
+    from accelerate.state import AcceleratorState, PartialState
+
+    from hft_plugin import IntegrationError
+
+    PartialState(backend="gloo")  # with CPU ranks accelerate would otherwise see one process
+    use_state = {"use_configured_state": True}
+
+    def config(stage: int, ds_optimizer: bool) -> dict:
+        cfg = {
+            "zero_optimization": {"stage": stage},
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        }
+        if ds_optimizer:
+            cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
+                                                            "eps": "auto", "torch_adam": True}}
+        return cfg
+
+    def reset():
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=False)
+        gc.collect()
+
+    for stage in (2, 3):
+        for ds_optimizer in (False, True):
+            path = "ds-optimizer" if ds_optimizer else "create-optimizer"
+            for family in ("llama", "phi3"):
+                # Masked (fused) tensors under ZeRO need weight_decay=0: refused otherwise (checked below).
+                decay = 0.1 if family == "llama" else 0.0
+                run_case(results, f"zero{stage}-{path}-{family}", lambda: train_case(
+                    family, f"{out}/z{stage}-{path}-{family}", deepspeed=config(stage, ds_optimizer),
+                    accelerator_config=use_state, weight_decay=decay))
+                reset()
+
+    def refuse_decay():
+        try:
+            train_case("phi3", f"{out}/refuse", deepspeed=config(2, True), accelerator_config=use_state,
+                       weight_decay=0.1)
+        except IntegrationError as exc:
+            return {"raised": "IntegrationError", "message": str(exc)}
+        return {"raised": None}
+
+    run_case(results, "zero2-phi3-weight-decay-refused", refuse_decay)
+    reset()
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "deepspeed":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    results: list = []
+    {"ddp": ddp, "deepspeed": deepspeed}[mode](out, results)
+    with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""enable_hft on the HF Trainer and TRL's trainers, in one process: what trains, what the optimizer
+owns, what a run leaves behind, and the errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ._workers.common import (check_training, collate, dpo_dataset, lm_dataset, optimizer_params,
+                             optimizer_state_params, sft_dataset, snapshot, train_args)
+from hft_plugin import (ConfigError, IntegrationError, SelectionMismatchError, UnsupportedModelError,
+                        disable_hft, enable_hft)
+from hft_plugin.selection import MANIFEST_NAME
+from hft_plugin.testing import tiny_model, tiny_tokenizer
+
+FAMILIES = ["llama", "phi3"]  # separate projections; fused qkv_proj / gate_up_proj (masks)
+
+
+def flags(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def plain_trainer(tmp_path, family="llama", model=None, **overrides):
+    from transformers import Trainer
+
+    tokenizer = tiny_tokenizer()
+    model = model if model is not None else tiny_model(family)
+    return Trainer(model=model, args=train_args(tmp_path / "out", **overrides),
+                   train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_trainer_trains_exactly_the_chosen_half(tmp_path, family):
+    trainer = plain_trainer(tmp_path, family)
+    handle = enable_hft(trainer, round=0)
+    before = snapshot(trainer.model)
+    trainer.train()
+    counts = check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+    assert counts["frozen"] > 0 and counts["trained"] > 0
+    assert counts["partial"] == (6 if family == "phi3" else 0)
+    assert optimizer_state_params(trainer) == counts["trainable_tensors"]  # no state for frozen tensors
+    if family == "llama":  # separate projections: the optimizer's elements are exactly the trainable ones
+        assert counts["optimizer_numel"] == handle.selection.stats()["trainable_params"]
+    # the manifest in the output dir, and the stats in the logged metrics
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["fingerprint"] == handle.selection.fingerprint and manifest["config"]["round"] == 0
+    first = trainer.state.log_history[0]
+    assert first["hft/trainable_ratio"] == pytest.approx(0.5) and first["hft/round"] == 0
+    assert "hft/attention_ratio" in first and "hft/trainable_ratio" not in trainer.state.log_history[1]
+
+
+def test_summary_is_logged_at_train_start(tmp_path, caplog):
+    trainer = plain_trainer(tmp_path, max_steps=1)
+    enable_hft(trainer)
+    with caplog.at_level(logging.INFO, logger="hft_plugin"):
+        trainer.train()
+    text = caplog.text
+    assert "HFT selection: strategy=category" in text and "attention" in text and "all parameters" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_trainer(tmp_path, family):
+    from trl import SFTConfig, SFTTrainer
+
+    model = tiny_model(family)
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                       lr_scheduler_type="constant", weight_decay=0.1, report_to=[], use_cpu=True,
+                       save_strategy="no", logging_steps=1, max_length=32, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
+    handle = enable_hft(trainer)
+    before = snapshot(model)
+    trainer.train()
+    counts = check_training(handle.selection, before, snapshot(model), trainer, handle)
+    assert counts["frozen"] > 0 and optimizer_state_params(trainer) == counts["trainable_tensors"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_trainer_leaves_the_reference_model_alone(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    # Saved and loaded by path, as users do: TRL then loads the reference model fresh from that path.
+    tiny_model(family).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    config = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                       learning_rate=1e-2, lr_scheduler_type="constant", weight_decay=0.1, report_to=[],
+                       use_cpu=True, save_strategy="no", logging_steps=1, max_length=48, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dpo_dataset(), processing_class=tiny_tokenizer())
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model
+    ref_before, ref_flags = snapshot(ref), flags(ref)
+    handle = enable_hft(trainer)
+    assert flags(ref) == ref_flags and all(ref_flags.values())  # identified by identity, not by flags
+    before = snapshot(model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(model), trainer, handle)
+    after = snapshot(ref)
+    assert all(torch.equal(ref_before[n], after[n]) for n in ref_before)
+    assert flags(ref) == ref_flags
+
+
+def test_enable_after_the_optimizer_exists_rebuilds_it_with_a_warning(tmp_path, caplog):
+    trainer = plain_trainer(tmp_path)
+    trainer.create_optimizer()
+    assert len(optimizer_params(trainer)) == len(list(trainer.model.parameters()))
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        handle = enable_hft(trainer)
+    assert "already had an optimizer" in caplog.text
+    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in handle.parameters()}
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+
+
+def test_user_optimizer_and_scheduler_are_trimmed_in_place(tmp_path):
+    from transformers import Trainer, get_constant_schedule
+
+    model = tiny_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    scheduler = get_constant_schedule(optimizer)
+    tokenizer = tiny_tokenizer()
+    trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer), optimizers=(optimizer, scheduler))
+    handle = enable_hft(trainer)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
+    before = snapshot(model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(model), trainer, handle)
+    assert disable_hft(trainer)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_second_call_warns_and_changes_nothing(tmp_path, caplog):
+    trainer = plain_trainer(tmp_path)
+    handle = enable_hft(trainer, round=0)
+    state = flags(trainer.model)
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        again = enable_hft(trainer, round=1)
+    assert again is handle and flags(trainer.model) == state
+    assert "already enabled" in caplog.text and "ignored" in caplog.text
+
+
+def test_disable_restores_everything(tmp_path):
+    trainer = plain_trainer(tmp_path, "phi3")
+    original = flags(trainer.model)
+    methods = set(vars(trainer))
+    enable_hft(trainer)
+    assert flags(trainer.model) != original
+    assert disable_hft(trainer) is True
+    assert flags(trainer.model) == original and set(vars(trainer)) == methods
+    assert disable_hft(trainer) is False
+    trainer.args.max_steps = 1
+    trainer.train()  # a full fine-tune again: the optimizer owns every tensor
+    assert len(optimizer_params(trainer)) == len(original)
+
+
+# -- bad input: typed errors, raised before anything changes ------------------------------------------
+def test_not_a_trainer():
+    model = tiny_model("llama")
+    before = flags(model)
+    with pytest.raises(IntegrationError, match="transformers.Trainer"):
+        enable_hft(model)
+    assert flags(model) == before
+
+
+def test_unknown_option_suggests_the_closest(tmp_path):
+    trainer = plain_trainer(tmp_path)
+    before = flags(trainer.model)
+    with pytest.raises(ConfigError, match="Did you mean 'ratio'"):
+        enable_hft(trainer, ration=0.5)
+    with pytest.raises(ConfigError, match="ratio"):
+        enable_hft(trainer, ratio=1.5)
+    assert flags(trainer.model) == before and disable_hft(trainer) is False
+
+
+def test_peft_wrapped_policy_is_refused(tmp_path):
+    # peft is not a dependency; a wrapper with PEFT's marks stands in for PeftModelForCausalLM.
+    class PeftModelForCausalLM(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_model = base
+            self.peft_config = {"default": object()}
+
+    trainer = plain_trainer(tmp_path)
+    trainer.model = trainer.model_wrapped = PeftModelForCausalLM(trainer.model)
+    before = flags(trainer.model)
+    with pytest.raises(UnsupportedModelError, match="PEFT"):
+        enable_hft(trainer)
+    assert flags(trainer.model) == before
+
+
+# -- rounds, checkpoints and resume ---------------------------------------------------------------------
+def test_checkpoints_carry_the_manifest_and_resume_checks_it(tmp_path):
+    trainer = plain_trainer(tmp_path, "phi3", max_steps=4, save_strategy="steps", save_steps=2)
+    handle = enable_hft(trainer, round=1, seed=3)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    for folder in (checkpoint, tmp_path / "out" / "checkpoint-4"):
+        saved = json.loads((folder / MANIFEST_NAME).read_text())
+        assert saved["config"] == {**handle.selection.config.to_dict()}
+        assert saved["fingerprint"] == handle.selection.fingerprint
+
+    # Same options: resumes, with the same half, and finishes the run.
+    resumed = plain_trainer(tmp_path, "phi3", max_steps=4, save_strategy="no")
+    again = enable_hft(resumed, round=1, seed=3)
+    assert again.selection.trainable_units == handle.selection.trainable_units
+    before = snapshot(resumed.model)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    check_training(again.selection, before, snapshot(resumed.model), resumed, again)
+
+    # Another round: refused before the checkpoint's weights are loaded.
+    other = plain_trainer(tmp_path, "phi3", max_steps=4)
+    enable_hft(other, round=2, seed=3)
+    weights, state = snapshot(other.model), flags(other.model)
+    with pytest.raises(SelectionMismatchError, match="round 1, but this run is round 2"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(weights[n], p) for n, p in other.model.named_parameters()) and flags(other.model) == state
+
+    # Another seed: refused too, naming the option.
+    seeded = plain_trainer(tmp_path, "phi3", max_steps=4)
+    enable_hft(seeded, round=1, seed=4)
+    with pytest.raises(SelectionMismatchError, match="seed=3 there, 4 here"):
+        seeded.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir
+
+
+def test_resume_refuses_another_model_and_a_checkpoint_without_manifest(tmp_path):
+    trainer = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    enable_hft(trainer)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    wider = plain_trainer(tmp_path, model=tiny_model("llama", intermediate_size=96), max_steps=2)
+    enable_hft(wider)
+    with pytest.raises(SelectionMismatchError, match="another model"):
+        wider.train(resume_from_checkpoint=str(checkpoint))
+    os.remove(checkpoint / MANIFEST_NAME)
+    plain = plain_trainer(tmp_path, max_steps=2)
+    enable_hft(plain)
+    with pytest.raises(SelectionMismatchError, match="not written by an HFT run"):
+        plain.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_continual_rounds_on_one_model(tmp_path):
+    model = tiny_model("llama")
+    halves = []
+    for round in range(3):
+        trainer = plain_trainer(tmp_path / str(round), model=model, max_steps=1)
+        handle = enable_hft(trainer, round=round)
+        before = snapshot(model)
+        trainer.train()
+        check_training(handle.selection, before, snapshot(model), trainer, handle)
+        halves.append(handle.selection.trainable_units)
+    assert halves[0] != halves[1] != halves[2]
+
+
+# -- gradient checkpointing, torch.compile -------------------------------------------------------------
+def test_gradient_checkpointing_with_frozen_embeddings_still_trains(tmp_path):
+    # Reentrant checkpointing: layer weights get gradients only if the layer's input requires grad.
+    trainer = plain_trainer(tmp_path, gradient_checkpointing=True,
+                            gradient_checkpointing_kwargs={"use_reentrant": True})
+    handle = enable_hft(trainer, train_embeddings=False)
+    assert not trainer.model.get_input_embeddings().weight.requires_grad
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+
+
+def test_input_grads_are_enabled_when_the_trainer_does_not(tmp_path):
+    # Checkpointing switched on outside the Trainer, without the input hook transformers 5 adds
+    # itself (older versions and other trainers do not): HFT adds it, and removes it on disable.
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.disable_input_require_grads()
+    trainer = plain_trainer(tmp_path, model=model)
+    handle = enable_hft(trainer, train_embeddings=False)
+    before = snapshot(model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(model), trainer, handle)
+    assert getattr(model, "_require_grads_hooks", None)
+    disable_hft(trainer)
+    assert not getattr(model, "_require_grads_hooks", None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile(tmp_path, family):
+    # aot_eager traces forward and backward through dynamo and AOTAutograd, like inductor, without
+    # spending a minute generating C++ on a CPU.
+    trainer = plain_trainer(tmp_path, family, torch_compile=True, torch_compile_backend="aot_eager")
+    handle = enable_hft(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+
+
+# -- zero-code activation ------------------------------------------------------------------------------
+def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
+    from transformers import Trainer
+
+    from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
+
+    original = Trainer.__dict__["_prepare_for_training"]
+    adapter = TransformersAdapter(config={"round": 1})
+    assert adapter.instrument() is True
+    try:
+        assert adapter.instrument() is False  # second call: warning, no second patch
+        trainer = plain_trainer(tmp_path, "phi3")
+        assert all(flags(trainer.model).values())  # nothing happens until training starts
+        before = snapshot(trainer.model)
+        trainer.train()
+        session = hft_session(trainer)
+        assert session is not None and session.config.round == 1
+        check_training(session.selection, before, snapshot(trainer.model), trainer, session.handle)
+
+        # A trainer with its own enable_hft keeps its options.
+        own = plain_trainer(tmp_path / "own", max_steps=1)
+        enable_hft(own, round=3)
+        own.train()
+        assert hft_session(own).config.round == 3
+
+        # HFT asked for but impossible: loud, before the optimizer exists.
+        class NoLayers(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(4, 4)
+
+            def forward(self, input_ids=None, labels=None, **_):
+                return {"loss": self.proj(torch.ones(1, 4)).sum()}
+
+        bad = plain_trainer(tmp_path / "bad", model=NoLayers(), max_steps=1)
+        with pytest.raises(IntegrationError, match="cannot be applied"):
+            bad.train()
+        assert bad.optimizer is None and bad.model.proj.weight.requires_grad
+    finally:
+        adapter.uninstrument()
+    assert Trainer.__dict__["_prepare_for_training"] is original
+    plain = plain_trainer(tmp_path / "plain", max_steps=1)
+    plain.train()
+    assert hft_session(plain) is None and all(flags(plain.model).values())
