@@ -1,68 +1,342 @@
 """The generic layout: reads architectures no named rule covers, from module structure alone.
 
-The layers are the repeated blocks (the ModuleList holding most parameters). Inside a block every
-module that owns parameters is placed by role, read from its path and class names: norms, the
-router of a mixture of experts, the MLP (dense or experts), the token mixer (attention, and the
-state-space or recurrent mixers of hybrid models), and "other" for what is none of these. Known fused
-tensors are split into their parts (``gate_up_proj`` into gate and up; stacked experts per expert);
-any other module is one unit. The category strategy then trains the requested share of each role.
+**Layers.** The layers are the repeated blocks: every ``nn.ModuleList`` whose items are blocks
+(modules holding parameters in two or more submodules), that is not nested inside another such
+list. A model with several stacks (a vision tower and a language model, the two recurrent modules
+of HRM, BLT's local encoder, global transformer and local decoder) gets all of them, one after the
+other; parallel lists of one length under one parent (XLM's ``attentions[i]``, ``ffns[i]``,
+``layer_norm1[i]``) are zipped into one layer each. Lists of single modules (Gemma 3n's AltUp
+projections) are not blocks: they stay outside the layers with the embeddings.
+
+**Roles.** Inside a block each module that owns parameters is placed by the first word of its path
+that names a role, read outside-in (``mlp.gate`` is in the MLP, ``self_attn.q_proj`` in attention),
+then by its own and its ancestors' class names:
+
+- ``norm``: normalisation modules (class name with "Norm", or ``ln_1``/``layer_norm``-like names) at
+  the block level, and everything inside them. A norm inside a token mixer or MLP (``q_norm``)
+  belongs to that role and trains with its projection (``q_proj``) where one matches its name.
+- ``router``: in a mixture of experts, the module that scores the experts (a class named Router,
+  or a ``gate``/``router`` beside an ``experts`` module), with everything inside it, and the
+  shared-expert gate.
+- ``mlp``: MLPs, experts and shared experts (``mlp``, ``ffn``, ``feed_forward``, ``experts``,
+  ``fc1``, ``intermediate``, ...).
+- ``attention``: every token mixer: attention, cross-attention, linear attention, Mamba/SSM mixers,
+  RWKV time mixing, RG-LRU, short convolutions, xLSTM cells.
+- ``other``: what no word names (Gemma 3n's AltUp and LAuReL, Zamba's shared-block projection,
+  hyper-connection weights...). The category strategy balances it like any role.
+
+**Units.** A module is one unit (weight with bias). Known fused tensors are split: stacked experts
+``(E, ...)`` into one unit per expert (its gate, up and down train together), a dense
+``gate_up_proj`` into its ``[gate | up]`` halves. A module that owns several matrices directly
+(XLNet's ``q, k, v, o, r``) has one unit per matrix. Fused ``qkv`` tensors stay whole: their row
+order differs from family to family (contiguous, per head, per group), and freezing them whole is
+exact; a named layout splits the ones whose order it knows.
+
+**Never a guess.** A block whose parameters form a single unit cannot be split in halves: the
+reader raises LayoutError naming its parameters (register a layout with the hft_read_layout hook).
+
+Example:
+    >>> import torch
+    >>> from transformers import AutoConfig, AutoModelForCausalLM
+    >>> from hft_plugin.layouts.generic import read_generic
+    >>> with torch.device("meta"):
+    ...     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", num_hidden_layers=2))
+    >>> layout = read_generic(model)
+    >>> len(layout.layers), sorted({u.group for u in layout.units()})
+    (2, ['attention', 'norm'])
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
-from .base import Layout
-from .reader import Placement, equal_split, per_expert, read_with
+from ..errors import LayoutError
+from .base import Layout, param_shape
+from .reader import Placement, Root, Splitter, equal_split, read_with
 
-_NORM = re.compile(r"(^|[._])(ln|norm|layernorm|layer_norm|rmsnorm|ln_\w+|\w*_norm|\w*norm\d*)$", re.I)
-_ROUTER = re.compile(r"(^|\.)(router|gate|gating|switch|classifier)$", re.I)
-_MLP = re.compile(
-    r"(mlp|ffn|feed_forward|feedforward|ff|experts?|moe|channel_mix|dense_h_to_4h|dense_4h_to_h|"
-    r"fc\d*|c_fc|w[123]|up_proj|down_proj|gate_proj|intermediate|shared_expert\w*)", re.I,
+NAME = "generic"
+
+# Words of a module path component (split on "_" and digits) that name a role.
+_MIXER_WORDS = frozenset({
+    "attn", "attention", "attentions", "att", "mixer", "mamba", "ssm", "mlstm", "slstm", "lstm",
+    "rnn", "recurrent", "temporal", "rglru", "lru", "retention", "conv", "sconv", "wqkv", "qkv",
+    "query", "key", "value", "timemix",
+})
+_MLP_WORDS = frozenset({
+    "mlp", "mlps", "ffn", "ffns", "ff", "feed", "feedforward", "experts", "expert", "moe",
+    "intermediate", "fc", "channel",
+})
+# Whole components with a role of their own.
+_MIXER_COMPONENTS = frozenset({
+    "q_lin", "k_lin", "v_lin", "out_lin", "self_att", "rel_attn", "c_attn", "q_proj", "k_proj",
+    "v_proj", "o_proj", "qkv_proj", "kv_proj", "out_proj", "query_key_value",
+})
+_MLP_COMPONENTS = frozenset({
+    "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj",
+    "gate_up_proj", "fc_in", "fc_out", "output", "wi", "wo", "layer_1", "layer_2", "lin1", "lin2",
+})
+_CLASS_MIXER = re.compile(r"attention|attn|mixer|mamba|ssm|lstm|rnn|recurrent|rglru|lru|conv|retention|deltanet|timemix", re.I)
+_CLASS_MLP = re.compile(r"mlp|ffn|feedforward|expert|moe", re.I)
+_MOE_CLASS = re.compile(r"moe|moa|expert|sparse", re.I)
+_ROUTER_NAMES = frozenset({"gate", "router", "gating", "router_gate", "moe_gate", "switch"})
+_NORM_NAME = re.compile(r"(^|_)(ln\d*|ln_\w+|norm\d*|\w*layernorm\w*|layer_norm\d*|\w+_norm)$", re.I)
+_EXPERT_COUNT_NAMES = (
+    "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+    "n_experts",
 )
-_MIXER = re.compile(
-    r"(attn|attention|mixer|mamba|ssm|time_mix|timemix|temporal|recurrent|rglru|conv|linear_attn|"
-    r"retention|token_mix|q_proj|k_proj|v_proj|o_proj|qkv|query|key|value|wqkv)", re.I,
-)
 
 
-def _num_experts(config: Any) -> int | None:
-    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_layer"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What the classifier needs to know about one module beyond its path."""
 
-
-def classify(path: str, module: nn.Module, config: Any) -> Placement:
-    """Place one module of a block by its path (inside the block) and class name."""
-    leaf = path.rsplit(".", 1)[-1]
-    cls = type(module).__name__
-    if "norm" in cls.lower() or _NORM.search(leaf):
-        return ("norm", None, None)
-    experts = _num_experts(config)
-    if experts and _ROUTER.search(path) and not _MLP.search(leaf):
-        return ("router", None, None)
-    if experts and any(p.dim() >= 2 and _shape0(p) == experts for p in module.parameters(recurse=False)) and "expert" in path.lower():
-        return ("mlp", per_expert(experts), None)
-    if _MIXER.search(path) or _MIXER.search(cls):
-        return ("attention", None, None)
-    if _MLP.search(path) or "mlp" in cls.lower():
-        if leaf == "gate_up_proj":
-            return ("mlp", equal_split(("gate", "up")), None)
-        return ("mlp", None, None)
-    return ("other", None, None)
-
-
-def _shape0(p) -> int:
-    shape = getattr(p, "ds_shape", None) or p.shape
-    return shape[0]
+    ancestors: tuple[nn.Module, ...]  # from the root of the layer down to the parent
+    siblings: frozenset[str]  # names of the parent's other children
 
 
 def read_generic(model: nn.Module) -> Layout:
+    """Read any transformer-like ``model`` into layers and roles (see the module docstring)."""
     config = getattr(model, "config", None)
-    return read_with(model, "generic", lambda path, module: classify(path, module, config))
+    layers = find_stacks(model)
+    if not layers:
+        raise LayoutError(
+            f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of modules with "
+            "parameters). Register a layout for it with the hft_read_layout hook."
+        )
+    contexts = _contexts(layers)
+    experts = _expert_counts(model, config)
+    layout = read_with(
+        model, NAME, lambda path, module: classify(path, module, contexts[id(module)], experts), layers
+    )
+    _check_splittable(layout)
+    return layout
+
+
+# -- layers --------------------------------------------------------------------------------------
+
+
+def find_stacks(model: nn.Module) -> list[list[Root]]:
+    """Every layer of every stack of blocks in ``model``, in module order (see the module docstring)."""
+    lists = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and _has_params(module)
+    ]
+    names = [n for n, _ in lists]
+    top = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o in names if o != n)]
+    groups: dict[tuple[str, int], list[tuple[str, nn.ModuleList]]] = {}
+    for name, module in top:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        groups.setdefault((parent, len(module)), []).append((name, module))
+    layers: list[list[Root]] = []
+    for (parent, length), members in groups.items():
+        if not any(_is_block_list(m) for _, m in members):
+            continue
+        for index in range(length):
+            roots = []
+            for name, module in members:
+                seen_as = "" if len(members) == 1 else name.rsplit(".", 1)[-1]
+                roots.append((f"{name}.{index}", seen_as, module[index]))
+            layers.append(roots)
+    return layers
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _is_block_list(module_list: nn.ModuleList) -> bool:
+    """Items are blocks when some item holds parameters in two or more of its modules."""
+    for item in module_list:
+        owners = sum(1 for m in item.modules() if next(m.parameters(recurse=False), None) is not None)
+        if owners >= 2:
+            return True
+    return False
+
+
+def _contexts(layers: list[list[Root]]) -> dict[int, _Context]:
+    contexts: dict[int, _Context] = {}
+    for roots in layers:
+        for _prefix, _base, root in roots:
+            _walk(root, (), frozenset(), contexts)
+    return contexts
+
+
+def _walk(module: nn.Module, ancestors: tuple[nn.Module, ...], siblings: frozenset[str], out: dict[int, _Context]) -> None:
+    out.setdefault(id(module), _Context(ancestors, siblings))
+    children = dict(module.named_children())
+    names = frozenset(children)
+    for name, child in children.items():
+        _walk(child, ancestors + (module,), names - {name}, out)
+
+
+# -- roles ---------------------------------------------------------------------------------------
+
+
+def classify(path: str, module: nn.Module, context: _Context, experts: frozenset[int]) -> Placement:
+    """Place one module of a block by its path (as seen in the block), class names and shapes."""
+    components = path.split(".") if path else []
+    leaf = components[-1] if components else ""
+    # the layer's root class ("...DecoderLayer", "MambaBlock") says nothing about one module's role
+    classes = [type(a).__name__ for a in context.ancestors[1:]] + [type(module).__name__]
+    if any(_is_norm_name(c) for c in components) or any("norm" in c.lower() for c in classes):
+        target = _norm_target(leaf, context)
+        if target is not None:  # q_norm, k_norm: train with q_proj, k_proj
+            return (_role(components, classes) or "other", None, ".".join(components[:-1] + [target]))
+        return ("norm", None, None)
+    if _is_router(components, module, context):
+        return ("router", None, None)
+    role = _role(components, classes) or "other"
+    shapes = [param_shape(p) for p in module.parameters(recurse=False)]
+    if _in_experts(components, classes):
+        splitter = _expert_splitter(shapes, experts)
+        if splitter is not None:
+            return ("attention" if role == "attention" else "mlp", splitter, None)
+    if leaf == "gate_up_proj" and isinstance(module, nn.Linear):
+        return (role, equal_split(("gate", "up")), None)
+    if sum(1 for s in shapes if len(s) >= 2) >= 2:
+        return (role, _by_parameter, None)
+    return (role, None, None)
+
+
+def _role(components: list[str], classes: list[str]) -> str | None:
+    """"attention" or "mlp" from the outermost path component that names one, else from classes."""
+    for component in components:
+        role = _component_role(component)
+        if role:
+            return role
+    for cls in classes:
+        role = _class_role(cls)
+        if role:
+            return role
+    return None
+
+
+def _component_role(component: str) -> str | None:
+    lowered = component.lower()
+    if lowered in _MLP_COMPONENTS:
+        return "mlp"
+    if lowered in _MIXER_COMPONENTS:
+        return "attention"
+    words = set(re.split(r"[_\d]+", lowered)) - {""}
+    if words & _MLP_WORDS:
+        return "mlp"
+    if words & _MIXER_WORDS:
+        return "attention"
+    return None
+
+
+def _class_role(cls: str) -> str | None:
+    if _CLASS_MLP.search(cls):
+        return "mlp"
+    if _CLASS_MIXER.search(cls):
+        return "attention"
+    return None
+
+
+def _is_norm_name(component: str) -> bool:
+    return bool(_NORM_NAME.search(component))
+
+
+def _norm_target(leaf: str, context: _Context) -> str | None:
+    """The projection a norm inside a mixer normalises: ``q_norm`` -> ``q_proj``,
+    ``kv_a_layernorm`` -> ``kv_a_proj_with_mqa``; None for a norm of the block."""
+    stem = re.sub(r"_?(layer_?norm|norm|ln)$", "", leaf, flags=re.I)
+    if not stem or stem == leaf or not context.ancestors:
+        return None
+    parent = context.ancestors[-1]
+    for name in sorted(context.siblings):
+        if name.startswith(stem + "_") and not _is_norm_name(name):
+            sibling = getattr(parent, name, None)
+            if isinstance(sibling, nn.Module) and next(sibling.parameters(recurse=False), None) is not None:
+                return name
+    return None
+
+
+def _is_router(components: list[str], module: nn.Module, context: _Context) -> bool:
+    """The module scoring experts, or inside it: a Router class, or a gate/router beside experts."""
+    if any("router" in type(m).__name__.lower() for m in context.ancestors[1:] + (module,)):
+        return True
+    # components may start with a parallel list's name that is no module of the layer
+    offset = len(components) - len(context.ancestors)
+    for i, component in enumerate(components):
+        lowered = component.lower()
+        if lowered in ("shared_expert_gate", "shared_experts_gate"):
+            return True
+        if i - offset < 0 or not (lowered in _ROUTER_NAMES or lowered.endswith("_router")):
+            continue
+        parent = context.ancestors[i - offset]
+        if _MOE_CLASS.search(type(parent).__name__) or any(
+            "expert" in name.lower() for name, _ in parent.named_children() if name != component
+        ):
+            return True
+    return False
+
+
+def _in_experts(components: list[str], classes: list[str]) -> bool:
+    if any("expert" in c.lower() and "shared" not in c.lower() for c in components):
+        return True
+    return "expert" in classes[-1].lower() and "shared" not in classes[-1].lower()
+
+
+def _expert_counts(model: nn.Module, config: Any) -> frozenset[int]:
+    counts = set()
+    for cfg in _configs(config):
+        for name in _EXPERT_COUNT_NAMES:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 1:
+                counts.add(value)
+    return frozenset(counts)
+
+
+def _configs(config: Any) -> Iterator[Any]:
+    """The config and its sub-configs (text_config of a multimodal model, attention configs...)."""
+    if config is None:
+        return
+    yield config
+    for value in vars(config).values():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            yield from _configs(value)
+
+
+def _expert_splitter(shapes: list[tuple[int, ...]], experts: frozenset[int]) -> Splitter | None:
+    """One unit per expert when every matrix the module owns stacks the experts along dim 0: the
+    expert count of the config, or any count when the config names none and the stacks are 3-D."""
+    matrices = [s for s in shapes if len(s) >= 2]
+    firsts = {s[0] for s in matrices}
+    if len(firsts) != 1:
+        return None
+    count = next(iter(firsts))
+    if count < 2 or (count not in experts if experts else any(len(s) < 3 for s in matrices)):
+        return None
+
+    def split(pname: str, shape: tuple[int, ...]):
+        if not shape or shape[0] != count:  # not stacked: rides whole with the module's own unit
+            return [("", None)]
+        return [(str(e), (((0, e, e + 1),),)) for e in range(count)]
+
+    return split
+
+
+def _by_parameter(pname: str, shape: tuple[int, ...]):
+    """One unit per matrix of a module that owns several; ``x_weight`` and ``x_bias`` stay together."""
+    return [(re.sub(r"_(weight|bias)$", "", pname), None)]
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def _check_splittable(layout: Layout) -> None:
+    for layer in layout.layers:
+        if len(layer) == 1:
+            unit = layer[0]
+            params = sorted({p.param for p in unit.parts})
+            raise LayoutError(
+                f"The generic layout cannot split the block holding {', '.join(params[:8])}: its "
+                "parameters form a single unit, so no half of it can train alone. Register a layout "
+                "for this architecture with the hft_read_layout hook (see hft_plugin.hookspecs)."
+            )

@@ -20,62 +20,81 @@ Placement = tuple[str, "Splitter | None", "str | None"]
 Classifier = Callable[[str, nn.Module], "Placement | None"]
 
 
-def read_with(model: nn.Module, name: str, classify: Classifier) -> Layout:
+# One root module of a layer: (its full name in the model, the path the classifier sees it under,
+# the module). A layer is usually one root, the block itself: (f"{list}.{i}", "", block). A layer
+# spread over parallel lists (XLM's ``attentions[i]``, ``ffns[i]``, ...) has one root per list,
+# each seen under its list's name, so the classifier reads ``attentions.q_lin`` and ``ffns.lin1``.
+Root = tuple[str, str, nn.Module]
+
+
+def read_with(
+    model: nn.Module, name: str, classify: Classifier, layers: Sequence[Sequence[Root]] | None = None
+) -> Layout:
     """Read ``model`` into a Layout, placing each module of each layer with ``classify``.
+
+    ``layers`` gives the roots of each layer; by default, each block of the ModuleList holding the
+    most parameters is one layer. A follow target is a path as the classifier sees it.
 
     Raises LayoutError naming every parameter ``classify`` could not place.
     """
-    found = find_layer_list(model)
-    if found is None:
-        raise LayoutError(
-            f"{type(model).__name__} has no list of transformer layers (no nn.ModuleList with "
-            "parameters). Register a layout for it with the hft_read_layout hook."
-        )
-    list_name, layer_list = found
+    if layers is None:
+        found = find_layer_list(model)
+        if found is None:
+            raise LayoutError(
+                f"{type(model).__name__} has no list of transformer layers (no nn.ModuleList with "
+                "parameters). Register a layout for it with the hft_read_layout hook."
+            )
+        list_name, layer_list = found
+        layers = [[(f"{list_name}.{index}", "", block)] for index, block in enumerate(layer_list)]
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once
     shapes = {n: param_shape(p) for n, p in model.named_parameters()}
     in_layers: set[str] = set()
-    layers: list[list[Unit]] = []
+    result: list[list[Unit]] = []
     unplaced: list[str] = []
-    for index, block in enumerate(layer_list):
-        prefix = f"{list_name}.{index}"
+    for index, roots in enumerate(layers):
         units: dict[str, list[Part]] = {}
         groups: dict[str, str] = {}
+        first_unit: dict[str, str] = {}  # classifier path -> the first unit of that module
         follows: list[tuple[str, list[Part]]] = []
-        for path, module in block.named_modules():
-            own = [
-                (pname, p) for pname, p in module.named_parameters(recurse=False)
-                if canonical.get(id(p)) == _join(prefix, path, pname)
-            ]
-            if not own:
-                continue
-            placement = classify(path, module)
-            if placement is None:
-                unplaced.extend(_join(prefix, path, pname) for pname, _ in own)
-                continue
-            group, splitter, follow = placement
-            module_key = _join(prefix, path)
-            for pname, p in own:
-                full = _join(prefix, path, pname)
-                in_layers.add(full)
-                shape = param_shape(p)
-                pieces = splitter(pname, shape) if splitter else [("", None)]
-                for piece, boxes in pieces:
-                    key = f"{module_key}:{piece}" if piece else module_key
-                    numel = math.prod(shape) if boxes is None else sum(_box_numel(shape, b) for b in boxes)
-                    part = Part(full, numel, boxes)
-                    if follow:
-                        follows.append((_join(prefix, follow), [part]))
-                    else:
-                        units.setdefault(key, []).append(part)
-                        groups[key] = group
+        for prefix, base, root in roots:
+            for path, module in root.named_modules():
+                own = [
+                    (pname, p) for pname, p in module.named_parameters(recurse=False)
+                    if canonical.get(id(p)) == _join(prefix, path, pname)
+                ]
+                if not own:
+                    continue
+                seen_as = _join(base, path)
+                placement = classify(seen_as, module)
+                if placement is None:
+                    unplaced.extend(_join(prefix, path, pname) for pname, _ in own)
+                    continue
+                group, splitter, follow = placement
+                module_key = _join(prefix, path)
+                for pname, p in own:
+                    full = _join(prefix, path, pname)
+                    in_layers.add(full)
+                    shape = param_shape(p)
+                    pieces = splitter(pname, shape) if splitter else [("", None)]
+                    for piece, boxes in pieces:
+                        key = f"{module_key}:{piece}" if piece else module_key
+                        numel = math.prod(shape) if boxes is None else sum(_box_numel(shape, b) for b in boxes)
+                        part = Part(full, numel, boxes)
+                        if follow:
+                            follows.append((follow, [part]))
+                        else:
+                            if key not in units:
+                                units[key] = []
+                                groups[key] = group
+                                first_unit.setdefault(seen_as, key)
+                            units[key].append(part)
         for target, parts in follows:
-            owner = next((k for k in units if k == target or k.startswith(target + ":")), None)
+            owner = first_unit.get(target)
             if owner is None:
                 unplaced.extend(p.param for p in parts)
             else:
                 units[owner].extend(parts)
-        layers.append([Unit(k, groups[k], index, tuple(ps)) for k, ps in units.items()])
+        result.append([Unit(k, groups[k], index, tuple(ps)) for k, ps in units.items()])
     if unplaced:
         shown = ", ".join(unplaced[:8]) + (f" and {len(unplaced) - 8} more" if len(unplaced) > 8 else "")
         raise LayoutError(
@@ -84,7 +103,7 @@ def read_with(model: nn.Module, name: str, classify: Classifier) -> Layout:
             "(see hft_plugin.hookspecs), or report the model type."
         )
     outside = [n for n in shapes if n not in in_layers]
-    return Layout(name=name, layers=layers, outside=outside, shapes=shapes)
+    return Layout(name=name, layers=result, outside=outside, shapes=shapes)
 
 
 def _join(*names: str) -> str:
