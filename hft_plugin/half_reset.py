@@ -1,0 +1,552 @@
+"""Half-Reset (the HFT paper's pilot): put the frozen half of a fine-tuned model back to its base.
+
+Take a fully fine-tuned model, choose a half with the same machinery HFT trains with
+(:func:`~hft_plugin.select_half`, so ``hft plan`` shows exactly what a reset would touch), and reset
+the half that HFT would have frozen to the base model's values. The paper finds this restores much
+of the base model's knowledge while keeping much of the new ability.
+
+Two forms:
+
+- :func:`half_reset` on models in memory (in place);
+- :func:`half_reset_checkpoint` (and ``hft half-reset``) on checkpoint directories, streaming
+  tensor by tensor over safetensors files, so memory stays near the largest tensor.
+
+    hft half-reset --base BASE_DIR --tuned TUNED_DIR --out OUT_DIR [--strategy category] [--round 0]
+    python -m hft_plugin.half_reset --base BASE_DIR --tuned TUNED_DIR --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Any, Iterator, Mapping, Sequence
+
+from .errors import ConfigError, HFTError, SelectionMismatchError
+
+__all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "RESET_MANIFEST_NAME"]
+
+RESET_MANIFEST_NAME = "hft_half_reset.json"
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# Files that travel with the weights: the config and everything a tokenizer or processor needs.
+_COPIED_NAMES = frozenset({
+    "config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "preprocessor_config.json", "processor_config.json",
+})
+_COPIED_PREFIXES = ("tokenizer", "chat_template", "spiece", "sentencepiece")
+
+
+# -- on models in memory ----------------------------------------------------------------------------
+
+def half_reset(
+    tuned_model,
+    base_model,
+    *,
+    strategy: str = "category",
+    ratio: float = 0.5,
+    seed: int = 0,
+    round: int = 0,
+    train_embeddings: bool = True,
+):
+    """Reset the half of ``tuned_model`` that HFT would freeze to ``base_model``'s values, in place.
+
+    The half is ``select_half(tuned_model, round, strategy=..., ratio=..., seed=...)``: tensors it
+    freezes are copied from the base, slices of fused tensors it freezes are copied slice by
+    slice, and everything it trains (embeddings and lm_head too, unless ``train_embeddings=False``)
+    keeps its tuned values.
+
+    Args:
+        tuned_model: the fine-tuned model, changed in place.
+        base_model: the model it was tuned from: an ``nn.Module`` of the same structure, or a
+            mapping of parameter name to tensor (a state dict).
+        strategy, ratio, seed, round, train_embeddings: as in :func:`~hft_plugin.select_half`.
+
+    Returns:
+        The :class:`~hft_plugin.Selection`; its frozen half is what was reset.
+
+    Raises:
+        SelectionMismatchError: the base lacks a parameter the reset needs, or its shape differs
+            (the message names the first such parameter). Nothing is changed then.
+
+    Example:
+        >>> import torch
+        >>> from hft_plugin.testing import tiny_model
+        >>> base, tuned = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+        >>> selection = half_reset(tuned, base, round=0)
+        >>> frozen = selection.plan().frozen[0]
+        >>> torch.equal(dict(tuned.named_parameters())[frozen], dict(base.named_parameters())[frozen])
+        True
+    """
+    import torch
+
+    from .layouts.base import unwrap_model
+    from .masking import region_mask
+    from .selection import select_half
+
+    selection = select_half(tuned_model, round, strategy=strategy, ratio=ratio, seed=seed,
+                            train_embeddings=train_embeddings)
+    tuned_params = dict(unwrap_model(tuned_model).named_parameters())
+    if isinstance(base_model, torch.nn.Module):
+        base_params: Mapping[str, Any] = dict(unwrap_model(base_model).named_parameters())
+    elif isinstance(base_model, Mapping):
+        base_params = base_model
+    else:
+        raise ConfigError(f"base_model must be a torch.nn.Module or a state dict, got {type(base_model).__name__}.")
+
+    plan = selection.plan()
+    # Check everything before touching anything: a failed reset leaves the tuned model as it was.
+    for name in (*plan.frozen, *plan.partial):
+        if name not in base_params:
+            raise SelectionMismatchError(
+                f"The base model has no parameter {name!r}, which the reset needs; pass the model "
+                "the tuned model was fine-tuned from."
+            )
+        if tuple(base_params[name].shape) != tuple(tuned_params[name].shape):
+            raise SelectionMismatchError(
+                f"Parameter {name!r} has shape {tuple(base_params[name].shape)} in the base model but "
+                f"{tuple(tuned_params[name].shape)} in the tuned model; they are not the same architecture."
+            )
+    with torch.no_grad():
+        for name in plan.frozen:
+            tuned_params[name].copy_(base_params[name])
+        for name, boxes in plan.partial.items():
+            param = tuned_params[name]
+            keep = region_mask(tuple(param.shape), boxes, device=param.device)
+            base = base_params[name].to(device=param.device, dtype=param.dtype)
+            param.copy_(torch.where(keep, param, base))
+    return selection
+
+
+# -- on checkpoints, streaming --------------------------------------------------------------------
+
+class _Weights:
+    """The tensors of a checkpoint directory, read one at a time (safetensors, or pickle if allowed)."""
+
+    def __init__(self, directory: str, allow_pickle: bool, role: str):
+        self.directory = directory
+        self.role = role
+        self.pickled = False
+        self.index_name: str | None = None
+        self.files: dict[str, list[str]] = {}  # file name -> its tensor names, in file order
+        self._open: dict[str, Any] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, safetensors dtype)
+        self._where: dict[str, str] = {}
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--{role} {directory}: no such directory.")
+        names = set(os.listdir(directory))
+        if SAFE_INDEX in names or SAFE_WEIGHTS in names:
+            self._read_layout(SAFE_INDEX, SAFE_WEIGHTS, names)
+        elif PICKLE_INDEX in names or PICKLE_WEIGHTS in names:
+            if not allow_pickle:
+                raise ConfigError(
+                    f"--{role} {directory} holds pickled PyTorch weights (.bin), which can run code when "
+                    "loaded. Convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you "
+                    "trust it; it is then loaded with torch.load(weights_only=True)."
+                )
+            self.pickled = True
+            self._read_layout(PICKLE_INDEX, PICKLE_WEIGHTS, names)
+        else:
+            raise ConfigError(
+                f"--{role} {directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}: pass a directory saved by "
+                "save_pretrained (safetensors)."
+            )
+        for file in list(self.files):
+            self._load_names(file)
+
+    def _read_layout(self, index_name: str, single_name: str, names: set[str]) -> None:
+        if index_name in names:
+            self.index_name = index_name
+            path = os.path.join(self.directory, index_name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ConfigError(f"{path} is not a readable weight index ({error}).") from None
+            for tensor, file in weight_map.items():
+                self._where[tensor] = file
+                self.files.setdefault(file, [])
+            for file in self.files:
+                if not os.path.isfile(os.path.join(self.directory, file)):
+                    raise ConfigError(f"{path} names the shard {file}, which is not in {self.directory}.")
+        else:
+            self.files[single_name] = []
+
+    def _handle(self, file: str):
+        handle = self._open.get(file)
+        if handle is None:
+            path = os.path.join(self.directory, file)
+            if self.pickled:
+                import torch
+
+                try:
+                    # mmap: tensors are read from disk when used, not all at once
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as error:
+                    raise ConfigError(f"{path} could not be loaded with weights_only=True ({_first_line(error)}).") from None
+            else:
+                from safetensors import safe_open
+
+                try:
+                    handle = safe_open(path, framework="pt")
+                except Exception as error:
+                    raise ConfigError(f"{path} is not a readable safetensors file ({_first_line(error)}).") from None
+            self._open[file] = handle
+        return handle
+
+    def _load_names(self, file: str) -> list[str]:
+        handle = self._handle(file)
+        names = list(handle.keys())
+        for name in names:
+            if self.pickled:
+                tensor = handle[name]
+                self._meta[name] = (tuple(tensor.shape), _dtype_code(tensor.dtype, name))
+            else:
+                piece = handle.get_slice(name)
+                self._meta[name] = (tuple(piece.get_shape()), piece.get_dtype())
+            self._where.setdefault(name, file)
+        self.files[file] = names
+        return names
+
+    def names(self) -> list[str]:
+        return [n for names in self.files.values() for n in names]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        return self._meta[name]
+
+    def get(self, name: str):
+        handle = self._handle(self._where[name])
+        return handle[name] if self.pickled else handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+_DTYPE_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+
+def _dtype_code(dtype, name: str) -> str:
+    code = _DTYPE_CODES.get(str(dtype).replace("torch.", ""))
+    if code is None:
+        raise ConfigError(f"Tensor {name!r} has dtype {dtype}, which safetensors cannot store.")
+    return code
+
+
+def _first_difference(base: _Weights, tuned: _Weights) -> str | None:
+    base_names, tuned_names = set(base.names()), set(tuned.names())
+    for name in sorted(base_names ^ tuned_names):
+        where = "base" if name in base_names else "tuned"
+        other = "tuned" if where == "base" else "base"
+        return f"tensor {name!r} is in the {where} checkpoint but not in the {other} one"
+    for name in tuned.names():
+        if base.meta(name)[0] != tuned.meta(name)[0]:
+            return f"tensor {name!r} has shape {list(base.meta(name)[0])} in the base checkpoint but {list(tuned.meta(name)[0])} in the tuned one"
+    return None
+
+
+def _meta_model(directory: str):
+    """The model of ``directory``'s config, built on the meta device: names and shapes, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as error:
+        raise ConfigError(f"{directory} has no readable model config.json ({_first_line(error)}).") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _plan_for_checkpoint(tuned: _Weights, selection) -> tuple[dict[str, Any], list[str]]:
+    """Tensor name -> what to do ("keep", "reset" or the boxes that keep their tuned values)."""
+    plan = selection.plan()
+    names = set(tuned.names())
+    actions: dict[str, Any] = {name: "keep" for name in names}
+    for name in plan.frozen:
+        if name not in names:
+            raise SelectionMismatchError(
+                f"Parameter {name!r} of the model its config describes is not in the checkpoint under that "
+                "name (the checkpoint stores it converted or under another name); load both models and "
+                "use hft_plugin.half_reset(tuned_model, base_model) instead."
+            )
+        actions[name] = "reset"
+    for name, boxes in plan.partial.items():
+        if name not in names:
+            raise SelectionMismatchError(
+                f"Parameter {name!r} is not in the checkpoint under that name; load both models and use "
+                "hft_plugin.half_reset(tuned_model, base_model) instead."
+            )
+        actions[name] = boxes
+    for name, shape in selection.layout.shapes.items():
+        if name in names and tuple(tuned.meta(name)[0]) != tuple(shape):
+            raise SelectionMismatchError(
+                f"Tensor {name!r} has shape {list(tuned.meta(name)[0])} in the checkpoint but {list(shape)} in "
+                "the model its config.json describes; the config does not match the weights."
+            )
+    return actions, sorted(names - set(selection.layout.shapes))
+
+
+def _write_safetensors(path: str, names: Sequence[str], tuned: _Weights, produce, metadata: dict | None) -> None:
+    """Write a safetensors file tensor by tensor: the header first (shapes are known), then each tensor's bytes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name in names:
+        shape, code = tuned.meta(name)
+        size = _numel(shape) * _itemsize(code)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            tensor = produce(name)
+            shape, code = tuned.meta(name)
+            if tuple(tensor.shape) != tuple(shape) or _dtype_code(tensor.dtype, name) != code:
+                raise HFTError(f"internal: tensor {name!r} changed shape or dtype while writing")
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _itemsize(code: str) -> int:
+    if code not in _ITEMSIZES:
+        raise ConfigError(f"safetensors dtype {code} is not supported by hft half-reset.")
+    return _ITEMSIZES[code]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _copied_files(directory: str) -> list[str]:
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if not os.path.isfile(os.path.join(directory, name)):
+            continue
+        if name in _COPIED_NAMES or name.startswith(_COPIED_PREFIXES):
+            out.append(name)
+    return out
+
+
+def half_reset_checkpoint(
+    base_dir: str,
+    tuned_dir: str,
+    out_dir: str,
+    *,
+    strategy: str = "category",
+    ratio: float = 0.5,
+    seed: int = 0,
+    round: int = 0,
+    train_embeddings: bool = True,
+    allow_pickle: bool = False,
+):
+    """Half-Reset on checkpoint directories: write ``out_dir`` = ``tuned_dir`` with its frozen half
+    taken from ``base_dir``.
+
+    Reads and writes one tensor at a time (safetensors, single file or sharded with an index), so
+    memory stays near the largest tensor. The half is chosen on the model ``tuned_dir/config.json``
+    describes, built on the meta device. ``out_dir`` gets the weights (same shard names and index;
+    pickled inputs are written as safetensors), the config and tokenizer files, ``hft_selection.json``
+    (the selection: its frozen half is what was reset) and ``hft_half_reset.json`` (what was done).
+
+    Pickled ``.bin`` checkpoints are refused unless ``allow_pickle=True``; even then they are
+    loaded with ``torch.load(weights_only=True)``.
+
+    Everything is checked before anything is written: mismatched base and tuned checkpoints (a
+    tensor in one but not the other, or a different shape) raise :class:`SelectionMismatchError`
+    naming the first difference. ``out_dir`` must not exist or be empty; it is written in a
+    temporary directory beside it and renamed at the end, so a failure leaves nothing behind.
+
+    Returns:
+        The :class:`~hft_plugin.Selection` used.
+
+    Example:
+        >>> import tempfile, os
+        >>> from hft_plugin.testing import tiny_model
+        >>> root = tempfile.mkdtemp()
+        >>> from safetensors.torch import save_file
+        >>> for name, seed in (("base", 0), ("tuned", 1)):
+        ...     model = tiny_model("llama", seed=seed)
+        ...     model.config.save_pretrained(os.path.join(root, name))
+        ...     save_file(model.state_dict(), os.path.join(root, name, "model.safetensors"))
+        >>> sel = half_reset_checkpoint(os.path.join(root, "base"), os.path.join(root, "tuned"), os.path.join(root, "out"))
+        >>> sorted(os.listdir(os.path.join(root, "out")))  # doctest: +NORMALIZE_WHITESPACE
+        ['config.json', 'hft_half_reset.json', 'hft_selection.json', 'model.safetensors']
+    """
+    import torch
+
+    from .masking import region_mask
+    from .selection import MANIFEST_NAME, select_half
+
+    out_dir = os.path.abspath(out_dir)
+    for role, path in (("base", base_dir), ("tuned", tuned_dir)):
+        if os.path.abspath(path) == out_dir:
+            raise ConfigError(f"--out {out_dir} is the {role} directory; write the result to a new directory.")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ConfigError(f"--out {out_dir} exists and is not empty; pass a new directory (nothing is overwritten).")
+
+    tuned = _Weights(tuned_dir, allow_pickle, "tuned")
+    base = _Weights(base_dir, allow_pickle, "base")
+    difference = _first_difference(base, tuned)
+    if difference is not None:
+        raise SelectionMismatchError(f"The base and tuned checkpoints differ: {difference}. Nothing was written.")
+    model = _meta_model(tuned_dir)
+    selection = select_half(model, round, strategy=strategy, ratio=ratio, seed=seed, train_embeddings=train_embeddings)
+    actions, unplaced = _plan_for_checkpoint(tuned, selection)
+
+    def produce(name: str):
+        action = actions[name]
+        value = tuned.get(name)
+        if action == "keep":
+            return value
+        base_value = base.get(name).to(value.dtype)
+        if action == "reset":
+            return base_value
+        keep = region_mask(tuple(value.shape), action, device=value.device)
+        return torch.where(keep, value, base_value)
+
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".hft-half-reset-", dir=parent)
+    counts = {"reset": 0, "partly_reset": 0, "kept": 0}
+    try:
+        file_names: dict[str, str] = {}
+        for file, names in tuned.files.items():
+            out_name = _safetensors_name(file) if tuned.pickled else file
+            file_names[file] = out_name
+            metadata = None
+            if not tuned.pickled:
+                metadata = _safetensors_metadata(os.path.join(tuned_dir, file))
+            _write_safetensors(os.path.join(work, out_name), names, tuned, produce, metadata or {"format": "pt"})
+            for name in names:
+                action = actions[name]
+                counts["kept" if action == "keep" else "reset" if action == "reset" else "partly_reset"] += 1
+        if tuned.index_name is not None:
+            with open(os.path.join(tuned_dir, tuned.index_name), encoding="utf-8") as f:
+                index = json.load(f)
+            index["weight_map"] = {n: file_names[f] for n, f in index["weight_map"].items()}
+            index_name = SAFE_INDEX if tuned.pickled else tuned.index_name
+            with open(os.path.join(work, index_name), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        for name in _copied_files(tuned_dir):
+            shutil.copy2(os.path.join(tuned_dir, name), os.path.join(work, name))
+        selection.save(work)
+        record = {
+            "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
+            "selection": MANIFEST_NAME, "config": selection.config.to_dict(),
+            "tensors": counts, "not_in_layout_kept": unplaced,
+            "note": "tensors that the selection freezes were reset to the base; the rest keep their tuned values",
+        }
+        with open(os.path.join(work, RESET_MANIFEST_NAME), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        tuned.close()
+        base.close()
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # checked empty above
+        os.replace(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return selection
+
+
+def _safetensors_name(pickle_name: str) -> str:
+    stem = pickle_name[: -len(".bin")] if pickle_name.endswith(".bin") else pickle_name
+    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
+
+
+def _safetensors_metadata(path: str) -> dict | None:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return header.get("__metadata__")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="DIR", help="the model the tuned one was fine-tuned from")
+    parser.add_argument("--tuned", required=True, metavar="DIR", help="the fully fine-tuned model")
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new directory for the result")
+    parser.add_argument("--strategy", default="category", help="how the half is chosen (default: category)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="the share of the layers that keeps its tuned values (default: 0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the choice of the half (default: 0)")
+    parser.add_argument("--round", type=int, default=0, help="the HFT round whose frozen half is reset (default: 0)")
+    parser.add_argument("--reset-embeddings", action="store_true",
+                        help="also reset embeddings, lm_head and final norm (by default they keep their tuned values)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``hft half-reset`` with parsed arguments; returns the exit code."""
+    selection = half_reset_checkpoint(
+        args.base, args.tuned, args.out, strategy=args.strategy, ratio=args.ratio, seed=args.seed,
+        round=args.round, train_embeddings=not args.reset_embeddings, allow_pickle=args.allow_pickle,
+    )
+    plan = selection.plan()
+    print(selection.summary())
+    print(f"reset to base: {len(plan.frozen)} tensors whole, {len(plan.partial)} in part; "
+          f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``half-reset`` to an argparse subparsers object (the ``hft`` command uses this)."""
+    parser = subparsers.add_parser(
+        "half-reset", help="reset the frozen half of a tuned model to its base (the paper's Half-Reset)",
+        description="Write OUT = TUNED with the half that HFT would freeze reset to BASE, tensor by tensor "
+                    "over safetensors (memory stays near the largest tensor).",
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_cli)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hft_plugin.half_reset``: the same as ``hft half-reset``."""
+    parser = argparse.ArgumentParser(prog="python -m hft_plugin.half_reset",
+                                     description="Half-Reset a fully fine-tuned checkpoint to its base.")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except HFTError as error:
+        print(f"half-reset: error: {_first_line(error)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
