@@ -156,7 +156,7 @@ class AdapterContract:
     def check_orders(self, out: dict) -> None:
         n = len(self.targets)
         assert out["patched_after_import"] == [True] * n
-        assert out["instrumented"] == [self.adapter_class.name]
+        assert self.adapter_class.name in out["instrumented"]
         assert out["second_instrument"] is False          # patch twice: a warning, nothing more
         assert out["depth_after_twice"] == [1] * n        # never double-wrapped
         assert out["patched_after_unpatch"] == [False] * n
