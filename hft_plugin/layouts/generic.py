@@ -32,8 +32,9 @@ then by its own and its ancestors' class names:
 order differs from family to family (contiguous, per head, per group), and freezing them whole is
 exact; a named layout splits the ones whose order it knows.
 
-**Never a guess.** A block whose parameters form a single unit cannot be split in halves: the
-reader raises LayoutError naming its parameters (register a layout with the hft_read_layout hook).
+**Never a guess.** A model with no list of blocks, or a layer whose parameters form a single unit
+(a list mixing blocks with a bare fused tensor), cannot be split in halves: the reader raises
+LayoutError naming the parameters (register a layout with the hft_read_layout hook).
 
 Example:
     >>> import torch
@@ -48,7 +49,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import gc
 import math
 import re
 from typing import Any, Iterator
@@ -57,7 +61,7 @@ from torch import nn
 
 from ..errors import LayoutError
 from .base import Layout, param_shape
-from .reader import Placement, Root, Splitter, equal_split, read_with
+from .reader import Placement, Root, Splitter, equal_split, read_with, split_along
 
 NAME = "generic"
 
@@ -82,6 +86,7 @@ _MLP_COMPONENTS = frozenset({
 })
 _CLASS_MIXER = re.compile(r"attention|attn|mixer|mamba|ssm|lstm|rnn|recurrent|rglru|lru|conv|retention|deltanet|timemix", re.I)
 _CLASS_MLP = re.compile(r"mlp|ffn|feedforward|expert|moe", re.I)
+_CONTAINER_CLASS = re.compile(r"(Layer|Block|Decoder|Encoder|Model|Module|Stack|Transformer)$")
 _MOE_CLASS = re.compile(r"moe|moa|expert|sparse", re.I)
 _ROUTER_NAMES = frozenset({"gate", "router", "gating", "router_gate", "moe_gate", "switch"})
 _NORM_NAME = re.compile(r"(^|_)(ln\d*|ln_\w+|norm\d*|\w*layernorm\w*|layer_norm\d*|\w+_norm)$", re.I)
@@ -99,8 +104,36 @@ class _Context:
     siblings: frozenset[str]  # names of the parent's other children
 
 
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What the classifier needs to know about the whole model."""
+
+    experts: frozenset[int]  # expert counts its config names (a stack of E experts has dim 0 == E)
+    class_name: str  # e.g. "GraniteMoeHybridForCausalLM": its family prefix is no role word
+
+    def local(self, module: nn.Module) -> str:
+        """A module's class name without the family prefix: GraniteMoeHybridMambaLayer -> MambaLayer."""
+        return _strip_family(type(module).__name__, self.class_name)
+
+
 def read_generic(model: nn.Module) -> Layout:
     """Read any transformer-like ``model`` into layers and roles (see the module docstring)."""
+    with _gc_paused():  # a large MoE reads into ~10^5 small objects: collecting meanwhile triples the time
+        return _read(model)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read(model: nn.Module) -> Layout:
     config = getattr(model, "config", None)
     layers = find_stacks(model)
     if not layers:
@@ -109,9 +142,9 @@ def read_generic(model: nn.Module) -> Layout:
             "parameters). Register a layout for it with the hft_read_layout hook."
         )
     contexts = _contexts(layers)
-    experts = _expert_counts(model, config)
+    info = _Model(_expert_counts(model, config), type(model).__name__)
     layout = read_with(
-        model, NAME, lambda path, module: classify(path, module, contexts[id(module)], experts), layers
+        model, NAME, lambda path, module: classify(path, module, contexts[id(module)], info), layers
     )
     _check_splittable(layout)
     return layout
@@ -150,10 +183,11 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def _is_block_list(module_list: nn.ModuleList) -> bool:
-    """Items are blocks when some item holds parameters in two or more of its modules."""
+    """Items are blocks when some item holds parameters in two or more of its modules, or two or
+    more matrices in one: a list of Linear or Embedding modules is no stack of blocks."""
     for item in module_list:
         owners = sum(1 for m in item.modules() if next(m.parameters(recurse=False), None) is not None)
-        if owners >= 2:
+        if owners >= 2 or sum(1 for p in item.parameters(recurse=False) if len(param_shape(p)) >= 2) >= 2:
             return True
     return False
 
@@ -177,40 +211,46 @@ def _walk(module: nn.Module, ancestors: tuple[nn.Module, ...], siblings: frozens
 # -- roles ---------------------------------------------------------------------------------------
 
 
-def classify(path: str, module: nn.Module, context: _Context, experts: frozenset[int]) -> Placement:
+def classify(path: str, module: nn.Module, context: _Context, model: _Model) -> Placement:
     """Place one module of a block by its path (as seen in the block), class names and shapes."""
     components = path.split(".") if path else []
     leaf = components[-1] if components else ""
-    # the layer's root class ("...DecoderLayer", "MambaBlock") says nothing about one module's role
-    classes = [type(a).__name__ for a in context.ancestors[1:]] + [type(module).__name__]
+    # the class of the module at each component; a parallel list's name (XLM's "attentions") is
+    # the layer's root, otherwise the root ("...DecoderLayer", "MambaBlock") has no component: its
+    # class says nothing about one module's role
+    chain = context.ancestors + (module,)
+    offset = len(components) - (len(chain) - 1)
+    classes = [model.local(chain[i + 1 - offset]) for i in range(len(components))]
     if any(_is_norm_name(c) for c in components) or any("norm" in c.lower() for c in classes):
+        # a norm, or inside one (AXK2's input_layernorm holds an MLP)
         target = _norm_target(leaf, context)
         if target is not None:  # q_norm, k_norm: train with q_proj, k_proj
             return (_role(components, classes) or "other", None, ".".join(components[:-1] + [target]))
         return ("norm", None, None)
-    if _is_router(components, module, context):
+    if _is_router(components, module, context, model):
         return ("router", None, None)
     role = _role(components, classes) or "other"
     shapes = [param_shape(p) for p in module.parameters(recurse=False)]
     if _in_experts(components, classes):
-        splitter = _expert_splitter(shapes, experts)
+        splitter = _expert_splitter(shapes, model.experts)
         if splitter is not None:
             return ("attention" if role == "attention" else "mlp", splitter, None)
     if leaf == "gate_up_proj" and isinstance(module, nn.Linear):
         return (role, equal_split(("gate", "up")), None)
+    if leaf == "in_proj" and isinstance(module, nn.Linear) and context.ancestors:
+        splitter = _mamba_in_proj(module, context.ancestors[-1])
+        if splitter is not None:
+            return (role, splitter, None)
     if sum(1 for s in shapes if len(s) >= 2) >= 2:
         return (role, _by_parameter, None)
     return (role, None, None)
 
 
 def _role(components: list[str], classes: list[str]) -> str | None:
-    """"attention" or "mlp" from the outermost path component that names one, else from classes."""
-    for component in components:
-        role = _component_role(component)
-        if role:
-            return role
-    for cls in classes:
-        role = _class_role(cls)
+    """"attention" or "mlp" from the outermost component whose module's class or whose name names
+    one: NemotronH's ``mixer`` is a Mamba mixer, attention, an MLP or a MoE by its class."""
+    for component, cls in zip(components, classes):
+        role = _class_role(cls) or _component_role(component)
         if role:
             return role
     return None
@@ -231,6 +271,8 @@ def _component_role(component: str) -> str | None:
 
 
 def _class_role(cls: str) -> str | None:
+    if _CONTAINER_CLASS.search(cls):  # Zamba2's AttentionDecoderLayer holds an MLP too
+        return None
     if _CLASS_MLP.search(cls):
         return "mlp"
     if _CLASS_MIXER.search(cls):
@@ -257,9 +299,9 @@ def _norm_target(leaf: str, context: _Context) -> str | None:
     return None
 
 
-def _is_router(components: list[str], module: nn.Module, context: _Context) -> bool:
+def _is_router(components: list[str], module: nn.Module, context: _Context, model: _Model) -> bool:
     """The module scoring experts, or inside it: a Router class, or a gate/router beside experts."""
-    if any("router" in type(m).__name__.lower() for m in context.ancestors[1:] + (module,)):
+    if any("router" in model.local(m).lower() for m in context.ancestors[1:] + (module,)):
         return True
     # components may start with a parallel list's name that is no module of the layer
     offset = len(components) - len(context.ancestors)
@@ -270,7 +312,7 @@ def _is_router(components: list[str], module: nn.Module, context: _Context) -> b
         if i - offset < 0 or not (lowered in _ROUTER_NAMES or lowered.endswith("_router")):
             continue
         parent = context.ancestors[i - offset]
-        if _MOE_CLASS.search(type(parent).__name__) or any(
+        if _MOE_CLASS.search(model.local(parent)) or any(
             "expert" in name.lower() for name, _ in parent.named_children() if name != component
         ):
             return True
@@ -280,7 +322,7 @@ def _is_router(components: list[str], module: nn.Module, context: _Context) -> b
 def _in_experts(components: list[str], classes: list[str]) -> bool:
     if any("expert" in c.lower() and "shared" not in c.lower() for c in components):
         return True
-    return "expert" in classes[-1].lower() and "shared" not in classes[-1].lower()
+    return bool(classes) and "expert" in classes[-1].lower() and "shared" not in classes[-1].lower()
 
 
 def _expert_counts(model: nn.Module, config: Any) -> frozenset[int]:
@@ -314,12 +356,51 @@ def _expert_splitter(shapes: list[tuple[int, ...]], experts: frozenset[int]) -> 
     if count < 2 or (count not in experts if experts else any(len(s) < 3 for s in matrices)):
         return None
 
+    pieces = _expert_pieces(count)
+
     def split(pname: str, shape: tuple[int, ...]):
         if not shape or shape[0] != count:  # not stacked: rides whole with the module's own unit
             return [("", None)]
-        return [(str(e), (((0, e, e + 1),),)) for e in range(count)]
+        return pieces
 
     return split
+
+
+def _mamba_in_proj(in_proj: nn.Linear, mixer: nn.Module) -> Splitter | None:
+    """The parts of a Mamba mixer's fused input projection, sized by the mixer's own attributes.
+
+    Mamba-2 mixers (Mamba2, Bamba, FalconH1, NemotronH, GraniteMoeHybrid, Zamba2) project to
+    ``[z | xBC | dt]`` of sizes (intermediate_size, conv_dim, num_heads); Mamba-1 mixers (Mamba,
+    FalconMamba, Jamba: those with ``x_proj`` and ``dt_proj`` modules) to ``[x | z]`` halves. Any
+    other layout (Zamba's interleaved heads) stays whole.
+    """
+    out = in_proj.out_features
+    inner = getattr(mixer, "intermediate_size", None)
+    conv_dim = getattr(mixer, "conv_dim", None)
+    heads = getattr(mixer, "num_heads", None)
+    if not isinstance(inner, int):
+        return None
+    if isinstance(conv_dim, int) and isinstance(heads, int) and inner + conv_dim + heads == out:
+        return split_along(lambda _p, _s: 0, lambda _total: [("z", inner), ("xBC", conv_dim), ("dt", heads)])
+    if (out == 2 * inner and conv_dim is None and isinstance(getattr(mixer, "x_proj", None), nn.Linear)
+            and isinstance(getattr(mixer, "dt_proj", None), nn.Linear)):
+        return equal_split(("x", "z"))
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _strip_family(name: str, model_class: str) -> str:
+    """``name`` without the CamelCase words it shares with the model's class name at the start."""
+    common = 0
+    while common < min(len(name), len(model_class)) and name[common] == model_class[common]:
+        common += 1
+    cut = next((i for i in range(common, 0, -1) if i < len(name) and name[i].isupper()), 0)
+    return name[cut:]
+
+
+@functools.lru_cache(maxsize=64)
+def _expert_pieces(count: int) -> tuple[tuple[str, tuple], ...]:
+    return tuple((str(e), (((0, e, e + 1),),)) for e in range(count))
 
 
 def _by_parameter(pname: str, shape: tuple[int, ...]):

@@ -75,10 +75,11 @@ def read_with(
                     full = _join(prefix, path, pname)
                     in_layers.add(full)
                     shape = param_shape(p)
+                    total = math.prod(shape)
                     pieces = splitter(pname, shape) if splitter else [("", None)]
                     for piece, boxes in pieces:
                         key = f"{module_key}:{piece}" if piece else module_key
-                        numel = math.prod(shape) if boxes is None else sum(_box_numel(shape, b) for b in boxes)
+                        numel = total if boxes is None else sum(_box_numel_of(total, shape, b) for b in boxes)
                         part = Part(full, numel, boxes)
                         if follow:
                             follows.append((follow, [part]))
@@ -108,6 +109,14 @@ def read_with(
 
 def _join(*names: str) -> str:
     return ".".join(n for n in names if n)
+
+
+def _box_numel_of(total: int, shape: tuple[int, ...], box: Box) -> int:
+    """The elements of ``box`` in a tensor of ``shape`` holding ``total`` (exact: each step divides
+    the product by one of its factors)."""
+    for dim, start, stop in box:
+        total = total // shape[dim] * (stop - start) if shape[dim] else 0
+    return total
 
 
 def _box_numel(shape: tuple[int, ...], box: Box) -> int:
