@@ -28,8 +28,28 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
     "${PIP[@]}" -c "$CON" torch==2.13.0
     "${PIP[@]}" -c "$CON" -r "$REQ"
     "${PIP[@]}" --no-deps llamafactory==0.9.5
+    # torchaudio: PyPI has only CUDA builds; LLaMA-Factory imports it at module level and uses it
+    # for audio inputs only. A stand-in that refuses audio keeps text training honest.
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p "$site/torchaudio"
+    cat > "$site/torchaudio/__init__.py" <<'PY'
+"""Stand-in for torchaudio in hft-plugin's CPU LLaMA-Factory test environment (no CPU wheel on PyPI).
+Text training never calls it; loading audio raises."""
+__version__ = "0.0.0+hft-stub"
+
+
+def _refuse(*args, **kwargs):
+    raise ImportError("torchaudio is a stand-in in this environment: audio inputs are not supported here.")
+
+
+load = _refuse
+
+
+class functional:  # noqa: N801 - mimics the submodule attribute access torchaudio.functional.resample
+    resample = staticmethod(_refuse)
+PY
     # The plugin itself, editable, without touching the pinned packages above.
-    "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+    "${PIP[@]}" --no-deps -e "$ROOT"
     torch_version="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
     if [[ "$torch_version" != 2.13.0+cpu ]]; then
         echo "llamafactory env: torch is $torch_version, expected 2.13.0+cpu" >&2
@@ -39,7 +59,7 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
 else
     # Reused venv: make sure the editable install points at this checkout (CI clones elsewhere).
     if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null; then
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
     fi
 fi
 
