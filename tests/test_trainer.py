@@ -337,6 +337,12 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
         with pytest.raises(IntegrationError, match="cannot be applied"):
             bad.train()
         assert bad.optimizer is None and bad.model.proj.weight.requires_grad
+
+        # disable_hft opts a trainer out of zero-code activation.
+        opted = plain_trainer(tmp_path / "opted", max_steps=1)
+        assert disable_hft(opted) is False
+        opted.train()
+        assert hft_session(opted) is None and all(flags(opted.model).values())
     finally:
         adapter.uninstrument()
     assert Trainer.__dict__["_prepare_for_training"] is original

@@ -61,6 +61,8 @@ _DEEPSPEED_ELEMENTWISE = frozenset({
 
 # trainer -> its session; weak so a dropped trainer takes its session with it
 _SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
+# trainers on which disable_hft was called: zero-code activation leaves them alone
+_OPTED_OUT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _trainer_class():
@@ -528,6 +530,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     """
     _check_trainer(trainer)
     cfg = _build_config(config, options)
+    _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
     if existing is not None:
         note = "" if cfg == existing.config else f" (the new options {cfg.to_dict()} were ignored)"
@@ -542,9 +545,14 @@ def disable_hft(trainer) -> bool:
     """Undo :func:`enable_hft`: every ``requires_grad`` flag back, hooks and wrappers removed.
 
     An optimizer HFT trimmed gets its tensors back. Returns False (changing nothing) if HFT was
-    not enabled on ``trainer``. A model already wrapped by DDP/DeepSpeed stays as it was wrapped:
+    not enabled on ``trainer``. Zero-code activation (``TransformersAdapter``) leaves a trainer
+    alone once ``disable_hft`` was called on it, so this also opts one trainer out of ``HFT_ENABLE``. A model already wrapped by DDP/DeepSpeed stays as it was wrapped:
     build a new Trainer to train the whole model.
     """
+    try:
+        _OPTED_OUT.add(trainer)
+    except TypeError:  # not a trainer at all: nothing to opt out
+        pass
     session = _SESSIONS.get(trainer)
     if session is None:
         return False
@@ -567,7 +575,7 @@ def _auto_enable(trainer) -> "_Session | None":
     if config is None:
         return None
     session = _SESSIONS.get(trainer)
-    if session is not None:
+    if session is not None or trainer in _OPTED_OUT:
         return session
     try:
         enable_hft(trainer, config)
