@@ -205,7 +205,10 @@ def _run(argv: Sequence[str]) -> int:
         from .bootstrap import run
     except ImportError as error:
         raise CommandError(f"hft run is not available in this installation ({_first_line(error)})") from None
-    return run.main(list(argv))
+    try:
+        return run.main(list(argv))
+    except SystemExit as done:  # its argparse: --help (0) or a usage error (2)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
 
 
 # -- the command -------------------------------------------------------------------------------------
