@@ -1,0 +1,51 @@
+"""The compatibility matrix, one session per cell (docs/activation.md has the table of results).
+
+    nox -s newest        # transformers/TRL newest supported (the default CI environment)
+    nox -s oldest        # transformers/TRL oldest supported (lower ends of the `trl` extra)
+    nox -s llamafactory  # LLaMA-Factory 0.9.5 with its own pins, CPU torch (.ci/llamafactory.sh)
+    nox -s openrlhf      # OpenRLHF 0.11.2 imports, adapter driven on CPU (.ci/openrlhf.sh)
+
+Every environment keeps the CPU build of torch 2.13.0 (requirements/cpu-torch.txt as a constraint).
+"""
+
+import nox
+
+nox.options.sessions = ["newest"]
+nox.options.reuse_existing_virtualenvs = True
+
+CONSTRAINT = ("-c", "requirements/cpu-torch.txt")
+TRANSFORMERS_TESTS = (
+    "tests/test_trainer.py",
+    "tests/test_adapters_contract.py",
+    "tests/test_bootstrap.py",
+    "tests/test_bootstrap_startup.py",
+    "tests/test_cli_e2e.py",
+)
+
+
+def _transformers_cell(session: nox.Session, requirements: str) -> None:
+    session.install(*CONSTRAINT, "torch==2.13.0")
+    session.install(*CONSTRAINT, "-r", requirements)
+    session.install("--no-deps", "-e", ".")  # also installs the start-up hook (.pth)
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("python", "-m", "pytest", "-q", *TRANSFORMERS_TESTS, *session.posargs)
+
+
+@nox.session(python="3.11")
+def newest(session: nox.Session) -> None:
+    _transformers_cell(session, "requirements/newest.txt")
+
+
+@nox.session(python="3.11")
+def oldest(session: nox.Session) -> None:
+    _transformers_cell(session, "requirements/oldest.txt")
+
+
+@nox.session(python=False)
+def llamafactory(session: nox.Session) -> None:
+    session.run("bash", ".ci/llamafactory.sh", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def openrlhf(session: nox.Session) -> None:
+    session.run("bash", ".ci/openrlhf.sh", *session.posargs, external=True)
