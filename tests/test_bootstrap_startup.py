@@ -205,3 +205,21 @@ def test_torchrun_workers_arm_themselves(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     seen = sorted(json.loads(line) for line in result.stdout.splitlines() if line.startswith("["))
     assert seen == [["0", ["transformers"]], ["1", ["transformers"]]]
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_pth_at_its_root(tmp_path):
+    """A regular (non-editable) install gets the hook too: the wheel has it beside the package."""
+    import zipfile
+
+    source = tmp_path / "src"  # setuptools builds in the tree: keep the checkout clean
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".nox", ".venv*", "build", "*.egg-info",
+                                                                 "__pycache__", "benchmarks", "docs", "tests"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    wheel = next(tmp_path.glob("hft_plugin-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read(startup.PTH_NAME).decode() == PTH_SOURCE.read_text()
+        assert "hft_plugin/bootstrap/startup.py" in archive.namelist()
