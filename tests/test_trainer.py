@@ -349,3 +349,16 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
     plain = plain_trainer(tmp_path / "plain", max_steps=1)
     plain.train()
     assert hft_session(plain) is None and all(flags(plain.model).values())
+
+
+def test_docstring_examples():
+    import doctest
+
+    import hft_plugin.adapters.transformers as module
+
+    try:  # DeepSpeed's import-time notice would land in the example's output otherwise
+        import deepspeed  # noqa: F401
+    except ImportError:
+        pass
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
