@@ -49,6 +49,7 @@ def read_with(
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once
     shapes = {n: param_shape(p) for n, p in model.named_parameters()}
     in_layers: set[str] = set()
+    numel_cache: dict = {}
     result: list[list[Unit]] = []
     unplaced: list[str] = []
     for index, roots in enumerate(layers):
@@ -75,11 +76,13 @@ def read_with(
                     full = _join(prefix, path, pname)
                     in_layers.add(full)
                     shape = param_shape(p)
-                    total = math.prod(shape)
-                    pieces = splitter(pname, shape) if splitter else [("", None)]
-                    for piece, boxes in pieces:
+                    if splitter is None:
+                        pieces, numels = _WHOLE, (math.prod(shape),)
+                    else:
+                        pieces = splitter(pname, shape)
+                        numels = _piece_numels(pieces, shape, numel_cache)
+                    for (piece, boxes), numel in zip(pieces, numels):
                         key = f"{module_key}:{piece}" if piece else module_key
-                        numel = total if boxes is None else sum(_box_numel_of(total, shape, b) for b in boxes)
                         part = Part(full, numel, boxes)
                         if follow:
                             follows.append((follow, [part]))
@@ -109,6 +112,21 @@ def read_with(
 
 def _join(*names: str) -> str:
     return ".".join(n for n in names if n)
+
+
+_WHOLE = (("", None),)
+
+
+def _piece_numels(pieces, shape: tuple[int, ...], cache: dict) -> list[int]:
+    """The size of each piece; a splitter that returns the same pieces for every layer (stacked
+    experts) has them computed once per shape."""
+    hit = cache.get((id(pieces), shape))
+    if hit is not None and hit[0] is pieces:
+        return hit[1]
+    total = math.prod(shape)
+    numels = [total if boxes is None else sum(_box_numel_of(total, shape, b) for b in boxes) for _, boxes in pieces]
+    cache[(id(pieces), shape)] = (pieces, numels)
+    return numels
 
 
 def _box_numel_of(total: int, shape: tuple[int, ...], box: Box) -> int:
