@@ -1,0 +1,69 @@
+"""Smoke tests of the benchmark scripts' functions at tiny sizes (the numbers themselves are not asserted)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+speed = pytest.importorskip("speed")
+
+
+def test_speed_rows_count_state_and_share():
+    rows = speed.measure_speed("tiny", [0.3, 0.7], steps=2, warmup=1, batch=2, seq=8, log=lambda *_: None)
+    assert [r["ratio"] for r in rows] == [0.3, 0.7]
+    for row in rows:
+        assert row["fft_step_s"] > 0 and row["hft_step_s"] > 0
+        # AdamW keeps state for exactly the trainable parameters
+        assert abs(row["state_vs_share"]) < 0.01
+        assert 0 < row["trainable_share"] < 1
+    assert rows[0]["hft_state_bytes"] < rows[1]["hft_state_bytes"] < rows[0]["fft_state_bytes"]
+    text = speed.table(rows)
+    assert text.count("\n") == 3 and "| tiny | 0.3 |" in text
+
+
+def test_peak_memory_child_reports_rss():
+    result = speed.peak_memory_child("tiny", 0.5, steps=1, batch=2, seq=8)
+    assert result["peak_rss_bytes"] >= result["rss_before_training_bytes"] > 0
+
+
+def test_write_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "RESULTS", str(tmp_path))
+    rows = speed.measure_speed("tiny", [0.5], steps=1, warmup=0, batch=1, seq=8, log=lambda *_: None)
+    speed.attach_memory(rows, {"fft": {"peak_rss_bytes": 200}, "0.5": {"peak_rss_bytes": 100}}, "peak_rss_bytes")
+    assert rows[0]["peak_ratio"] == 0.5
+    results = {"models": {"tiny": dict(rows=rows, machine=speed.machine(), date="now", command="test",
+                                       settings=dict(batch=1, seq=8, steps=1, warmup=0, dtype="float32"))}}
+    speed.write_results(results, "speed_test", notes="test")
+    assert (tmp_path / "speed_test.png").stat().st_size > 1000
+    assert "| tiny | 0.5 |" in (tmp_path / "speed_test.md").read_text()
+
+
+def test_mask_overhead_measures_every_variant():
+    mask_overhead = pytest.importorskip("mask_overhead")
+    result = mask_overhead.measure(steps=1, warmup=0, batch=1, seq=8, round=0, repeats=1, log=lambda *_: None,
+                                   layers=2, hidden=64, intermediate=128, heads=4, vocab=128)
+    assert set(result["step_s"]) == set(mask_overhead.MODES)
+    assert result["masked_tensors"] > 0 and result["fused_mask_s"] > 0 and result["hook_multiplies_s"] > 0
+
+
+def test_unfused_twin_trains_the_same_units():
+    mask_overhead = pytest.importorskip("mask_overhead")
+    from hft_plugin import select_half
+
+    config = mask_overhead.phi3_config(layers=2, hidden=64, intermediate=128, heads=4, vocab=128)
+    phi3, llama = mask_overhead.build("phi3", config), mask_overhead.build("llama", config)
+    selection = select_half(phi3, 1)
+    twin = mask_overhead.twin_selection(selection, llama)
+    assert twin.trainable_ratio == pytest.approx(selection.trainable_ratio)
+    assert sum(p.numel() for p in phi3.parameters()) == sum(p.numel() for p in llama.parameters())
+
+
+def test_speed_gpu_cpu_check(capsys):
+    speed_gpu = pytest.importorskip("speed_gpu")
+    assert speed_gpu.main(["--cpu-check", "--ratios", "0.5"]) == 0
+    assert "| tiny | 0.5 |" in capsys.readouterr().out
