@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -187,8 +188,8 @@ _RUN_HELP = "run a training command with HFT on in every process (the same as hf
 
 def _add_half_reset(subparsers, load: bool) -> None:
     if load:
-        try:
-            from . import half_reset
+        try:  # the module itself, not the package's half_reset function of the same name
+            half_reset = importlib.import_module(f"{__package__}.half_reset")
         except ImportError as error:
             raise CommandError(f"hft half-reset is not available in this installation ({_first_line(error)})") from None
         register = getattr(half_reset, "register_cli", None)

@@ -125,16 +125,12 @@ def test_help(argv, capsys):
             assert command in out
 
 
-def test_half_reset_and_run_are_subcommands(capsys):
-    code, out, err = _run(capsys, "half-reset", "--help")
-    try:
-        from hft_plugin import half_reset
-    except ImportError:
-        half_reset = None
-    if half_reset is not None and hasattr(half_reset, "register_cli"):
-        assert code == 0 and "usage: hft half-reset" in out
-    else:
-        assert code == 2 and "hft half-reset: error: " in err
+def test_half_reset_and_run_are_subcommands(capsys, tmp_path):
+    code, out, _ = _run(capsys, "half-reset", "--help")
+    assert code == 0 and "usage: hft half-reset" in out and "--base" in out
+    code, out, err = _run(capsys, "half-reset", "--base", str(tmp_path / "a"), "--tuned", str(tmp_path / "b"),
+                          "--out", str(tmp_path / "c"))
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("hft half-reset: error: ")
     code, out, err = _run(capsys, "run", "--help")
     assert code == 0 and "COMMAND" in out + err
 
