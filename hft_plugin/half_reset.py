@@ -24,6 +24,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import types
 from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, HFTError, SelectionMismatchError
@@ -320,6 +321,7 @@ def _write_safetensors(path: str, names: Sequence[str], tuned: _Weights, produce
             if tuple(tensor.shape) != tuple(shape) or _dtype_code(tensor.dtype, name) != code:
                 raise HFTError(f"internal: tensor {name!r} changed shape or dtype while writing")
             f.write(memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
+            del tensor  # hold one tensor at a time
 
 
 def _uint8():
@@ -547,6 +549,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"half-reset: error: {_first_line(error)}", file=sys.stderr)
         return 2
 
+
+class _CallableModule(types.ModuleType):
+    """Importing this module sets ``hft_plugin.half_reset`` to the module (the import system does
+    that after the module body runs), shadowing the function the package exports under the same
+    name; calling the module calls the function, so ``hft_plugin.half_reset(tuned, base)`` works
+    in either import order."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return half_reset(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
