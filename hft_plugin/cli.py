@@ -249,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except CommandError as error:
         return _fail(command, str(error))
+    except BrokenPipeError:  # `hft plan ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as error:
         from .errors import HFTError
 
