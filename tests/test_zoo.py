@@ -137,6 +137,10 @@ def test_experts_routers_and_shared_experts():
     assert units["mlp.gate"].group == "router"
     assert units["mlp.shared_expert_gate"].group == "router"
     assert units["mlp.shared_expert.up_proj"].group == "mlp"
+    # LongCat-Flash stacks more experts than its config's count (zero experts): 3-D stacks still split
+    longcat = read_generic(meta_model("longcat_flash", num_layers=2))
+    config = meta_model("longcat_flash", num_layers=1).config
+    assert sum(1 for u in longcat.layers[0] if ".mlp.experts:" in u.key) == config.n_routed_experts + config.zero_expert_num
     jetmoe = groups_by_param(read_generic(meta_model("jetmoe")))
     assert jetmoe["model.layers.0.mlp.router.layer.weight"] == {"router"}
     assert jetmoe["model.layers.0.self_attention.experts.router.layer.weight"] == {"router"}

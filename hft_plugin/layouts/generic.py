@@ -346,22 +346,20 @@ def _configs(config: Any) -> Iterator[Any]:
 
 
 def _expert_splitter(shapes: list[tuple[int, ...]], experts: frozenset[int]) -> Splitter | None:
-    """One unit per expert when every matrix the module owns stacks the experts along dim 0: the
-    expert count of the config, or any count when the config names none and the stacks are 3-D."""
+    """One unit per expert when every matrix the module owns stacks experts along dim 0: as many as
+    the config names, or any number in a 3-D stack. Expert e's unit holds slice e of each stack
+    (LongCat-Flash's ``gate_up_proj`` also stacks its "zero experts", which ``down_proj`` lacks)."""
     matrices = [s for s in shapes if len(s) >= 2]
-    firsts = {s[0] for s in matrices}
-    if len(firsts) != 1:
+    counts = {s[0] for s in matrices}
+    if not counts or min(counts) < 2:
         return None
-    count = next(iter(firsts))
-    if count < 2 or (count not in experts if experts else any(len(s) < 3 for s in matrices)):
+    if any(c not in experts and not any(len(s) >= 3 and s[0] == c for s in matrices) for c in counts):
         return None
-
-    pieces = _expert_pieces(count)
 
     def split(pname: str, shape: tuple[int, ...]):
-        if not shape or shape[0] != count:  # not stacked: rides whole with the module's own unit
+        if not shape or shape[0] not in counts:  # not stacked: rides whole with the module's own unit
             return [("", None)]
-        return pieces
+        return _expert_pieces(shape[0])
 
     return split
 
