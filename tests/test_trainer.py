@@ -300,6 +300,7 @@ def test_torch_compile(tmp_path, family):
 
 
 # -- zero-code activation ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
     from transformers import Trainer
 

@@ -163,7 +163,7 @@ class _Session:
             ("save_model", self._wrap_save_model),
             ("log", self._wrap_log),
             ("_clip_grad_norm", self._wrap_mask_first),
-            ("_get_grad_norm", self._wrap_mask_first),
+            ("_get_grad_norm", self._wrap_mask_before_norm),
         ):
             original = getattr(self.trainer, name, None)
             if original is None:
@@ -238,6 +238,13 @@ class _Session:
             return original(*args, **kwargs)
         return with_mask
 
+    def _wrap_mask_before_norm(self, original: Callable) -> Callable:
+        def with_mask(model, grad_norm=None, *args, **kwargs):
+            if grad_norm is None:  # not clipped this step (max_grad_norm=0): the norm is measured here
+                self.mask_gradients()
+            return original(model, grad_norm, *args, **kwargs)
+        return with_mask
+
     # -- what happens before and after the trainer builds its optimizer ------------------------------
     def prepare(self, original: Callable, args: tuple, kwargs: dict):
         if self._in_prepare:  # the class-level patch and the instance wrapper both lead here
@@ -296,6 +303,10 @@ class _Session:
         if self.handle.masked_parameters and self._attached_to is not optimizer:
             self.handle.attach(optimizer)
             self._attached_to = optimizer
+        elif self.handle.restore is not None:
+            # Weights may have been loaded since the last run (a resumed checkpoint): restore
+            # the frozen slices to what they are now, not to what they were then.
+            self.handle.restore.saved = [p.detach().clone() for p in self.handle.restore.params]
 
     def mask_gradients(self) -> None:
         mask = self.handle.mask if self.handle is not None else None
