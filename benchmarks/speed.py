@@ -334,6 +334,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per peak-memory subprocess (0: skip)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads wait on each other)")
+    parser.add_argument("--tag", default="", help="store as MODEL-TAG, keeping earlier results of MODEL")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
         if args.memory_steps:
             attach_memory(rows, measure_peak_memory(name, ratios, args.memory_steps, batch, seq), "peak_rss_bytes")
         print(table(rows))
-        results["models"][name] = dict(
+        results["models"][f"{name}-{args.tag}" if args.tag else name] = dict(
             rows=rows, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             command="python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             settings=dict(batch=batch, seq=seq, steps=args.steps, warmup=args.warmup, dtype="float32",

@@ -28,7 +28,8 @@ def test_speed_rows_count_state_and_share():
 
 def test_peak_memory_child_reports_rss():
     result = speed.peak_memory_child("tiny", 0.5, steps=1, batch=2, seq=8)
-    assert result["peak_rss_bytes"] >= result["rss_before_training_bytes"] > 0
+    # the kernel syncs per-thread RSS counters lazily: the high-water mark may trail by a few pages
+    assert result["peak_rss_bytes"] >= 0.99 * result["rss_before_training_bytes"] > 0
 
 
 def test_write_results(tmp_path, monkeypatch):
