@@ -82,16 +82,18 @@ def probe(model_type: str, units: bool = False) -> dict[str, Any]:
         row.update(status="unbuildable", error=f"built in {row['build_s']:.0f} s (limit {BUILD_LIMIT_S:.0f} s)")
         return row
     try:
-        selections, times, first_times = [], [], []
+        selections, times, first_times, cpu_times = [], [], [], []
         for number in (0, 1):
-            runs = []
+            runs, cpu = [], []
             for _ in range(REPEATS):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 selection = select_half(model, number, strategy="category", ratio=0.5)
                 runs.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
             selections.append(selection)
             first_times.append(runs[0])
             times.append(min(runs))  # the least disturbed of the calls: the CPU is shared
+            cpu_times.append(min(cpu))
     except HFTError as exc:
         row.update(status="error", error=f"{type(exc).__name__}: {exc}")
         return row
@@ -118,6 +120,7 @@ def probe(model_type: str, units: bool = False) -> dict[str, Any]:
         time_r0_s=round(times[0], 4),
         time_r1_s=round(times[1], 4),
         first_call_s=round(max(first_times), 4),
+        cpu_s=round(max(cpu_times), 4),
     )
     row["meets_goals"] = (
         abs(row["share_r0"] - 0.5) <= TOLERANCE and abs(row["share_r1"] - 0.5) <= TOLERANCE
@@ -211,6 +214,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "generic": sum(1 for r in read if r["layout"] == "generic"),
         "named": sum(1 for r in read if r["layout"] != "generic"),
         "max_time_s": max((max(r["time_r0_s"], r["time_r1_s"]) for r in read), default=0.0),
+        "max_cpu_s": max((r["cpu_s"] for r in read), default=0.0),
+        "over_time_goal": [r["model_type"] for r in read if max(r["time_r0_s"], r["time_r1_s"]) >= TIME_GOAL_S],
         "max_share_error_pp": round(100 * max((max(abs(r["share_r0"] - 0.5), abs(r["share_r1"] - 0.5)) for r in read), default=0.0), 3),
     }
 
@@ -232,7 +237,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
         "rounds 0 and 1, default config of each type built on the meta device. Time: wall-clock seconds "
         f"of one `select_half` call (read the model, draw the half), the slower round, each round the "
         f"fastest of {REPEATS} calls: the 2-core CPU is shared with other jobs, so single calls vary "
-        "by 2x; the JSON also has each type's slowest first call (`first_call_s`).",
+        "by 2x; the JSON also has each type's slowest first call (`first_call_s`). CPU: the CPU "
+        "seconds of the same call, which contention for the cores does not inflate.",
         "",
         f"- causal-LM types: {summary['types']}; meta-buildable from their default config: {summary['meta_buildable']}",
         f"- read within the goals (share within {TOLERANCE * 100:g} pp of 0.5 at rounds 0 and 1, rounds differ, "
@@ -241,14 +247,15 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
         f"- read but off a goal: {', '.join(summary['off_goal']) or 'none'}",
         f"- clear errors (LayoutError): {', '.join(summary['errors']) or 'none'}",
         f"- crashes or timeouts: {', '.join(summary['crashes']) or 'none'}",
-        f"- largest share error: {summary['max_share_error_pp']} pp; slowest call: {summary['max_time_s']:.3f} s",
+        f"- largest share error: {summary['max_share_error_pp']} pp; slowest call: {summary['max_time_s']:.3f} s "
+        f"wall-clock, {summary['max_cpu_s']:.3f} s of CPU time; load average {meta['load']} (start, end of the run)",
         "",
         "Role shares are each role's share of the layers' parameters (attention = every token mixer; "
         "router = expert routers and gates). Outside = parameters outside the layers (embeddings, "
         "heads, final norms, projectors), which train whole by default.",
         "",
-        "| model type | layout | layers | stacks | round 0 | round 1 | time (s) | roles (att/mlp/norm/router/other) | outside | note |",
-        "|---|---|---:|---|---:|---:|---:|---|---:|---|",
+        "| model type | layout | layers | stacks | round 0 | round 1 | time (s) | CPU (s) | roles (att/mlp/norm/router/other) | outside | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         if r["status"] == "read":
@@ -256,12 +263,12 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
             note = "" if r["meets_goals"] else "off goal"
             out.append(
                 f"| {r['model_type']} | {r['layout']} | {r['layers']} | {'; '.join(r['stacks'])} | "
-                f"{r['share_r0']:.4f} | {r['share_r1']:.4f} | {max(r['time_r0_s'], r['time_r1_s']):.3f} | "
+                f"{r['share_r0']:.4f} | {r['share_r1']:.4f} | {max(r['time_r0_s'], r['time_r1_s']):.3f} | {r['cpu_s']:.3f} | "
                 f"{roles} | {r['outside_share']:.1%} | {note} |"
             )
         else:
             error = r.get("error", "").replace("|", "\\|").replace("\n", " ")[:220]
-            out.append(f"| {r['model_type']} | {r['status']} | | | | | | | | {error} |")
+            out.append(f"| {r['model_type']} | {r['status']} | | | | | | | | | {error} |")
     return "\n".join(out) + "\n"
 
 
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     types = args.types or zoo_types()
+    load_start = os.getloadavg()[0]
     print(f"{'model type':<28} {'layout':<20} {'lay':>4} {'round 0':>8} {'round 1':>8} {'time s':>7}")
     rows = run(types, args.timeout, args.units)
     summary = summarize(rows)
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": f"{os.cpu_count()} CPUs",
+            "load": f"{load_start:.1f}, {os.getloadavg()[0]:.1f}",
         }
         os.makedirs(args.out, exist_ok=True)
         for row in rows:

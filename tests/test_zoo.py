@@ -275,7 +275,7 @@ def test_zoo_benchmark_rows():
     summary = zoo.summarize([row, {"model_type": "x", "status": "unbuildable", "error": "E"}])
     assert summary["meta_buildable"] == 1 and summary["read"] == 1
     assert "| rwkv | generic | 32 |" in zoo.markdown([row], summary, {
-        "command": "c", "date": "d", "transformers": "t", "torch": "t", "python": "p", "machine": "m"})
+        "command": "c", "date": "d", "transformers": "t", "torch": "t", "python": "p", "machine": "m", "load": "1, 1"})
 
 
 def test_generic_docstring_example_runs():
