@@ -57,8 +57,11 @@ PY
     fi
     echo "$want" > "$STAMP"
 else
-    # Reused venv: make sure the editable install points at this checkout (CI clones elsewhere).
-    if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null; then
+    # Reused venv: make sure the editable install points at this checkout (CI clones elsewhere)
+    # and that its copy of the start-up .pth is this checkout's.
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null \
+        || ! cmp -s "$site/hft-plugin.pth" "$ROOT/hft_plugin/bootstrap/hft-plugin.pth"; then
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
     fi
 fi
