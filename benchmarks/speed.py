@@ -162,6 +162,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's own RSS high-water mark (VmHWM).
+
+    Not getrusage's ru_maxrss: that one survives exec, so a child started from a large parent
+    reports the parent's RSS at fork time.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 def peak_memory_child(model_name: str, ratio: float | None, steps: int, batch: int, seq: int) -> dict:
     """Run ``steps`` steps of one configuration in this process; report its peak RSS."""
     run = Run(build_model(model_name), ratio)
@@ -170,7 +183,7 @@ def peak_memory_child(model_name: str, ratio: float | None, steps: int, batch: i
     data = batches(MODELS[model_name]["vocab_size"], batch, seq, "cpu")
     for _ in range(steps):
         run.step(next(data))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _peak_rss_bytes()
     return dict(peak_rss_bytes=peak, rss_before_training_bytes=before)
 
 
@@ -292,6 +305,7 @@ def write_results(results: dict, name: str = "speed", notes: str = "") -> None:
         lines += [
             f"## {model}", "",
             f"Command: `{entry['command']}`  ",
+            *([f"Peak memory measured again with: `{entry['memory_command']}`  "] if "memory_command" in entry else []),
             f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores ({s.get('threads', m['threads'])} torch threads), "
             f"torch {m['torch']}, transformers {m.get('transformers', '?')}, Python {m['python']}; "
             f"load average at the end {', '.join(f'{v:.1f}' for v in m.get('load_avg_at_end', ()))}  ",
@@ -334,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per peak-memory subprocess (0: skip)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads wait on each other)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure peak memory again for the stored rows of each model, keep the step times")
     parser.add_argument("--tag", default="", help="store as MODEL-TAG, keeping earlier results of MODEL")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -344,13 +360,27 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         batch = args.batch or (8 if name == "tiny" else 2)
         seq = args.seq or 64
+        key = f"{name}-{args.tag}" if args.tag else name
+        command = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        if args.memory_only:
+            entry = results["models"][key]
+            s = entry["settings"]
+            rows = entry["rows"]
+            memory = measure_peak_memory(name, [r["ratio"] for r in rows], args.memory_steps, s["batch"], s["seq"])
+            attach_memory(rows, memory, "peak_rss_bytes")
+            s["memory_steps"] = args.memory_steps
+            entry["memory_command"] = command
+            print(table(rows))
+            if not args.no_write:
+                write_results(results, "speed", NOTES)
+            continue
         rows = measure_speed(name, ratios, args.steps, args.warmup, batch, seq)
         if args.memory_steps:
             attach_memory(rows, measure_peak_memory(name, ratios, args.memory_steps, batch, seq), "peak_rss_bytes")
         print(table(rows))
-        results["models"][f"{name}-{args.tag}" if args.tag else name] = dict(
+        results["models"][key] = dict(
             rows=rows, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            command="python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            command=command,
             settings=dict(batch=batch, seq=seq, steps=args.steps, warmup=args.warmup, dtype="float32",
                           memory_steps=args.memory_steps, threads=args.threads),
         )
