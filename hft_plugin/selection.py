@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import HFTConfig
 from .errors import ConfigError, LayoutError, SelectionMismatchError, UnsupportedModelError
-from .layouts.base import GROUPS, Box, Layout, Part, Unit, unwrap_model
+from .layouts.base import GROUPS, Box, Layout, Part, Unit, gc_paused, unwrap_model
 
 MANIFEST_NAME = "hft_selection.json"
 _FORMAT_VERSION = 1
@@ -284,8 +284,9 @@ def select_half(
     known = strategy_names()
     if config.strategy not in known:
         raise ConfigError(f"Unknown strategy {config.strategy!r}; known strategies: {', '.join(known)}.")
-    layout = read_layout(model)
-    return Selection(config, layout, frozenset(_draw(layout, config)))
+    with gc_paused():
+        layout = read_layout(model)
+        return Selection(config, layout, frozenset(_draw(layout, config)))
 
 
 def _draw(layout: Layout, config: HFTConfig) -> set[str]:

@@ -34,6 +34,8 @@ def select(layout: Layout, config, round: int, attempt: int) -> set[str]:
         per_layer = [sorted((u for u in layer if u.group == group), key=lambda u: u.key) for layer in layout.layers]
         order = [i for i, units in enumerate(per_layer) if units]
         rng.shuffle(order)
+        # Largest layers first (random among equals): the smaller ones after them absorb the carry.
+        order.sort(key=lambda i: -sum(u.numel for u in per_layer[i]))
         for i in order:
             units = per_layer[i]
             ideal = config.ratio * sum(u.numel for u in units)
