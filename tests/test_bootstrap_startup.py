@@ -144,14 +144,25 @@ def test_guard_refuses_an_optimizer_when_an_adapter_failed():
         import torch, hft_plugin.bootstrap.startup as s
         from hft_plugin import apply_selection, select_half
         from hft_plugin.testing import tiny_model
+        from hft_plugin.adapters.base import Adapter
+        import sys, types
+        fake = types.ModuleType("fake_adapters")
+        class FutureAdapter(Adapter):
+            name = "future"
+            instruments = ("torch >= 99",)
+            def __init__(self, config=None):
+                super().__init__()
+        fake.FutureAdapter = FutureAdapter
+        sys.modules["fake_adapters"] = fake
         s.ADAPTERS["broken"] = ("json", "hft_plugin.no_such_module:Adapter")
-        s.instrument("broken")
+        s.ADAPTERS["future"] = ("json", "fake_adapters:FutureAdapter")
+        print(s.instrument("broken"), s.instrument("future"))
         params = [torch.nn.Parameter(torch.zeros(2))]
         try:
             torch.optim.SGD(params, lr=0.1)
             print("built")
         except Exception as exc:
-            print(type(exc).__name__)
+            print(type(exc).__name__, "torch >= 99" in str(exc), "no_such_module" in str(exc))
         model = tiny_model("llama")
         handle = apply_selection(model, select_half(model))  # HFT is in force: the guard lets it pass
         torch.optim.SGD(handle.parameters(), lr=0.1)
@@ -162,8 +173,10 @@ def test_guard_refuses_an_optimizer_when_an_adapter_failed():
     """)
     result = python(probe, HFT_ENABLE="1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["IntegrationError", "built after deactivate"]
-    assert "broken adapter could not be activated" in result.stderr
+    assert result.stdout.splitlines() == ["False False", "IntegrationError True True", "built after deactivate"]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and "the broken adapter is not active: ModuleNotFoundError" in lines[0]
+    assert "the future adapter is not active: hft_plugin needs torch >= 99; the installed version is 2.13" in lines[1]
 
 
 def test_hft_run_reaches_the_command():

@@ -88,36 +88,43 @@ def _make_hook(name: str):
 
 def instrument(name: str) -> bool:
     """Instrument one adapter in auto mode (called by the post-import hook). Never raises; a
-    failure is remembered and arms the optimizer guard (see the module docstring)."""
+    failure (a malformed HFT_* variable, an unsupported framework version, a patch that cannot be
+    applied) is one warning, is remembered, and arms the optimizer guard (see the module docstring)."""
     if name in _state["instances"]:
         return False
     try:
-        import importlib
+        reason = _try_instrument(name)
+        if reason is None:
+            return True
+        # Not raised here: this import may be in a process that never trains. The guard raises
+        # it when an optimizer is built, which is where it matters.
+        _warn(f"the {name} adapter is not active: {reason}")
+        _state["failures"][name] = reason
+        _arm_guard()
+    except Exception as exc:  # noqa: BLE001 - a post-import hook must never break the import
+        _warn(f"the {name} adapter could not be activated: {exc!r}")
+    return False
 
-        from ..errors import ConfigError
 
-        try:
-            config = env.load_config()
-        except ConfigError as exc:
-            # Not raised here: this import may be in a process that never trains. The guard
-            # raises it when an optimizer is built, which is where it matters.
-            reason = str(exc)
-            _warn(f"the {name} adapter is not active: {reason}")
-            _state["failures"][name] = reason
-            _arm_guard()
-            return False
+def _try_instrument(name: str) -> str | None:
+    """Instrument ``name``; return None on success, else the reason it could not be."""
+    import importlib
+
+    from ..adapters.base import IncompatibleVersionError, check_requirements
+    from ..errors import HFTError
+
+    try:
+        config = env.load_config()
         module, _, attribute = ADAPTERS[name][1].partition(":")
         adapter = getattr(importlib.import_module(module), attribute)(config=config)
-        if adapter.instrument(raise_errors=False):
-            _state["instances"][name] = adapter
-            return True
-        reason = "its framework version is not supported (see the warning above)"
-    except Exception as exc:  # noqa: BLE001
-        reason = repr(exc)
-        _warn(f"the {name} adapter could not be activated: {reason}")
-    _state["failures"][name] = reason
-    _arm_guard()
-    return False
+        check_requirements(adapter.instruments)
+        adapter.instrument()
+    except (HFTError, IncompatibleVersionError) as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. a patch target missing in this framework version
+        return repr(exc)
+    _state["instances"][name] = adapter
+    return None
 
 
 def _arm_guard() -> None:
