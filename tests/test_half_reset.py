@@ -162,6 +162,15 @@ def test_checkpoint_sharded_with_index_and_fused_tensors(tmp_path):
         assert torch.equal(value, expected[name]), name
 
 
+def test_base_sharded_differently_from_tuned(tmp_path):
+    base, tuned = pair()
+    base_dir = save(base, str(tmp_path / "base"), max_shard_size="100KB")
+    tuned_dir = save(tuned, str(tmp_path / "tuned"))
+    selection = half_reset_checkpoint(base_dir, tuned_dir, str(tmp_path / "out"))
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert check_reset(selection, snapshot(base), snapshot(tuned), written)["frozen"] > 0
+
+
 def test_checkpoint_keeps_dtype_and_metadata(tmp_path):
     for name, model in zip(("base", "tuned"), pair()):
         model.config.save_pretrained(tmp_path / name)
