@@ -85,3 +85,6 @@ def test_deepspeed_zero2_and_zero3(tmp_path, nproc):
                 assert_trained(cases[f"zero{stage}-{path}-{family}"], family, nproc, "DeepSpeedEngine")
     for r in cases["zero2-phi3-weight-decay-refused"]:
         assert r["raised"] == "IntegrationError" and "weight_decay=0" in r["message"]
+    for r in cases["zero3-resume"]:
+        assert r["manifest_in_checkpoint"] and r["resumed_step"] == 3 and r["frozen_equal_to_fresh_model"]
+        assert "trained in HFT round 0, but this run is round 1" in r["other_round"]

@@ -7,8 +7,9 @@ with HFT on every rank and writes what each rank saw to OUT/rank<N>.json.
 One launch runs many cases, because each launch costs start-up time: ``ddp`` runs the rank
 disagreement check, then Llama and Phi-3 (fused tensors) under DDP; ``deepspeed`` runs ZeRO-2 and
 ZeRO-3, each with the trainer's optimizer (create_optimizer) and with a DeepSpeed config
-"optimizer" block (DummyOptim), on Llama and Phi-3, plus the refusal of weight decay on masked
-tensors. A failing case is recorded and the next one runs.
+"optimizer" block (DummyOptim), on Llama and Phi-3, the refusal of weight decay on masked
+tensors, and a ZeRO-3 checkpoint resumed (same options) and refused (another round). A failing
+case is recorded and the next one runs; HFT_WORKER_ONLY=<part of a case name> runs just that.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def all_digests(value: str) -> list:
 
 
 def run_case(results: list, name: str, fn) -> None:
+    only = os.environ.get("HFT_WORKER_ONLY")  # for debugging one case: a substring of its name
+    if only and only not in name:
+        return
     try:
         results.append({"case": name, "ok": True, **fn()})
     except Exception as exc:  # recorded for the test to report
@@ -146,6 +150,43 @@ def deepspeed(out: str, results: list) -> None:
 
     run_case(results, "zero2-phi3-weight-decay-refused", refuse_decay)
     reset()
+
+    def resume():
+        # ZeRO-3 checkpoint with HFT; resumed with the same options, and refused for another round.
+        from transformers import Trainer
+
+        from hft_plugin import SelectionMismatchError, enable_hft
+        from hft_plugin.testing import tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        found = {}
+        for phase, (round, steps) in enumerate(((0, 2), (0, 3), (1, 3))):
+            args = train_args(f"{out}/resume", per_device_train_batch_size=2, deepspeed=config(3, False),
+                              accelerator_config=use_state, max_steps=steps, save_strategy="steps", save_steps=2)
+            model = tiny_model("llama")
+            trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
+            handle = enable_hft(trainer, round=round)
+            if phase == 0:
+                trainer.train()
+                found["manifest_in_checkpoint"] = os.path.isfile(f"{out}/resume/checkpoint-2/hft_selection.json")
+            elif phase == 1:
+                before = snapshot(model)  # the fresh model; the checkpoint's weights are loaded in train()
+                trainer.train(resume_from_checkpoint=f"{out}/resume/checkpoint-2")
+                after = snapshot(model)
+                found["resumed_step"] = trainer.state.global_step
+                plan = handle.selection.plan()
+                found["frozen_equal_to_fresh_model"] = all(torch.equal(before[n], after[n]) for n in plan.frozen)
+            else:
+                try:
+                    trainer.train(resume_from_checkpoint=f"{out}/resume/checkpoint-2")
+                    found["other_round"] = None
+                except SelectionMismatchError as exc:
+                    found["other_round"] = str(exc)
+            del trainer
+            reset()
+        return found
+
+    run_case(results, "zero3-resume", resume)
 
 
 def main() -> None:
