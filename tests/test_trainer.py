@@ -319,6 +319,22 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
         assert session is not None and session.config.round == 1
         check_training(session.selection, before, snapshot(trainer.model), trainer, session.handle)
 
+        # Resuming a checkpoint of another round is refused before its weights are loaded.
+        trainer.args.save_strategy, trainer.args.save_steps = "steps", 3
+        trainer.train()  # a checkpoint of round 1
+        other = TransformersAdapter(config={"round": 2})
+        adapter.uninstrument()
+        assert other.instrument() is True
+        try:
+            late = plain_trainer(tmp_path, "phi3")
+            weights = snapshot(late.model)
+            with pytest.raises(SelectionMismatchError, match="round 1, but this run is round 2"):
+                late.train(resume_from_checkpoint=True)
+            assert all(torch.equal(weights[n], p) for n, p in late.model.named_parameters())
+        finally:
+            other.uninstrument()
+        adapter.instrument()
+
         # A trainer with its own enable_hft keeps its options.
         own = plain_trainer(tmp_path / "own", max_steps=1)
         enable_hft(own, round=3)

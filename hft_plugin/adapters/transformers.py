@@ -599,7 +599,11 @@ def _auto_enable(trainer) -> "_Session | None":
 
 
 def _auto_train(wrapped, instance, args, kwargs):
-    _auto_enable(instance)  # early, so a resumed checkpoint is checked before its weights are loaded
+    session = _auto_enable(instance)
+    if session is not None:
+        # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        session.check_resume(_resolve_checkpoint(instance, resume))
     return wrapped(*args, **kwargs)
 
 
