@@ -230,7 +230,7 @@ def test_wheel_carries_the_pth_at_its_root(tmp_path):
     source = tmp_path / "src"  # setuptools builds in the tree: keep the checkout clean
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".nox", ".venv*", "build", "*.egg-info",
                                                                  "__pycache__", "benchmarks", "docs", "tests"))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                              "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300,
                             cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
