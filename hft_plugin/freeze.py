@@ -87,6 +87,7 @@ class HFTHandle:
         """
         if not self._masked:
             return self
+        self._detach_hooks()  # one optimizer at a time: attaching again replaces the hooks
         params = [self._params[n] for n in self._masked]
         masks = list(self._masked.values())
         self.mask = GradientMask(params, masks)
@@ -96,28 +97,35 @@ class HFTHandle:
             logger.info("hft_plugin: %s with weight decay or mixing updates: restoring frozen slices after each step.",
                         type(optimizer).__name__)
             self.restore = FrozenRestore(params, masks)
+        else:
+            self.restore = None
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.mask.apply()))
-        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        if self.restore is not None:
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.restore.apply()))
         return self
 
-    def _after_step(self, *_):
-        if self.restore is not None:
-            self.restore.apply()
-        self.mask.applied = False
+    def _detach_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def mask_gradients(self) -> None:
-        """Mask the frozen regions' gradients now (e.g. before clipping). Idempotent per step."""
+        """Mask the frozen regions' gradients now (e.g. before clipping). Idempotent."""
         if self.mask is not None:
             self.mask.apply()
+
+    def refresh(self) -> None:
+        """Take the current weights as the frozen values to restore (call after loading weights
+        into a model whose optimizer is already attached, e.g. when resuming)."""
+        if self.restore is not None:
+            self.restore.refresh()
 
     # -- undoing -------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Restore every ``requires_grad`` flag and remove the optimizer hooks. A second call is harmless."""
         if self.removed:
             return
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._detach_hooks()
         for name, flag in self._original_flags.items():
             self._params[name].requires_grad_(flag)
         self.removed = True

@@ -4,8 +4,8 @@ Whole tensors are frozen with ``requires_grad=False`` and cost nothing. A tensor
 frozen (a slice of ``qkv_proj``, some experts of a stacked expert tensor) keeps ``requires_grad``,
 and its gradient is masked once per optimizer step: one ``torch._foreach_zero_`` over views of the
 frozen blocks of all masked gradients together, from an optimizer step pre-hook, not an autograd
-hook per parameter per micro-batch. Masking is idempotent, so a trainer may also call it before
-gradient clipping.
+hook per parameter per micro-batch. Masking is idempotent and keeps no state, so a trainer may also
+call it before gradient clipping, and a skipped step (a gradient scaler's overflow) changes nothing.
 
 A zero gradient keeps an element still only if the optimizer is elementwise and applies no weight
 decay to it (SGD, Adam, AdamW, Adafactor, ... with weight_decay=0). Otherwise (weight decay, or an
@@ -126,11 +126,8 @@ class GradientMask:
         self.params = params
         self.masks = trainable_masks  # kept as given (boolean), for inspection; the hot path uses boxes
         self._regions = _Regions(params, trainable_masks)
-        self.applied = False  # reset after each optimizer step
 
     def apply(self) -> None:
-        if self.applied:
-            return
         grads = [p.grad for p in self.params]
         views = self._regions.views(grads)
         if views:
@@ -138,7 +135,6 @@ class GradientMask:
         dense = [(g, m) for g, m in zip(grads, self._regions.dense) if g is not None and m is not None]
         if dense:
             torch._foreach_mul_([g for g, _ in dense], [m for _, m in dense])
-        self.applied = True
 
 
 class FrozenRestore:
@@ -151,10 +147,14 @@ class FrozenRestore:
     def __init__(self, params: list[torch.nn.Parameter], trainable_masks: list[torch.Tensor]):
         self.params = params
         self._regions = _Regions(params, trainable_masks)
-        data = [p.detach() for p in params]
-        self._saved = [v.clone() for v in self._regions.views(data)]
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Take the parameters' current values as the frozen ones (after loading weights)."""
+        self._saved = [v.clone() for v in self._regions.views([p.detach() for p in self.params])]
         self._dense_saved = [(p, m.to(torch.bool), p.detach().clone())
-                             for p, m in zip(params, self._regions.dense) if m is not None]
+                             for p, m in zip(self.params, self._regions.dense) if m is not None]
 
     @torch.no_grad()
     def apply(self) -> None:

@@ -303,18 +303,14 @@ class _Session:
         if self.handle.masked_parameters and self._attached_to is not optimizer:
             self.handle.attach(optimizer)
             self._attached_to = optimizer
-        elif self.handle.restore is not None:
+        else:
             # Weights may have been loaded since the last run (a resumed checkpoint): restore
             # the frozen slices to what they are now, not to what they were then.
-            self.handle.restore.saved = [p.detach().clone() for p in self.handle.restore.params]
+            self.handle.refresh()
 
     def mask_gradients(self) -> None:
-        mask = self.handle.mask if self.handle is not None else None
-        if mask is not None:
-            # Forced, not once per step: a step skipped by a gradient scaler never resets the
-            # once-per-step flag, and multiplying by a 0/1 mask twice changes nothing.
-            mask.applied = False
-            mask.apply()
+        if self.handle is not None:
+            self.handle.mask_gradients()
 
     # -- the checks ----------------------------------------------------------------------------------
     def check_resume(self, checkpoint: str | None) -> None:
