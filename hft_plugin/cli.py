@@ -149,6 +149,8 @@ def run_plan(args: argparse.Namespace) -> int:
         title = f"{type(model).__name__} ({os.path.basename(os.path.normpath(args.model))})"
         try:
             plot_grids([layer_grid(s) for s in selections], args.plot, title=title)
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install matplotlib (or hft-plugin[bench])") from None
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write the plot {args.plot}: {_first_line(error)}") from None
         print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)

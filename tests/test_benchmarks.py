@@ -14,7 +14,7 @@ speed = pytest.importorskip("speed")
 
 
 def test_speed_rows_count_state_and_share():
-    rows = speed.measure_speed("tiny", [0.3, 0.7], steps=2, warmup=1, batch=2, seq=8, log=lambda *_: None)
+    rows = speed.measure_speed("tiny", [0.3, 0.7], steps=1, warmup=0, batch=1, seq=8, log=lambda *_: None)
     assert [r["ratio"] for r in rows] == [0.3, 0.7]
     for row in rows:
         assert row["fft_step_s"] > 0 and row["hft_step_s"] > 0

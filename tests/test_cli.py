@@ -141,6 +141,7 @@ def test_run_delegates_to_hft_run(capsys):
     assert code == 2 and "ratio" in err.lower()
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers
 def test_python_dash_m(model_dir):
     done = subprocess.run([sys.executable, "-m", "hft_plugin", "plan", model_dir, "--json"],
                           capture_output=True, text=True, timeout=300)
