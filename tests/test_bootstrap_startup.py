@@ -107,6 +107,7 @@ def test_error_inside_activate_is_one_warning(tmp_path):
     assert result.stderr.splitlines() == ["hft_plugin: start-up hook disabled: ImportError('wrapt is broken')"]
 
 
+@pytest.mark.slow
 def test_transformers_is_instrumented_when_its_trainer_is_imported():
     probe = textwrap.dedent("""
         import hft_plugin.bootstrap.startup as s
