@@ -489,7 +489,7 @@ def _check_trainer(trainer) -> None:
 
         raise IntegrationError(
             f"transformers {transformers.__version__} sets up training differently from the versions hft_plugin "
-            "supports (it has no Trainer._prepare_for_training). Install transformers >= 5.0."
+            "supports (it has no Trainer._prepare_for_training). Install transformers >= 5.3."
         )
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call enable_hft after creating it with a model.")
@@ -630,7 +630,7 @@ class TransformersAdapter(Adapter):
     """
 
     name = "transformers"
-    instruments = ("transformers >= 5.0",)
+    instruments = ("transformers >= 5.3",)
     _TARGETS = (("Trainer.train", _auto_train), ("Trainer._prepare_for_training", _auto_prepare))
 
     def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
@@ -646,7 +646,7 @@ class TransformersAdapter(Adapter):
 
             raise IntegrationError(
                 f"transformers {transformers.__version__} has no Trainer._prepare_for_training; hft_plugin "
-                "supports transformers >= 5.0."
+                "supports transformers >= 5.3."
             )
         for path, wrapper in self._TARGETS:
             patch("transformers.trainer", path, wrapper)
