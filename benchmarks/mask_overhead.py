@@ -105,10 +105,10 @@ class Variant:
         if mode == "fused":
             self.handle.attach(self.optimizer)
         elif mode == "dense":
-            self.dense = [(p, self.handle._masked[n].to(p.dtype)) for n, p in self.handle.masked_parameters.items()]
+            self.dense = [(p, self.handle.trainable_mask(n, p.device).to(p.dtype)) for n, p in self.handle.masked_parameters.items()]
         elif mode == "hooks":
             for name, param in self.handle.masked_parameters.items():
-                mask = self.handle._masked[name].to(param.dtype)
+                mask = self.handle.trainable_mask(name, param.device).to(param.dtype)
                 self.hooks.append(param.register_hook(lambda grad, mask=mask: grad * mask))
 
     @property
@@ -135,8 +135,8 @@ def time_alone(variant: Variant, ids, repeats: int) -> dict:
     grads = {n: p.grad.clone() for n, p in params}
     from hft_plugin.masking import GradientMask
 
-    mask = GradientMask([p for _, p in params], [variant.handle._masked[n] for n, _ in params])
-    dense = [variant.handle._masked[n].to(p.dtype) for n, p in params]
+    mask = GradientMask([p for _, p in params], [variant.handle.trainable_mask(n) for n, _ in params])
+    dense = [variant.handle.trainable_mask(n, p.device).to(p.dtype) for n, p in params]
     fused, old, hooks = [], [], []
     for _ in range(repeats):
         for n, p in params:

@@ -16,8 +16,7 @@ import time
 import torch
 
 from . import apply_selection, select_half
-from .masking import region_mask
-from .testing import TINY_CONFIGS, tiny_model, tiny_tokenizer
+from .testing import TINY_CONFIGS, assert_frozen_and_trained, snapshot, tiny_model, tiny_tokenizer
 
 
 def _batches(tokenizer, steps: int, seed: int):
@@ -66,21 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'full fine-tuning':<22}{full_losses[0]:>12.3f}{full_losses[-1]:>12.3f}{full_time:>10.4f}")
     print(f"{'half fine-tuning':<22}{half_losses[0]:>12.3f}{half_losses[-1]:>12.3f}{half_time:>10.4f}\n")
 
-    plan = selection.plan()
-    before, after = dict(base.named_parameters()), dict(half.named_parameters())
-    frozen_ok = all(torch.equal(before[n], after[n]) for n in plan.frozen)
-    regions_ok = True
-    for name, boxes in plan.partial.items():
-        mask = region_mask(tuple(before[name].shape), boxes, device="cpu")
-        regions_ok &= torch.equal(before[name][~mask], after[name][~mask])
-    moved = sum(not torch.equal(before[n], after[n]) for n in plan.trainable + tuple(plan.partial))
-    frozen_elements = sum(before[n].numel() for n in plan.frozen) + sum(
-        int((~region_mask(tuple(before[n].shape), b, device="cpu")).sum()) for n, b in plan.partial.items())
-    print(f"frozen elements bit-identical: {frozen_ok and regions_ok} ({frozen_elements:,} elements in "
-          f"{len(plan.frozen)} whole tensors and {len(plan.partial)} fused tensors)")
-    print(f"trainable tensors that moved: {moved} of {len(plan.trainable) + len(plan.partial)}")
+    try:
+        counts = assert_frozen_and_trained(selection, snapshot(base), snapshot(half))
+    except AssertionError as exc:
+        print(f"frozen elements bit-identical: False ({exc})")
+        return 1
+    print(f"frozen elements bit-identical: True ({counts['frozen_elements']:,} elements in {counts['frozen']} "
+          f"whole tensors and {counts['partial']} fused tensors)")
+    print(f"every trainable tensor moved ({counts['trained']} whole tensors, and the trainable parts of the fused ones)")
     handle.remove()
-    return 0 if frozen_ok and regions_ok else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class HFTHandle:
         self.selection = selection
         self._original_flags: dict[str, bool] = {}
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        self._masked: dict[str, torch.Tensor] = {}
+        self._masked: dict[str, tuple] = {}  # partly trained tensor -> its trainable boxes
         self._hooks: list = []
         self.mask: GradientMask | None = None
         self.restore: FrozenRestore | None = None
@@ -59,7 +59,7 @@ class HFTHandle:
             if not self._original_flags[name]:
                 kept_frozen.append(name)
                 continue
-            self._masked[name] = region_mask(param_shape(param), boxes, device=param.device)
+            self._masked[name] = boxes  # the trainable boxes; dense masks are built only when needed
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
@@ -75,7 +75,12 @@ class HFTHandle:
 
     @property
     def masked_parameters(self) -> dict[str, nn.Parameter]:
+        """The partly trained (fused) tensors, by name."""
         return {n: self._params[n] for n in self._masked}
+
+    def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
+        """A boolean mask of the trainable elements of the partly trained tensor ``name``."""
+        return region_mask(param_shape(self._params[name]), self._masked[name], device=device)
 
     def attach(self, optimizer: torch.optim.Optimizer, restore: bool | None = None) -> "HFTHandle":
         """Keep the frozen regions of partly trained tensors still under ``optimizer``.
@@ -89,7 +94,8 @@ class HFTHandle:
             return self
         self._detach_hooks()  # one optimizer at a time: attaching again replaces the hooks
         params = [self._params[n] for n in self._masked]
-        masks = list(self._masked.values())
+        # Built on the host and dropped once the frozen blocks are found: no mask stays in memory.
+        masks = [self.trainable_mask(n) for n in self._masked]
         self.mask = GradientMask(params, masks)
         if restore is None:
             restore = needs_restore(optimizer, params)

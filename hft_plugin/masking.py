@@ -92,7 +92,7 @@ class _Regions:
         for param, mask in zip(params, trainable_masks):
             boxes = frozen_boxes(mask.to("cpu", torch.bool))  # found once, on the host: no device syncs
             self.boxes.append(boxes)
-            self.dense.append(mask.to(param.dtype) if boxes is None else None)
+            self.dense.append(mask.to(param.device, param.dtype) if boxes is None else None)
 
     def views(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Views of the frozen boxes of ``tensors`` (one per parameter; None skipped)."""
@@ -124,7 +124,6 @@ class GradientMask:
 
     def __init__(self, params: list[torch.nn.Parameter], trainable_masks: list[torch.Tensor]):
         self.params = params
-        self.masks = trainable_masks  # kept as given (boolean), for inspection; the hot path uses boxes
         self._regions = _Regions(params, trainable_masks)
 
     def apply(self) -> None:

@@ -73,3 +73,40 @@ def tiny_tokenizer():
         "{% if add_generation_prompt %}a:{% endif %}"
     )
     return fast
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, by name, to compare against after training."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def assert_frozen_and_trained(selection, before: dict, after: dict) -> dict[str, int]:
+    """Check HFT's promise: every frozen element bit-identical, every trainable tensor (or trainable
+    region of a fused tensor) moved. ``before``/``after`` are :func:`snapshot` results.
+
+    Raises AssertionError naming the first tensor that breaks it; returns how many tensors and
+    frozen elements were checked, so a caller can tell the check was not vacuous.
+    """
+    from .masking import region_mask
+
+    plan = selection.plan()
+    counts = {"frozen": 0, "trained": 0, "partial": 0, "frozen_elements": 0}
+    for name in plan.frozen:
+        if not torch.equal(before[name], after[name]):
+            raise AssertionError(f"frozen tensor {name} changed")
+        counts["frozen"] += 1
+        counts["frozen_elements"] += before[name].numel()
+    for name in plan.trainable:
+        if torch.equal(before[name], after[name]):
+            raise AssertionError(f"trainable tensor {name} did not move")
+        counts["trained"] += 1
+    for name, boxes in plan.partial.items():
+        mask = region_mask(tuple(before[name].shape), boxes, device=before[name].device)
+        if not torch.equal(before[name][~mask], after[name][~mask]):
+            raise AssertionError(f"frozen region of {name} changed")
+        if torch.equal(before[name][mask], after[name][mask]):
+            raise AssertionError(f"trainable region of {name} did not move")
+        counts["partial"] += 1
+        counts["frozen_elements"] += int((~mask).sum())
+    return counts
+

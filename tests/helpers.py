@@ -4,32 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hft_plugin.masking import region_mask
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_frozen_and_trained(selection, before: dict, after: dict) -> dict[str, int]:
-    """Every frozen element bit-identical, every trainable tensor (or region) moved.
-
-    Returns counts of the checks made, so callers can assert they were not vacuous.
-    """
-    plan = selection.plan()
-    counts = {"frozen": 0, "trained": 0, "partial": 0}
-    for name in plan.frozen:
-        assert torch.equal(before[name], after[name]), f"frozen tensor {name} changed"
-        counts["frozen"] += 1
-    for name in plan.trainable:
-        assert not torch.equal(before[name], after[name]), f"trainable tensor {name} did not move"
-        counts["trained"] += 1
-    for name, boxes in plan.partial.items():
-        mask = region_mask(tuple(before[name].shape), boxes, device=before[name].device)
-        assert torch.equal(before[name][~mask], after[name][~mask]), f"frozen region of {name} changed"
-        assert not torch.equal(before[name][mask], after[name][mask]), f"trainable region of {name} did not move"
-        counts["partial"] += 1
-    return counts
+from hft_plugin.testing import assert_frozen_and_trained, snapshot  # noqa: F401 - re-exported for the tests
 
 
 def train_steps(model, optimizer, steps: int = 4, seed: int = 0, vocab: int = 96, handle=None) -> None:

@@ -12,3 +12,11 @@ MODULES = ["hft_plugin.config", "hft_plugin.selection", "hft_plugin.freeze", "hf
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_readme_demo_runs_and_checks_the_frozen_half(capsys):
+    from hft_plugin import demo
+
+    assert demo.main(["--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen elements bit-identical: True" in out and "layout=phi3 (named)" in out

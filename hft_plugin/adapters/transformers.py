@@ -43,6 +43,7 @@ import torch
 from ..config import HFTConfig
 from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError
 from ..freeze import HFTHandle, apply_selection
+from ..masking import frozen_boxes
 from ..selection import MANIFEST_NAME, Selection, select_half
 from .base import Adapter, patch, unpatch
 
@@ -430,8 +431,7 @@ class _Session:
         if self._grad_hooks or not self.handle.masked_parameters:
             return
         for name, param in self.handle.masked_parameters.items():
-            mask = self.handle._masked[name]
-            self._grad_hooks.append(param.register_hook(_GradHook(mask)))
+            self._grad_hooks.append(param.register_hook(_GradHook(self.handle.trainable_mask(name))))
 
     def _remove_grad_hooks(self) -> None:
         for hook in self._grad_hooks:
@@ -457,15 +457,21 @@ class _Session:
 
 
 class _GradHook:
-    """Masks one fused tensor's gradient before it is accumulated (and, under ZeRO, reduced)."""
+    """Masks one fused tensor's gradient before it is accumulated (and, under ZeRO, reduced):
+    zeroes views of its frozen blocks, keeping a dense mask only for a scattered region."""
 
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
+    def __init__(self, trainable_mask: torch.Tensor):
+        self.boxes = frozen_boxes(trainable_mask)
+        self.mask = trainable_mask if self.boxes is None else None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.mask.dtype != grad.dtype or self.mask.device != grad.device:
-            self.mask = self.mask.to(device=grad.device, dtype=grad.dtype)
-        return grad * self.mask
+        if self.boxes is None:
+            if self.mask.dtype != grad.dtype or self.mask.device != grad.device:
+                self.mask = self.mask.to(device=grad.device, dtype=grad.dtype)
+            return grad * self.mask
+        grad = grad.clone()  # a hook must not write into the gradient autograd hands it
+        torch._foreach_zero_([grad[box] for box in self.boxes])
+        return grad
 
 
 _MISSING = object()

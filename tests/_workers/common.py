@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from hft_plugin.masking import region_mask
+from hft_plugin.testing import assert_frozen_and_trained
 
 TEXTS = [
     "the cat sat on the mat.", "a dog ran in the park!", "birds sing at dawn.", "rain falls on the roof.",
@@ -101,19 +101,7 @@ def optimizer_state_params(trainer) -> int:
 def check_training(selection, before, after, trainer, handle) -> dict:
     """Frozen elements bit-identical, trainable ones moved, and the optimizer owns exactly the
     trainable tensors. Returns what was checked; raises AssertionError on the first failure."""
-    plan = selection.plan()
-    counts = {"frozen": 0, "trained": 0, "partial": 0}
-    for name in plan.frozen:
-        assert torch.equal(before[name], after[name]), f"frozen tensor {name} changed"
-        counts["frozen"] += 1
-    for name in plan.trainable:
-        assert not torch.equal(before[name], after[name]), f"trainable tensor {name} did not move"
-        counts["trained"] += 1
-    for name, boxes in plan.partial.items():
-        mask = region_mask(tuple(before[name].shape), boxes, device=before[name].device)
-        assert torch.equal(before[name][~mask], after[name][~mask]), f"frozen region of {name} changed"
-        assert not torch.equal(before[name][mask], after[name][mask]), f"trainable region of {name} did not move"
-        counts["partial"] += 1
+    counts = assert_frozen_and_trained(selection, before, after)
     owned = {id(p) for p in optimizer_params(trainer)}
     expected = {id(p) for p in handle.parameters()}
     assert owned == expected, f"optimizer owns {len(owned)} tensors, the trainable half is {len(expected)}"
