@@ -397,7 +397,8 @@ def frontier_gaps(summary: list[dict]) -> list[dict]:
 
     ``fft_probe_em_at_same_plasticity``: the frontier's retention at the point's plasticity (None
     outside the frontier's plasticity range); ``dominated_by_fft``: an FFT point learned at least as
-    much and kept at least as much of the probe; ``dominates_fft``: the point beats an FFT point on both.
+    much and kept at least as much of the probe; ``dominates_fft``: the point is at least as good as
+    a frontier point on both axes (and better on one).
     """
     points = [(r["plasticity"]["mean"], r["probe_em"]["mean"]) for r in summary if r["method"] == "fft"]
     front = pareto(points)
@@ -417,7 +418,7 @@ def frontier_gaps(summary: list[dict]) -> list[dict]:
             "method": row["method"], "lr": row["lr"], "plasticity": x, "probe_em": y,
             "fft_probe_em_at_same_plasticity": ref, "difference": None if ref is None else y - ref,
             "dominated_by_fft": any(px >= x and py >= y and (px, py) != (x, y) for px, py in points),
-            "dominates_fft": any(x >= px and y >= py and (px, py) != (x, y) for px, py in points),
+            "dominates_fft": any(x >= px and y >= py and (px, py) != (x, y) for px, py in front),
         })
     return gaps
 
@@ -460,7 +461,7 @@ def write_markdown(path: str, result: dict) -> None:
               "FFT's frontier: its learning rates that no other FFT learning rate beats on both plasticity and "
               "retention, joined by straight lines. A positive difference means more of the probe kept than FFT "
               "at equal learning; points outside the frontier's plasticity range are compared only by dominance.", "",
-              "| method | lr | plasticity | probe EM | FFT frontier at same plasticity | difference | beaten by an FFT point | beats an FFT point |",
+              "| method | lr | plasticity | probe EM | FFT frontier at same plasticity | difference | beaten by an FFT point | beats an FFT frontier point |",
               "|---|---|---|---|---|---|---|---|"]
     for g in result["frontier"]:
         ref = "outside" if g["fft_probe_em_at_same_plasticity"] is None else f"{g['fft_probe_em_at_same_plasticity']:.3f}"
@@ -502,7 +503,7 @@ def write_plot(path: str, result: dict) -> None:
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
