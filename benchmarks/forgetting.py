@@ -441,8 +441,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"Probe: {meta['probe_size']} cloze facts the base model answers right (of {meta['probe_candidates']} "
         f"candidates); base probe NLL {meta['base_probe_nll']:.3f} nats/token. Base model on the tasks (exact "
         f"match): {', '.join(f'{k} {v:.2f}' for k, v in meta['base_task_em'].items())}.  ",
-        f"Wall time: {meta['wall_s'] / 60:.1f} min{'' if meta.get('complete', True) else ' (cut short: the runs done so far)'}.",
-        "",
+        f"Wall time: {meta['wall_s'] / 60:.1f} min{'' if meta.get('complete', True) else ' (cut short: the runs done so far)'}.  ",
+        *([f"Note: {meta['note']}", ""] if meta.get("note") else [""]),
         "Mean ± standard deviation over seeds. Plasticity = mean of S[i][i] (each task right after it was "
         "learned); OP and BWT at the last row (HFT paper's formulas); probe EM = share of the probe still "
         "answered right after all tasks (= retention: the base gets all of it right); probe NLL in "
