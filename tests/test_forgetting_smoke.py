@@ -30,7 +30,6 @@ def bench():
     return module
 
 
-@pytest.mark.slow
 def test_teacher_forced_exact_match_is_the_greedy_verdict(bench):
     model, tokenizer = tiny_model("llama", seed=3), tiny_tokenizer()
     model.eval()

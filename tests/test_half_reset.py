@@ -296,7 +296,6 @@ def test_hft_half_reset_command(tmp_path, capsys):
     assert main(["--base", base_dir, "--tuned", tuned_dir, "--out", out]) == 2  # python -m form, same errors
 
 
-@pytest.mark.slow
 def test_python_m_half_reset(tmp_path):
     base_dir, tuned_dir, *_ = reference(tmp_path)
     out = str(tmp_path / "out")
