@@ -30,7 +30,8 @@ _EXPORTS = {
     "HFTHandle": "freeze",
     "enable_hft": "adapters.transformers",
     "disable_hft": "adapters.transformers",
-    "half_reset": "half_reset",
+    "half_reset": "reset",
+    "half_reset_checkpoint": "reset",
 }
 
 __all__ = sorted(_EXPORTS)

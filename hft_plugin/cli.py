@@ -191,12 +191,12 @@ _RUN_HELP = "run a training command with HFT on in every process (the same as hf
 def _add_half_reset(subparsers, load: bool) -> None:
     if load:
         try:  # the module itself, not the package's half_reset function of the same name
-            half_reset = importlib.import_module(f"{__package__}.half_reset")
+            half_reset = importlib.import_module(f"{__package__}.reset")
         except ImportError as error:
             raise CommandError(f"hft half-reset is not available in this installation ({_first_line(error)})") from None
         register = getattr(half_reset, "register_cli", None)
         if register is None:
-            raise CommandError("hft half-reset is not available in this installation (hft_plugin.half_reset has no register_cli)")
+            raise CommandError("hft half-reset is not available in this installation (hft_plugin.reset has no register_cli)")
         # register_cli adds the "half-reset" parser and sets its defaults(func=callable(args) -> int)
         register(subparsers)
     else:  # listed in `hft --help` without importing its module

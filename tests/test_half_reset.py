@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hft_plugin import ConfigError, SelectionMismatchError, select_half
-from hft_plugin.half_reset import RESET_MANIFEST_NAME, _Weights, half_reset, half_reset_checkpoint, main
+from hft_plugin.reset import RESET_MANIFEST_NAME, _Weights, half_reset, half_reset_checkpoint, main
 from hft_plugin.masking import region_mask
 from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model, tiny_tokenizer
@@ -88,10 +88,10 @@ def test_mismatched_base_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in snapshot(tuned).items())
 
 
-def test_package_export_works_in_either_import_order():
+def test_package_export_is_the_function_in_either_import_order():
     import hft_plugin
+    import hft_plugin.reset  # noqa: F401 - the module has its own name, so it shadows nothing
 
-    # the submodule is imported by now, so the package attribute is the module: calling it still resets
     base, tuned = pair()
     selection = hft_plugin.half_reset(tuned, base, round=1)
     name = selection.plan().frozen[0]
@@ -100,10 +100,8 @@ def test_package_export_works_in_either_import_order():
             "print(inspect.isfunction(f), f.__module__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.stdout.split() == ["True", "hft_plugin.half_reset"], done.stderr
+    assert done.stdout.split() == ["True", "hft_plugin.reset"], done.stderr
 
-
-# -- checkpoints ----------------------------------------------------------------------------------------
 
 def save(model, directory, **kwargs):
     model.save_pretrained(directory, **kwargs)
@@ -299,7 +297,7 @@ def test_hft_half_reset_command(tmp_path, capsys):
 def test_python_m_half_reset(tmp_path):
     base_dir, tuned_dir, *_ = reference(tmp_path)
     out = str(tmp_path / "out")
-    done = subprocess.run([sys.executable, "-m", "hft_plugin.half_reset", "--base", base_dir, "--tuned", tuned_dir,
+    done = subprocess.run([sys.executable, "-m", "hft_plugin.reset", "--base", base_dir, "--tuned", tuned_dir,
                            "--out", out, "--ratio", "0.3"], capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr

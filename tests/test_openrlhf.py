@@ -8,9 +8,7 @@ Run in its environment with `bash .ci/openrlhf.sh`.
 
 from __future__ import annotations
 
-import importlib.machinery
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest

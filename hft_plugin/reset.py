@@ -12,7 +12,7 @@ Two forms:
   tensor by tensor over safetensors files, so memory stays near the largest tensor.
 
     hft half-reset --base BASE_DIR --tuned TUNED_DIR --out OUT_DIR [--strategy category] [--round 0]
-    python -m hft_plugin.half_reset --base BASE_DIR --tuned TUNED_DIR --out OUT_DIR
+    python -m hft_plugin.reset --base BASE_DIR --tuned TUNED_DIR --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import shutil
 import struct
 import sys
 import tempfile
-import types
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, HFTError, SelectionMismatchError
 
@@ -538,8 +537,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hft_plugin.half_reset``: the same as ``hft half-reset``."""
-    parser = argparse.ArgumentParser(prog="python -m hft_plugin.half_reset",
+    """``python -m hft_plugin.reset``: the same as ``hft half-reset``."""
+    parser = argparse.ArgumentParser(prog="python -m hft_plugin.reset",
                                      description="Half-Reset a fully fine-tuned checkpoint to its base.")
     _add_arguments(parser)
     args = parser.parse_args(argv)
@@ -549,18 +548,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"half-reset: error: {_first_line(error)}", file=sys.stderr)
         return 2
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this module sets ``hft_plugin.half_reset`` to the module (the import system does
-    that after the module body runs), shadowing the function the package exports under the same
-    name; calling the module calls the function, so ``hft_plugin.half_reset(tuned, base)`` works
-    in either import order."""
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        return half_reset(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
