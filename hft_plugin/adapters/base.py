@@ -104,8 +104,22 @@ class Adapter:
     name: str = ""
     instruments: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any = None) -> None:
         self.instrumented = False
+        self.config = config  # an HFTConfig, a dict of its options, or None for the HFT_* variables
+
+    def resolve_config(self):
+        """The HFT options to train with: those given, else the ``HFT_*`` environment variables,
+        read now, so a bad value fails where a model is set up and not at import."""
+        from ..config import HFTConfig
+
+        if self.config is None:
+            from ..bootstrap import env
+
+            return env.load_config()
+        if isinstance(self.config, HFTConfig):
+            return self.config
+        return HFTConfig.from_dict(dict(self.config))
 
     def instrument(self, raise_errors: bool = True, **options: Any) -> bool:
         """Patch the framework. Returns True if it patched now, False if it already was (a warning)

@@ -55,8 +55,7 @@ class LlamaFactoryAdapter(Adapter):
     instruments = ("llamafactory >= 0.9.5, < 0.10",)
 
     def __init__(self, config: Any = None) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.handles: list = []
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -86,16 +85,6 @@ class LlamaFactoryAdapter(Adapter):
         patch(module, "CustomPPOTrainer.create_optimizer", self._ppo_create_optimizer)
 
     # -- the wrappers ----------------------------------------------------------------------------------
-    def _resolve_config(self):
-        from ..bootstrap import env
-        from ..config import HFTConfig
-
-        if self.config is None:
-            return env.load_config()
-        if isinstance(self.config, HFTConfig):
-            return self.config
-        return HFTConfig.from_dict(dict(self.config))
-
     def _setup_full_tuning(self, wrapped, instance, args, kwargs):
         model, finetuning_args, is_trainable, cast = _bind_setup(*args, **kwargs)
         if not is_trainable:
@@ -103,7 +92,7 @@ class LlamaFactoryAdapter(Adapter):
         from ..freeze import apply_selection
         from ..selection import select_half
 
-        config = self._resolve_config()  # a bad HFT_* value fails here, before the model changes
+        config = self.resolve_config()  # a bad HFT_* value fails here, before the model changes
         selection = select_half(model, config=config)
         # LLaMA-Factory's own step (freezes the modules it forbids, e.g. a frozen vision tower),
         # without its upcast: that would turn the frozen half into fp32 as well.

@@ -50,8 +50,7 @@ class OpenRLHFAdapter(Adapter):
     instruments = ("openrlhf >= 0.10.2, < 0.12",)
 
     def __init__(self, config: Any = None) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.handles: list = []
 
     def _instrument(self, **options: Any) -> None:
@@ -65,23 +64,13 @@ class OpenRLHFAdapter(Adapter):
         for path in PATCHED:
             unpatch(STRATEGY_MODULE, path)
 
-    def _resolve_config(self):
-        from ..bootstrap import env
-        from ..config import HFTConfig
-
-        if self.config is None:
-            return env.load_config()
-        if isinstance(self.config, HFTConfig):
-            return self.config
-        return HFTConfig.from_dict(dict(self.config))
-
     def _init_train_model(self, wrapped, instance, args, kwargs):
         from ..freeze import apply_selection
         from ..selection import select_half
 
         model = args[0] if args else kwargs["model"]
         inner = _inner_model(model)
-        config = self._resolve_config()
+        config = self.resolve_config()
         selection = select_half(inner, config=config)
         partial = selection.plan().partial
         if partial:
