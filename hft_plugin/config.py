@@ -65,13 +65,21 @@ class HFTConfig:
     def from_dict(cls, values: Mapping[str, Any], base: "HFTConfig | None" = None) -> "HFTConfig":
         """Build a config from keys, over ``base`` (or the defaults); unknown keys are an error
         that suggests the closest known key."""
+        problem = cls.unknown_key(values)
+        if problem:
+            raise ConfigError(f"Unknown HFT option {problem}")
+        return dataclasses.replace(base or cls(), **dict(values))
+
+    @classmethod
+    def unknown_key(cls, keys) -> str | None:
+        """For the first key that is not an option: the key, the closest option and the known ones."""
         known = cls.field_names()
-        for key in values:
+        for key in keys:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"Unknown HFT option {key!r}.{hint} Known options: {', '.join(known)}.")
-        return dataclasses.replace(base or cls(), **dict(values))
+                return f"{key!r}.{hint} Known keys: {', '.join(known)}."
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -154,14 +154,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise _error(f"{HFT_CONFIG}={path!r} must hold a mapping such as 'round: 1', not {type(data).__name__}.")
     from ..config import HFTConfig
 
-    known = HFTConfig.field_names()
-    for key in data:
-        if key not in known:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _error(f"{HFT_CONFIG}={path!r}: unknown key {key!r}.{hint} Known keys: {', '.join(known)}.")
+    problem = HFTConfig.unknown_key(data)
+    if problem:
+        raise _error(f"{HFT_CONFIG}={path!r}: unknown key {problem}")
     return data
 
 
