@@ -107,6 +107,7 @@ class Adapter:
     def __init__(self, config: Any = None) -> None:
         self.instrumented = False
         self.config = config  # an HFTConfig, a dict of its options, or None for the HFT_* variables
+        self.handles: list = []  # the HFTHandles this adapter applied to the models it saw
 
     def resolve_config(self):
         """The HFT options to train with: those given, else the ``HFT_*`` environment variables,

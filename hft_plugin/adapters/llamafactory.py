@@ -54,10 +54,6 @@ class LlamaFactoryAdapter(Adapter):
     name = "llamafactory"
     instruments = ("llamafactory >= 0.9.5, < 0.10",)
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
-        self.handles: list = []
-
     # -- lifecycle -----------------------------------------------------------------------------------
     def _instrument(self, **options: Any) -> None:
         if "config" in options:

@@ -49,10 +49,6 @@ class OpenRLHFAdapter(Adapter):
     name = "openrlhf"
     instruments = ("openrlhf >= 0.10.2, < 0.12",)
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
-        self.handles: list = []
-
     def _instrument(self, **options: Any) -> None:
         if "config" in options:
             self.config = options["config"]
