@@ -229,3 +229,43 @@ def _check_unambiguous(entries: list[str], shapes: dict) -> None:
         if others:
             raise ExportError(f"the pattern {entry} would also match {others[0]}; this model's parameter names "
                               "cannot be told apart by anchored patterns")
+
+
+# -- the model card ---------------------------------------------------------------------------------------
+MODEL_CARD_HEADING = "## Half Fine-Tuning"
+
+
+def model_card_section(selection: "Selection", stats: dict | None = None) -> str:
+    """A model card section (Markdown) saying the model was half fine-tuned: round, strategy,
+    ratio, seed, and the shares that trained (``stats``: default ``selection.stats()``).
+
+        >>> from hft_plugin import select_half
+        >>> from hft_plugin.testing import tiny_model
+        >>> print(model_card_section(select_half(tiny_model("llama"), round=1)), end="")  # doctest: +ELLIPSIS
+        ## Half Fine-Tuning
+        <BLANKLINE>
+        This model was trained with Half Fine-Tuning (HFT; Hui et al., ACL 2025, ...) through hft-plugin: round 1, strategy `category`, ratio 0.5, seed 0. ...
+    """
+    s = selection.stats() if stats is None else stats
+    c = selection.config
+    outside = ("the embeddings, lm_head and final norm trained too" if s["outside_trainable_params"]
+               else "the embeddings, lm_head and final norm stayed frozen")
+    return (
+        f"{MODEL_CARD_HEADING}\n\n"
+        "This model was trained with Half Fine-Tuning (HFT; Hui et al., ACL 2025, "
+        "[arXiv:2404.18466](https://arxiv.org/abs/2404.18466)) through hft-plugin: "
+        f"round {c.round}, strategy `{c.strategy}`, ratio {c.ratio:g}, seed {c.seed}. "
+        f"{s['trainable_ratio']:.2%} of the transformer layers' parameters trained and the rest stayed as they "
+        f"were; {outside}, so {s['overall_ratio']:.2%} of all parameters trained "
+        f"({s['trainable_params']:,} of {s['total_params']:,}). Which tensors trained is recorded in "
+        "`hft_selection.json` beside the weights.\n"
+    )
+
+
+def with_model_card_section(card: str, section: str) -> str:
+    """``card`` (a README.md's text) with ``section`` at its end, replacing an earlier one."""
+    start = card.find(MODEL_CARD_HEADING)
+    if start != -1:
+        following = card.find("\n## ", start + len(MODEL_CARD_HEADING))
+        card = card[:start] + (card[following + 1:] if following != -1 else "")
+    return card.rstrip("\n") + "\n\n" + section

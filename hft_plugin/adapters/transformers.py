@@ -41,7 +41,7 @@ import torch
 from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
-from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError
+from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError, UnsupportedModelError
 from ..freeze import HFTHandle, apply_selection
 from ..report import stats_metrics
 from ..selection import Selection, select_half
@@ -135,6 +135,7 @@ class _Session:
             ("create_optimizer", self._wrap_create_optimizer),
             ("save_model", self._wrap_save_model),
             ("log", self._wrap_log),
+            ("create_model_card", self._wrap_model_card),
             ("_clip_grad_norm", self._wrap_mask_first),
             ("_get_grad_norm", self._wrap_mask_before_norm),
         ):
@@ -205,6 +206,11 @@ class _Session:
             return original(logs, *args, **kwargs)
         return log
 
+    def _wrap_model_card(self, original: Callable) -> Callable:
+        def create_model_card(*args, **kwargs):
+            return _write_model_card(self.trainer, self.selection, original, args, kwargs)
+        return create_model_card
+
     def _wrap_mask_first(self, original: Callable) -> Callable:
         def with_mask(*args, **kwargs):
             self.mask_gradients()
@@ -258,8 +264,7 @@ class _Session:
         self._enable_input_grads_if_needed()
         if trainer.optimizer is not None:
             self.prune_optimizer(trainer.optimizer)
-        if trainer.is_world_process_zero():
-            logger.info("hft_plugin: training %s with Half Fine-Tuning\n%s", type(trainer).__name__, self.selection.summary())
+        _announce(trainer, self.selection)
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
@@ -357,6 +362,52 @@ def _unwrapped(model):
     return unwrap_model(model)
 
 
+def _announce(trainer, selection: Selection) -> None:
+    """The summary block at train start, once, on the main process. Logged at WARNING, the level
+    transformers and TRL use for what a user must see at their default verbosity: with logging left
+    unconfigured Python's last-resort handler prints it to stderr, and a program that configures
+    logging gets it in its own handlers (``logging.getLogger("hft_plugin")`` silences it)."""
+    if trainer.is_world_process_zero():
+        logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__, selection.summary())
+
+
+def _write_model_card(trainer, selection: Selection, original: Callable, args: tuple, kwargs: dict):
+    """The trainer's own ``create_model_card`` with an ``hft`` tag, then an HFT section appended to
+    the README.md it wrote in the output dir (main process only, as the card itself)."""
+    import inspect
+
+    from ..export import model_card_section, with_model_card_section
+
+    signature = inspect.signature(original)
+    if "tags" in signature.parameters:  # TRL's and transformers' create_model_card both take tags
+        bound = signature.bind_partial(*args, **kwargs)
+        tags = bound.arguments.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        bound.arguments["tags"] = tags + ["hft"] * ("hft" not in tags)
+        args, kwargs = bound.args, bound.kwargs
+    result = original(*args, **kwargs)
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if trainer.is_world_process_zero() and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(with_model_card_section(card, model_card_section(selection)))
+    return result
+
+
+def _refuse_peft(trainer) -> None:
+    """A trainer given ``peft_config`` wraps its model in PEFT adapters: say that the two are
+    alternatives, before anything changes."""
+    model = _unwrapped(trainer.model)
+    if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
+        raise UnsupportedModelError(
+            f"{type(trainer).__name__}'s model is a {type(model).__name__} (PEFT adapters, e.g. LoRA from the "
+            "trainer's peft_config). HFT and LoRA are alternatives: drop peft_config (in `trl sft`, drop --use_peft) "
+            "and HFT trains half of the base model's own weights; to keep trained adapters, merge them first "
+            "(model.merge_and_unload())."
+        )
+
+
 def _check_trainer(trainer) -> None:
     Trainer = _trainer_class()
     if not isinstance(trainer, Trainer):
@@ -416,6 +467,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         True
     """
     _check_trainer(trainer)
+    _refuse_peft(trainer)
     cfg = _build_config(config, options)
     _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
