@@ -284,9 +284,9 @@ def _export_text(selection, fmt: str, args: argparse.Namespace) -> str:
                f"{'' if c.train_embeddings else ' --freeze-embeddings'} --format {fmt}")
     header = [
         f"Half Fine-Tuning, round {c.round}: {command} (hft-plugin {__version__})",
-        f"{s['trainable_params']:,} of {s['total_params']:,} parameters train ({s['overall_ratio']:.2%}); "
-        f"{s['trainable_ratio']:.2%} of the transformer layers' (layout {selection.layout_name}, "
-        f"fingerprint {selection.fingerprint})",
+        f"{s['trainable_params']:,} of {s['total_params']:,} parameters train ({s['overall_ratio']:.2%}); of the "
+        f"transformer layers' parameters {s['trainable_ratio']:.2%} (the HFT ratio); layout {selection.layout_name}, "
+        f"fingerprint {selection.fingerprint}",
     ]
     result = export(selection, fmt)
     try:
