@@ -93,20 +93,22 @@ def test_the_summary_block_is_written_by_the_main_process_only(tmp_path, caplog,
 
 
 # -- the model card ---------------------------------------------------------------------------------------
-def sft_trainer(tmp_path, model=None, **config):
+def sft_trainer(tmp_path, model=None, save_strategy="no", **config):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to=[],
-                     use_cpu=True, save_strategy="no", max_length=32, disable_tqdm=True)
+                     use_cpu=True, save_strategy=save_strategy, save_steps=1, max_length=32, disable_tqdm=True)
     return SFTTrainer(model=model if model is not None else tiny_model("llama"), args=args,
                       train_dataset=sft_dataset(), processing_class=tiny_tokenizer(), **config)
 
 
 def test_the_model_card_says_the_model_was_half_fine_tuned(tmp_path):
-    trainer = sft_trainer(tmp_path)
+    trainer = sft_trainer(tmp_path, save_strategy="steps")
     handle = enable_hft(trainer, round=1, strategy="layer")
-    trainer.train()
-    trainer.create_model_card(model_name="tiny")
+    trainer.train()  # TRL writes the card with each checkpoint
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("## Half Fine-Tuning") == 1
+    trainer.create_model_card(model_name="tiny")  # and on request (push_to_hub goes through here)
     card = (tmp_path / "out" / "README.md").read_text()
     stats = handle.selection.stats()
     assert "## Half Fine-Tuning" in card
