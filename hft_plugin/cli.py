@@ -63,8 +63,11 @@ def load_config(source: str) -> Any:
                                f"them, e.g. hft plan {ggufs[0]}")
         raise CommandError(f"{source} has no config.json and no .gguf file; pass {_SOURCES}")
     if os.path.isfile(source):
-        with open(source, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(source, "rb") as f:
+                magic = f.read(4)
+        except OSError as error:
+            raise CommandError(f"cannot read {source} ({error.strerror or error})") from None
         return _gguf_config(source) if magic == b"GGUF" else _json_config(source)
     if _is_hub_id(source):
         return _hub_config(source)
