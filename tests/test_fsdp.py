@@ -56,6 +56,8 @@ def test_fsdp2_plain_loop(tmp_path):
         assert not r["restore"]  # masking alone keeps them still
     assert_sharded_training(cases["plain-phi3-no-decay"], "phi3")
     assert_sharded_training(cases["plain-phi3-shard-dim1"], "phi3")
+    for r in cases["plain-phi3-layer-strategy"]:
+        assert r["frozen"] > 0 and r["trained"] > 0 and r["partial"] == 0
     for r in cases["plain-phi3-remove"]:
         assert r["flags_restored"]
 
@@ -69,6 +71,7 @@ def test_fsdp2_trainer(tmp_path):
         for rank, r in enumerate(results):
             assert r["fsdp_version"] == 2 and r["world_size"] == NPROC and r["manifest"]
             assert (r["manifest_writes"] > 0) == (rank == 0)  # the main process writes hft_selection.json
+    assert_sharded_training(cases["trainer-phi3-bf16"], "phi3")
     for r in cases["trainer-rank-mismatch"]:
         assert r["raised"] == "SelectionMismatchError" and "rank 0" in r["message"] and "rank 1" in r["message"]
         assert r["weights_unchanged"] and not r["sharded"]

@@ -7,9 +7,10 @@ ranks (gloo) and writes what each rank saw to OUT/rank<N>.json.
 ``plain``: ``fully_shard`` on every decoder layer and on the model, in a plain loop, with the
 selection applied before and after sharding, on Llama (whole tensors) and Phi-3 (fused
 ``qkv_proj``/``gate_up_proj`` trained in part): AdamW with weight decay and clipping, AdamW
-without weight decay (masks alone), a custom shard placement (dim 1), and ``handle.remove()``.
+without weight decay (masks alone), a custom shard placement (dim 1), the layer strategy (FSDP units with nothing to train), and
+``handle.remove()``.
 ``trainer``: the HF Trainer with ``fsdp_config`` version 2 (accelerate's FSDP2 path, reached on
-CPU through :mod:`hft_plugin.testing_fsdp`) on Llama and Phi-3, ranks that disagree, a resumed
+CPU through :mod:`hft_plugin.testing_fsdp`) on Llama and Phi-3 (and Phi-3 in bf16 mixed precision), ranks that disagree, a resumed
 checkpoint, and FSDP1 refusals. Every rank gathers the full tensors and checks them; a failing
 case is recorded and the next one runs; HFT_WORKER_ONLY=<part of a case name> runs just that.
 """
@@ -60,7 +61,7 @@ def batches(steps: int, rank: int):
 
 # -- the plain loop ---------------------------------------------------------------------------------------
 def plain_case(family: str, when: str, weight_decay: float = 0.1, dim: int = 0, remove: bool = False,
-               from_model: bool = False) -> dict:
+               from_model: bool = False, **options) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
@@ -69,7 +70,7 @@ def plain_case(family: str, when: str, weight_decay: float = 0.1, dim: int = 0, 
 
     model = tiny_model(family)
     before = full_snapshot(model)
-    selection = select_half(model, round=0)  # computed before wrapping
+    selection = select_half(model, round=0, **options)  # computed before wrapping
     kwargs = {"shard_placement_fn": (lambda p: Shard(dim) if p.dim() > dim else None)} if dim else {}
 
     def shard():
@@ -111,6 +112,9 @@ def plain(out: str, results: list) -> None:
     run_case(results, "plain-phi3-before-model-params", lambda: plain_case("phi3", "before", from_model=True))
     run_case(results, "plain-phi3-no-decay", lambda: plain_case("phi3", "before", weight_decay=0.0))
     run_case(results, "plain-phi3-shard-dim1", lambda: plain_case("phi3", "before", dim=1))
+    # whole decoder layers frozen (FSDP units with nothing to train), embeddings frozen too
+    run_case(results, "plain-phi3-layer-strategy", lambda: plain_case("phi3", "before", strategy="layer",
+                                                                      train_embeddings=False))
     run_case(results, "plain-phi3-remove", lambda: plain_case("phi3", "before", remove=True))
 
 
@@ -145,7 +149,7 @@ class SaveRecorder:
         Selection.save = self._original
 
 
-def trainer_case(family: str, out: str, **overrides) -> dict:
+def trainer_case(family: str, out: str, dtype=torch.float32, **overrides) -> dict:
     from transformers import Trainer
 
     from hft_plugin import enable_hft
@@ -153,7 +157,7 @@ def trainer_case(family: str, out: str, **overrides) -> dict:
     from hft_plugin.testing import assert_frozen_and_trained, tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    model = tiny_model(family)
+    model = tiny_model(family).to(dtype)
     trainer = Trainer(model=model, args=fsdp_args(out, family, **overrides), train_dataset=lm_dataset(tokenizer),
                       data_collator=collate(tokenizer))
     handle = enable_hft(trainer)
@@ -199,6 +203,10 @@ def trainer(out: str, results: list) -> None:
     for family in ("llama", "phi3"):
         run_case(results, f"trainer-{family}", lambda: trainer_case(family, f"{out}/{family}"))
         reset()
+    # a bf16 model under bf16 mixed precision: accelerate upcasts the trainable tensors to fp32, the
+    # frozen ones stay bf16, in the same FSDP units
+    run_case(results, "trainer-phi3-bf16", lambda: trainer_case("phi3", f"{out}/bf16", dtype=torch.bfloat16, bf16=True))
+    reset()
 
     def mismatch():
         from transformers import Trainer
