@@ -29,14 +29,10 @@ _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDict
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The model's parameters by their names without wrapper modules."""
-    params = {}
-    for name, param in model.named_parameters():
-        for wrapper in _WRAPPER_NAMES:
-            name = name.replace(wrapper, "")
-        params[name] = param
-    return params
+def _canonical(name: str) -> str:
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name
 
 
 class HFTHandle:
@@ -54,7 +50,7 @@ class HFTHandle:
         self.model = model
         self.selection = selection
         self._original_flags: dict[str, bool] = {}
-        self._params: dict[str, nn.Parameter] = _named_parameters(model)
+        self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._masked: dict[str, tuple] = {}  # partly trained tensor -> its trainable boxes
         self._hooks: list = []
         self.mask: GradientMask | None = None
@@ -92,16 +88,16 @@ class HFTHandle:
         Raises:
             SelectionMismatchError: a parameter of the selection is no longer in the model.
         """
-        current = _named_parameters(self.model)
-        if all(current.get(name) is param for name, param in self._params.items()):
+        current = {_canonical(name): param for name, param in self.model.named_parameters()}
+        if all(current.get(_canonical(name)) is param for name, param in self._params.items()):
             return False
-        missing = [name for name in self._params if name not in current]
+        missing = [name for name in self._params if _canonical(name) not in current]
         if missing:
             raise SelectionMismatchError(
                 f"{len(missing)} parameters of the selection are no longer in the model (e.g. {missing[0]}); a "
                 "wrapper renamed or removed them. Apply the selection to the model as it is now."
             )
-        self._params = {name: current[name] for name in self._params}
+        self._params = {name: current[_canonical(name)] for name in self._params}
         if self._hooks:
             logger.warning("hft_plugin: the model's parameters were replaced (e.g. by fully_shard) after an optimizer "
                            "was attached; build the optimizer from handle.parameters() and attach it again.")

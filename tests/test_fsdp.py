@@ -71,7 +71,10 @@ def test_fsdp2_trainer(tmp_path):
         for rank, r in enumerate(results):
             assert r["fsdp_version"] == 2 and r["world_size"] == NPROC and r["manifest"]
             assert (r["manifest_writes"] > 0) == (rank == 0)  # the main process writes hft_selection.json
-    assert_sharded_training(cases["trainer-phi3-bf16"], "phi3")
+    for variant in ("bf16", "cpu_ram_efficient_loading", "activation_checkpointing"):
+        assert_sharded_training(cases[f"trainer-phi3-{variant}"], "phi3")
+    for r in cases["trainer-phi3-activation_checkpointing"]:
+        assert r["checkpoint_wrapped"]  # the handle followed parameters whose names changed
     for r in cases["trainer-rank-mismatch"]:
         assert r["raised"] == "SelectionMismatchError" and "rank 0" in r["message"] and "rank 1" in r["message"]
         assert r["weights_unchanged"] and not r["sharded"]

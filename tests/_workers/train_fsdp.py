@@ -10,7 +10,8 @@ selection applied before and after sharding, on Llama (whole tensors) and Phi-3 
 without weight decay (masks alone), a custom shard placement (dim 1), the layer strategy (FSDP units with nothing to train), and
 ``handle.remove()``.
 ``trainer``: the HF Trainer with ``fsdp_config`` version 2 (accelerate's FSDP2 path, reached on
-CPU through :mod:`hft_plugin.testing_fsdp`) on Llama and Phi-3 (and Phi-3 in bf16 mixed precision), ranks that disagree, a resumed
+CPU through :mod:`hft_plugin.testing_fsdp`) on Llama and Phi-3 (and Phi-3 in bf16 mixed precision, with cpu_ram_efficient_loading, with
+activation checkpointing), ranks that disagree, a resumed
 checkpoint, and FSDP1 refusals. Every rank gathers the full tensors and checks them; a failing
 case is recorded and the next one runs; HFT_WORKER_ONLY=<part of a case name> runs just that.
 """
@@ -33,11 +34,12 @@ DECODER_LAYERS = {"llama": "LlamaDecoderLayer", "phi3": "Phi3DecoderLayer"}
 
 
 def full_snapshot(model) -> dict[str, torch.Tensor]:
-    """Every parameter in full (FSDP2's DTensor shards gathered), as fp32 copies."""
+    """Every parameter in full (FSDP2's DTensor shards gathered), as fp32 copies, by its name in the
+    unwrapped model (activation checkpointing inserts ``_checkpoint_wrapped_module.``)."""
     out = {}
     for name, param in model.named_parameters():
         tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
-        out[name] = tensor.detach().clone().float()
+        out[name.replace("_checkpoint_wrapped_module.", "")] = tensor.detach().clone().float()
     return out
 
 
@@ -174,6 +176,7 @@ def trainer_case(family: str, out: str, dtype=torch.float32, **overrides) -> dic
     counts["manifest"] = os.path.isfile(os.path.join(out, "hft_selection.json"))
     counts["manifest_writes"] = recorder.calls
     counts["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
+    counts["checkpoint_wrapped"] = any("_checkpoint_wrapped_module" in n for n, _ in trainer.model.named_parameters())
     counts["wrapper"] = type(trainer.model_wrapped).__name__
     counts["world_size"] = trainer.args.world_size
     return counts
@@ -207,6 +210,12 @@ def trainer(out: str, results: list) -> None:
     # frozen ones stay bf16, in the same FSDP units
     run_case(results, "trainer-phi3-bf16", lambda: trainer_case("phi3", f"{out}/bf16", dtype=torch.bfloat16, bf16=True))
     reset()
+    # accelerate's FSDP2 options that put other parameter objects (or names) in place: the model moved to
+    # the meta device and loaded again from rank 0; activation checkpointing wrappers around the layers
+    for option in ("cpu_ram_efficient_loading", "activation_checkpointing"):
+        run_case(results, f"trainer-phi3-{option}", lambda: trainer_case(
+            "phi3", f"{out}/{option}", fsdp_config={option: "true"}))
+        reset()
 
     def mismatch():
         from transformers import Trainer
