@@ -15,10 +15,11 @@ Each part runs in its own process, in this order, under one 8-minute budget:
     often missing on a fresh GPU machine: OpenRLHF imports it at module level, so the launcher
     then installs the same stand-in modules as tests/test_openrlhf.py and runs with
     ``--ds.attn_implementation sdpa`` (no packing, so flash-attn is never called); without a CUDA
-    compiler DeepSpeed cannot build FusedAdam, so the launcher then sets ``torch_adam`` in the
-    DeepSpeed optimizer block (torch's AdamW). The JSON records both choices.
+    toolkit (nvcc) and ninja DeepSpeed cannot build FusedAdam, so the launcher then sets ``torch_adam``
+    in the DeepSpeed optimizer block (torch's AdamW). The JSON records both choices.
     With ``--cpu-check`` (OpenRLHF needs CUDA): OpenRLHF's own ``train_sft`` parses the exact
-    command line and the process is checked to have HFT armed on ``DeepspeedStrategy``; no step.
+    command line, the process is checked to have HFT armed on ``DeepspeedStrategy``, and
+    OpenRLHF's ``SFTDataset`` reads the data with the saved tokenizer; no step.
 ``fsdp2``
     The HF Trainer with ``enable_hft`` and ``fsdp_config={"version": 2}`` on one rank
     (``torchrun --nproc_per_node 1``), bf16, Llama and Phi-3 (fused tensors masked on the shard).
@@ -241,7 +242,7 @@ def launch_openrlhf(argv: list[str], cpu: bool) -> dict:
         raise AssertionError("HFT_ENABLE=1 did not arm the OpenRLHF adapter")
     if cpu:
         found["optimizer"] = "not built (dry run)"
-    elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+    elif not _fused_adam_available():
         original = strategy_module.DeepspeedStrategy.get_ds_train_config
 
         def get_ds_train_config(self, *a, **k):
@@ -250,7 +251,7 @@ def launch_openrlhf(argv: list[str], cpu: bool) -> dict:
             return config
 
         strategy_module.DeepspeedStrategy.get_ds_train_config = get_ds_train_config
-        found["optimizer"] = "torch AdamW (torch_adam): no CUDA compiler to build DeepSpeed's FusedAdam"
+        found["optimizer"] = "torch AdamW (torch_adam): DeepSpeed's FusedAdam is not prebuilt and cannot be built here"
     else:
         found["optimizer"] = "DeepSpeed's choice (FusedAdam on CUDA)"
 
@@ -268,10 +269,48 @@ def launch_openrlhf(argv: list[str], cpu: bool) -> dict:
         runpy.run_module("openrlhf.cli.train_sft", run_name="__main__", alter_sys=True)
         found["mode"] = "train_sft ran to the end"
     except DryRun as parsed:
-        found["mode"] = "dry run (--cpu-check: OpenRLHF needs CUDA): train_sft parsed the arguments, no step"
+        found["mode"] = ("dry run (--cpu-check: OpenRLHF needs CUDA): train_sft parsed the arguments and OpenRLHF's "
+                         "dataset code read the data; no step")
         found["parsed_attn_implementation"] = parsed.args[0].ds.attn_implementation
+        found["sft_samples"] = _sft_samples(parsed.args[0])
     found["train_seconds"] = round(time.monotonic() - start, 1)
     return found
+
+
+def _fused_adam_available() -> bool:
+    """DeepSpeed's FusedAdam is prebuilt, or can be JIT-built (a CUDA toolkit and ninja)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return True
+    except Exception:
+        pass
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_ninja = shutil.which("ninja") is not None
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")) and has_ninja
+
+
+def _sft_samples(args) -> int:
+    """How many samples OpenRLHF's own SFTDataset makes of the data with the saved tokenizer (the
+    strategy it reads ``args`` and ``print`` from stood in), so an input that filters to nothing
+    fails on CPU rather than on the GPU."""
+    from types import SimpleNamespace
+
+    from openrlhf.datasets import SFTDataset
+    from openrlhf.datasets.utils import blending_datasets
+    from transformers import AutoTokenizer
+
+    strategy = SimpleNamespace(args=args, print=lambda *a, **k: None, is_rank_0=lambda: True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model.model_name_or_path)
+    data = blending_datasets(args.data.dataset, None, strategy, args.train.seed, max_count=args.data.max_samples,
+                             dataset_split=args.data.dataset_split)
+    dataset = SFTDataset(data, tokenizer, args.data.max_len, strategy, pretrain_mode=args.model.pretrain_mode_enable,
+                         input_template=args.data.input_template, multiturn=args.data.multiturn)
+    if len(dataset) < args.train.batch_size:
+        raise AssertionError(f"OpenRLHF's SFTDataset made {len(dataset)} samples of the data, fewer than one batch")
+    return len(dataset)
 
 
 # -- the HF Trainer parts ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_gpu_check_openrlhf_cpu_mode(tmp_path):
         pytest.skip(f"no OpenRLHF environment (bash .ci/openrlhf.sh failed): {setup.stderr[-300:]}")
     record = run_check(tmp_path, "openrlhf")["openrlhf"]
     assert record["hft_armed"] and record["parsed_attn_implementation"] == record["attn_implementation"]
-    assert record["mode"].startswith("dry run")
+    assert record["mode"].startswith("dry run") and record["sft_samples"] == 8
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
