@@ -358,7 +358,6 @@ def _owned(trainer) -> list:
 
 def trainer_run(family: str, out: str, cpu: bool, **arguments) -> dict:
     """Train a tiny model 3 steps through the HF Trainer with HFT; check HFT's promise."""
-    import torch
     from transformers import Trainer, TrainingArguments
 
     from hft_plugin import enable_hft
