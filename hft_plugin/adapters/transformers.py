@@ -22,6 +22,8 @@ What happens where:
 * Fused tensors (Phi-3's ``qkv_proj``, ``gate_up_proj``) are masked once per optimizer step
   before gradient clipping. Under DeepSpeed ``param.grad`` is not where gradients live, so the
   mask is a gradient hook on the parameter instead, applied before ZeRO reduces the gradient.
+  Under FSDP2 the handle follows the DTensor parameters that accelerate's ``fully_shard`` puts in
+  place, and masks each rank's shard (:mod:`hft_plugin.adapters.fsdp`).
 
 ``TransformersAdapter`` patches ``Trainer`` at class level so HFT reaches trainers a program
 builds itself (a CLI started with ``HFT_ENABLE=1``); it fails loudly rather than train the whole
@@ -47,6 +49,7 @@ from ..report import stats_metrics
 from ..selection import Selection, select_half
 from .base import Adapter, patch, unpatch
 from .deepspeed import ZeroGradientMasks, check_zero_optimizer
+from .fsdp import check_fsdp, fsdp_plugin, is_fsdp2_module
 
 logger = logging.getLogger("hft_plugin")
 
@@ -246,12 +249,8 @@ class _Session:
             self.handle = apply_selection(model, self.selection)
             self._attached_to = None
         self.check_resume(_resolve_checkpoint(trainer, resume))
-        if getattr(trainer, "is_fsdp_enabled", False) and self.handle.masked_parameters:
-            raise IntegrationError(
-                f"{len(self.handle.masked_parameters)} fused tensors (e.g. {next(iter(self.handle.masked_parameters))}) "
-                "are trained in part, which needs gradient masks that FSDP's sharded gradients do not support "
-                "yet. Use DDP or DeepSpeed, or strategy='layer' (whole layers, no masks)."
-            )
+        if getattr(trainer, "is_fsdp_enabled", False):
+            check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
         self.check_ranks_agree()
         if getattr(trainer, "is_deepspeed_enabled", False):
             self._zero_masks.install(self.handle)
@@ -374,7 +373,7 @@ def _check_trainer(trainer) -> None:
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call enable_hft after creating it with a model.")
     wrapped = getattr(trainer, "model_wrapped", None)
-    if wrapped is not None and type(wrapped).__name__ in _DISTRIBUTED_WRAPPERS:
+    if wrapped is not None and (type(wrapped).__name__ in _DISTRIBUTED_WRAPPERS or is_fsdp2_module(wrapped)):
         raise IntegrationError(
             f"The trainer already wrapped its model in {type(wrapped).__name__}, which fixed the set of trained "
             "tensors. Call enable_hft before the first trainer.train(), or create a new Trainer."
@@ -398,7 +397,8 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         The :class:`~hft_plugin.freeze.HFTHandle`; ``handle.selection`` says what trains.
 
     Raises:
-        IntegrationError: not a Trainer, or a model already wrapped by DDP/DeepSpeed.
+        IntegrationError: not a Trainer, a model already wrapped by DDP/DeepSpeed/FSDP, or an FSDP1
+            set-up that cannot train half a model (at ``train()``).
         UnsupportedModelError: a PEFT-wrapped or quantized model.
         ConfigError: an unknown option (with the closest known one) or a bad value.
 
