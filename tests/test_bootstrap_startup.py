@@ -191,7 +191,10 @@ def test_hft_run_reaches_the_command():
     assert result.stdout.split() == ["2", "0.4", "True"]
     bad = subprocess.run([hft_run, "--ratio", "abc", "--", sys.executable, "-c", "print('ran')"],
                          env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stdout == "" and "HFT_RATIO='abc'" in bad.stderr
+    assert bad.returncode == 2 and bad.stdout == "" and "--ratio='abc'" in bad.stderr
+    typo = subprocess.run([hft_run, "--strategy", "catgory", "--", sys.executable, "-c", "print('ran')"],
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stdout == "" and "--strategy='catgory'" in typo.stderr
     missing = subprocess.run([hft_run, "--", "no-such-command-hft"], env=clean_env(), capture_output=True, text=True)
     assert missing.returncode == 127 and "not found" in missing.stderr
 
