@@ -194,3 +194,88 @@ def test_frozen_bits_stay_when_the_user_froze_part(tmp_path):
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert not model.model.embed_tokens.weight.requires_grad
     assert applied_counts(handle.selection, model)["frozen_by_user"] == ["model.embed_tokens.weight"]
+
+
+# -- the promises of docs/trainers.md about rounds and resume --------------------------------------------
+def test_resume_a_next_round_run(tmp_path):
+    """round='next' resolves to a number when HFT is enabled, so a resumed run of it is that round."""
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    select_half(load(base), round=0, seed=4).save(str(base))  # base is the output of round 0
+    trainer = plain_trainer(tmp_path / "a", model=load(base), max_steps=2, save_strategy="steps", save_steps=1)
+    handle = enable_hft(trainer, round="next")
+    assert handle.selection.config == HFTConfig(round=1, seed=4)
+    trainer.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-1"
+    assert Selection.load(str(checkpoint)).config.round == 1
+    resumed = plain_trainer(tmp_path / "a", model=load(base), max_steps=2)
+    again = enable_hft(resumed, round="next")
+    before = snapshot(resumed.model)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2
+    check_training(again.selection, before, snapshot(resumed.model), resumed, again)
+    other = plain_trainer(tmp_path / "b", model=load(base), max_steps=2)
+    enable_hft(other, round="next", seed=5)  # a given option that differs from the checkpoint's: refused
+    with pytest.raises(Exception, match="seed=4 there, 5 here"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resume_a_checkpoint_that_drew_another_half_uses_its_half(tmp_path, caplog, monkeypatch):
+    """docs/trainers.md: same options, another half (a changed strategy plugin): the checkpoint's half,
+    with a warning. The checkpoint is written by an "installation" whose draw gives the other half."""
+    import hft_plugin.selection as selection_module
+
+    draw = selection_module._draw
+    with monkeypatch.context() as patched:
+        patched.setattr(selection_module, "_draw", lambda layout, config: {
+            u.key for u in layout.units()} - draw(layout, config))
+        trainer = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+        enable_hft(trainer)
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    drawn = Selection.load(str(checkpoint))
+    resumed = plain_trainer(tmp_path, max_steps=2)
+    own = enable_hft(resumed).selection
+    assert own.trainable_units != drawn.trainable_units and own.config == drawn.config
+    before = snapshot(resumed.model)
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert "resuming with the checkpoint's half" in caplog.text
+    from hft_plugin.adapters.transformers import hft_session
+
+    session = hft_session(resumed)
+    assert session.selection.trainable_units == drawn.trainable_units
+    check_training(drawn, before, snapshot(resumed.model), resumed, session.handle)
+
+
+def test_enable_after_a_distributed_train_is_refused(tmp_path):
+    """docs/trainers.md: after a distributed train(), DDP fixed the trained tensors. Stand-in: a
+    wrapper class named like torch's DistributedDataParallel (the check reads the class name)."""
+    from hft_plugin import IntegrationError
+
+    class DistributedDataParallel(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    trainer = plain_trainer(tmp_path)
+    trainer.model_wrapped = DistributedDataParallel(trainer.model)
+    before = flags(trainer.model)
+    with pytest.raises(IntegrationError, match="already wrapped its model in DistributedDataParallel"):
+        enable_hft(trainer)
+    assert flags(trainer.model) == before
+
+
+def test_disable_returns_false_when_hft_was_not_on_and_opts_out_of_zero_code(tmp_path):
+    from hft_plugin import disable_hft
+    from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
+
+    adapter = TransformersAdapter(config={"round": 1})
+    adapter.instrument()
+    try:
+        trainer = plain_trainer(tmp_path, max_steps=1)
+        assert disable_hft(trainer) is False
+        trainer.train()
+        assert hft_session(trainer) is None and all(flags(trainer.model).values())
+    finally:
+        adapter.uninstrument()
