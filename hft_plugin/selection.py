@@ -1,8 +1,9 @@
 """select_half and Selection: which half of a model trains, and what that amounts to.
 
-Also the manifest (``hft_selection.json``, read and written here), the rounds a model's folder has
-been through (``round="next"``), the checks that a model can be half fine-tuned as it is, and the
-counts of what actually trains once a selection is applied.
+Also the manifest (``hft_selection.json``, written here, read by :mod:`hft_plugin.manifest`), the
+rounds a model's folder has been through (``round="next"``), the checks that a model can be half
+fine-tuned as it is (quantization: :mod:`hft_plugin.quantized`), and the counts of what actually
+trains once a selection is applied.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ import logging
 import os
 from typing import Any, Iterator, Mapping
 
-import torch
 from torch import nn
 
 from .config import NEXT_ROUND, HFTConfig
 from .errors import (ConfigError, LayoutError, ManifestError, NothingToTrainError, SelectionMismatchError,
                      UnsupportedModelError)
 from .layouts.base import GROUPS, Box, Layout, Part, Unit, fingerprint_shapes, gc_paused, param_shape, unwrap_model
+from .manifest import FORMAT_VERSION, selection_from_json
 
 logger = logging.getLogger("hft_plugin")
 
 MANIFEST_NAME = "hft_selection.json"
-_FORMAT_VERSION = 2  # 2: the fingerprint covers how fused tensors are split; the history of rounds
-_READABLE_FORMATS = (1, 2)
 _MAX_ATTEMPTS = 16
 
 
@@ -150,7 +149,7 @@ class Selection:
     # -- saving --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT_VERSION,
+            "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "layout": self.layout.name,
             "fingerprint": self.fingerprint,
@@ -186,12 +185,7 @@ class Selection:
             ManifestError: not JSON, truncated, a key missing or of the wrong type, a format this
                 version does not read, or contents that do not match their own fingerprint.
         """
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-            raise ManifestError(f"{source} is not valid JSON ({exc}); it is damaged or truncated. "
-                                f"{_MANIFEST_FIX}") from None
-        return _manifest_from_dict(cls, data, source)
+        return selection_from_json(cls, text, source)
 
     def save(self, directory: str) -> str:
         """Write ``directory/hft_selection.json`` (atomically: a reader never sees half a file)."""
@@ -224,98 +218,6 @@ class Selection:
         return cls.from_json(raw, source=path)
 
 
-_MANIFEST_FIX = ("Restore it from a copy, resume from another checkpoint, or start the round from the weights "
-                 "without resume_from_checkpoint (a new manifest is written when training starts).")
-
-
-def _manifest_from_dict(cls, data: Any, source: str) -> Selection:
-    """Build a Selection from a parsed manifest, checking every key and type on the way."""
-
-    def bad(what: str) -> ManifestError:
-        return ManifestError(f"{source} is not a valid HFT selection: {what}. {_MANIFEST_FIX}")
-
-    def need(mapping: Any, key: str, kind, where: str):
-        if not isinstance(mapping, dict):
-            raise bad(f"{where} is {type(mapping).__name__}, not an object")
-        if key not in mapping:
-            raise bad(f"{where} has no {key!r}")
-        value = mapping[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise bad(f"{where}[{key!r}] is {type(value).__name__} {value!r:.60}, not {names}")
-        return value
-
-    def ints(value: Any, where: str) -> tuple[int, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise bad(f"{where} is {value!r:.60}, not a list of integers")
-        return tuple(value)
-
-    if not isinstance(data, dict):
-        raise bad(f"it holds a JSON {type(data).__name__}, not an object")
-    version = data.get("format")
-    if version not in _READABLE_FORMATS:
-        if isinstance(version, int) and not isinstance(version, bool) and version > _FORMAT_VERSION:
-            raise ManifestError(f"{source} has selection format {version}, written by a newer hft-plugin; this one "
-                                f"reads formats {', '.join(map(str, _READABLE_FORMATS))}. Upgrade hft-plugin.")
-        raise bad(f"its 'format' is {version!r}; this version reads {', '.join(map(str, _READABLE_FORMATS))}")
-    try:
-        config = HFTConfig(**need(data, "config", dict, "the file"))
-    except (TypeError, ConfigError) as exc:
-        raise bad(f"its 'config' is invalid ({exc})") from None
-    if config.round == NEXT_ROUND:
-        raise bad("its config has round='next'; a manifest records the round that ran")
-    shapes = {}
-    for name, shape in need(data, "shapes", dict, "the file").items():
-        shapes[name] = ints(shape, f"shapes[{name!r}]")
-    outside = need(data, "outside", list, "the file")
-    if not all(isinstance(n, str) and n in shapes for n in outside):
-        raise bad("'outside' names parameters that are not in 'shapes'")
-    layers, trainable = [], set()
-    for index, layer in enumerate(need(data, "layers", list, "the file")):
-        if not isinstance(layer, list):
-            raise bad(f"layers[{index}] is {type(layer).__name__}, not a list")
-        units = []
-        for position, u in enumerate(layer):
-            where = f"layers[{index}][{position}]"
-            parts = []
-            for k, p in enumerate(need(u, "parts", list, where)):
-                pwhere = f"{where}.parts[{k}]"
-                param = need(p, "param", str, pwhere)
-                if param not in shapes:
-                    raise bad(f"{pwhere} names {param!r}, which is not in 'shapes'")
-                boxes = need(p, "boxes", (list, type(None)), pwhere)
-                if boxes is not None:
-                    try:
-                        boxes = tuple(tuple(_range(r) for r in box) for box in boxes)
-                    except (TypeError, ValueError):
-                        raise bad(f"{pwhere}['boxes'] is not a list of [dim, start, stop] lists") from None
-                parts.append(Part(param, need(p, "numel", int, pwhere), boxes))
-            key = need(u, "key", str, where)
-            units.append(Unit(key, need(u, "group", str, where), index, tuple(parts)))
-            if need(u, "trainable", bool, where):
-                trainable.add(key)
-        layers.append(units)
-    history = data.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, dict) and isinstance(h.get("round"), int)
-                                                for h in history):
-        raise bad("'history' is not a list of earlier rounds (objects with an integer 'round')")
-    layout = Layout(need(data, "layout", str, "the file"), layers, list(outside), shapes)
-    selection = cls(config, layout, frozenset(trainable), tuple(history))
-    saved = need(data, "fingerprint", str, "the file")
-    # Format 1 hashed names and shapes only; its parts carry the splits, so it upgrades losslessly.
-    expected = fingerprint_shapes(shapes) if version == 1 else selection.fingerprint
-    if saved != expected:
-        raise bad(f"its fingerprint {saved} does not match its own contents ({expected}); it was edited or is corrupt")
-    return selection
-
-
-def _range(value: Any) -> tuple[int, int, int]:
-    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                                 for v in value):
-        raise ValueError(value)
-    return (value[0], value[1], value[2])
-
-
 def _group_order(group: str) -> tuple[int, str]:
     return (GROUPS.index(group) if group in GROUPS else len(GROUPS), group)
 
@@ -341,74 +243,12 @@ def check_model(model: Any) -> nn.Module:
             f"{type(model).__name__} is PEFT-wrapped. HFT trains half of the original weights, not "
             "adapters: pass the base model, or merge the adapters first (model.merge_and_unload())."
         )
+    from .quantized import quantization_problem
+
     problem = quantization_problem(model)
     if problem:
         raise UnsupportedModelError(problem)
     return model
-
-
-# Quantizers whose loaded weights are ordinary float tensors: transformers' GGUF loader
-# de-quantizes every tensor unless it keeps them packed for a kernel (checked separately).
-_DEQUANTIZED_ON_LOAD = frozenset({"gguf"})
-_FP8 = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-                                            "float8_e8m0fnu") if hasattr(torch, n))
-# Class names of tensor subclasses that hold quantized data behind a float dtype.
-_QUANTIZED_TENSOR_HINTS = ("Quantized", "QTensor", "QBytes", "Float8", "Int4", "Int8", "NF4", "Params4bit",
-                           "Fp8", "MXTensor", "Packed")
-_UNQUANTIZED = "Load the model in bf16/fp16/fp32 without quantization (no quantization_config, load_in_4bit or load_in_8bit)"
-
-
-def quantization_method(model: nn.Module) -> str | None:
-    """How ``model`` is quantized, in words (``"bitsandbytes 4-bit"``, ``"gptq"``, ``"gguf"``...),
-    from its ``hf_quantizer`` or ``config.quantization_config``; None if it is not."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    config = getattr(quantizer, "quantization_config", None)
-    if config is None and (quantizer is not None or getattr(model, "is_quantized", False)):
-        config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if quantizer is None and config is None:
-        return "unknown method" if getattr(model, "is_quantized", False) else None
-    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
-    method = get("quant_method")
-    method = str(getattr(method, "value", method) or "").lower()
-    if not method:
-        method = type(quantizer).__name__ if quantizer is not None else "unknown method"
-    if method == "bitsandbytes":
-        method += " 4-bit" if get("load_in_4bit") else " 8-bit" if get("load_in_8bit") else ""
-    elif method == "torchao" and get("quant_type") is not None:
-        method += f" {get('quant_type')}"
-    return method
-
-
-def quantization_problem(model: nn.Module) -> str | None:
-    """Why the weights of ``model`` cannot be trained in place, or None if they can (see
-    :func:`check_model`)."""
-    name_cls = type(model).__name__
-    method = quantization_method(model)
-    how = f", quantized with {method}" if method else ""
-    for name, param in model.named_parameters():
-        dtype = param.dtype
-        if dtype in _FP8:
-            return (f"Parameter {name!r} of {name_cls} is fp8 ({dtype}{how}): an optimizer cannot update fp8 weights "
-                    f"in place, so HFT cannot train them. {_UNQUANTIZED}.")
-        if not dtype.is_floating_point and not dtype.is_complex:
-            return (f"Parameter {name!r} of {name_cls} has dtype {dtype}, which cannot be trained: the weights are "
-                    f"integer or packed{how}. HFT needs floating-point weights. {_UNQUANTIZED}.")
-        data_type = type(param.data)
-        if data_type is not torch.Tensor and any(h in data_type.__name__ for h in _QUANTIZED_TENSOR_HINTS):
-            return (f"Parameter {name!r} of {name_cls} is a quantized tensor ({data_type.__name__}{how}) behind a "
-                    f"{dtype} dtype; it cannot be trained in place. {_UNQUANTIZED}.")
-    if method is None:
-        return None
-    if method in _DEQUANTIZED_ON_LOAD:
-        packed = getattr(getattr(model, "hf_quantizer", None), "packed_modules", None)
-        if packed:
-            return (f"{name_cls} was loaded from GGUF with {len(packed)} modules kept in packed GGUF blocks (e.g. "
-                    f"{next(iter(packed))}), which cannot be trained. Load it de-quantized: from_pretrained(..., "
-                    "gguf_file=..., quantization_config=GgufConfig(dequantize=True)).")
-        return None  # de-quantized on load: ordinary float tensors, checked above
-    return (f"{name_cls} is quantized with {method}: its weights are stored in the quantizer's format, which an "
-            f"optimizer cannot update in place, so HFT cannot train them. {_UNQUANTIZED}; a model loaded from a "
-            "GGUF file (de-quantized on load) is accepted.")
 
 
 def read_layout(model: nn.Module) -> Layout:
@@ -614,7 +454,7 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
         >>> from hft_plugin.testing import tiny_model
         >>> model = tiny_model("llama")
         >>> selection = select_half(model)
-        >>> model.lm_head.requires_grad_(False) and None
+        >>> _ = model.lm_head.requires_grad_(False)  # frozen by the user: HFT keeps it frozen
         >>> counts = applied_counts(selection, model)
         >>> counts["outside_trainable_params"] < selection.stats()["outside_trainable_params"]
         True
