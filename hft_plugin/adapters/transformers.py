@@ -463,28 +463,20 @@ class _AutoState:
 
 def _auto_config() -> HFTConfig | None:
     """The options for a trainer whose ``train()`` starts now: the adapter's own, or the ``HFT_*``
-    variables read at this moment (a script may change them between tasks). None when
-    ``HFT_ENABLE`` is now explicitly off. A malformed variable raises its ConfigError here,
-    before the trainer changes anything."""
-    adapter = _AutoState.adapter
-    if adapter.config is not None:
-        return adapter.resolve_config()
+    variables read at this moment (None when ``HFT_ENABLE`` is now off; a malformed variable
+    raises its ConfigError here, before the trainer changes anything)."""
     from ..bootstrap import env
 
-    if env.switched_off():
-        logger.info("hft_plugin: %s is off; this train() runs without HFT.", env.HFT_ENABLE)
-        return None
-    return env.load_config()
+    adapter = _AutoState.adapter
+    return adapter.resolve_config() if adapter.config is not None else env.training_config()
 
 
 def _auto_enable(trainer) -> "_Session | None":
     if _AutoState.adapter is None or trainer in _OPTED_OUT:
         return _SESSIONS.get(trainer)
     session = _SESSIONS.get(trainer)
-    if session is not None and not session.automatic:
-        return session  # the program called enable_hft itself: its options stand
-    if session is not None and session._in_prepare:
-        return session
+    if session is not None and (not session.automatic or session._in_prepare):
+        return session  # the program called enable_hft itself (its options stand), or this train() did
     config = _auto_config()
     if session is not None:
         if config == session.requested:

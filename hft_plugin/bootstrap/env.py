@@ -253,6 +253,25 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any):
     return HFTConfig.from_dict(given, base=config) if given else config
 
 
+def training_config(environ: Mapping[str, str] | None = None):
+    """What zero-code activation trains with, read when training starts: None if ``HFT_ENABLE`` is
+    explicitly off at this moment (this run trains without HFT), else :func:`load_config`. Raises
+    ConfigError on a malformed variable, ``HFT_ENABLE`` included.
+
+        >>> training_config({"HFT_ENABLE": "0", "HFT_ROUND": "3"}) is None
+        True
+        >>> training_config({"HFT_ENABLE": "1", "HFT_ROUND": "next"}).round
+        'next'
+    """
+    environ = os.environ if environ is None else environ
+    if switched_off(environ):
+        import logging
+
+        logging.getLogger("hft_plugin").info("hft_plugin: %s is off; this run trains without HFT.", HFT_ENABLE)
+        return None
+    return load_config(environ)
+
+
 def export(config_or_values: Any, environ: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``HFT_ENABLE=1`` and one variable per given field into ``environ`` (default: a copy of
     ``os.environ``) and return it; used by ``hft-run``.
