@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .errors import SelectionMismatchError
-from .layouts.base import fingerprint_shapes, param_shape, unwrap_model
+from .layouts.base import param_shape, unwrap_model
 from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
-from .selection import Selection, check_model
+from .selection import Selection, check_fits, check_model, check_trains_something
 from .shards import local_trainable_mask
 
 logger = logging.getLogger("hft_plugin")
@@ -213,15 +213,9 @@ def apply_selection(model: nn.Module, selection: Selection) -> HFTHandle:
         >>> handle.remove()
     """
     model = check_model(model)
-    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
-    if fingerprint_shapes(shapes) != selection.fingerprint:
-        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
-        raise SelectionMismatchError(
-            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
-            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
-            "Call select_half on this model."
-        )
+    check_fits(model, selection)
     previous = _ACTIVE.get(model)
+    check_trains_something(selection, previous._original_flags if previous is not None else model)
     if previous is not None:
         previous.remove()
     handle = HFTHandle(model, selection)
