@@ -92,6 +92,18 @@ def test_the_summary_block_is_written_by_the_main_process_only(tmp_path, caplog,
     assert "trainable params" not in caplog.text
 
 
+def test_the_summary_block_counts_what_actually_trains(tmp_path, caplog):
+    trainer = plain_trainer(tmp_path, max_steps=1)
+    trainer.model.model.embed_tokens.requires_grad_(False)  # frozen by hand: HFT leaves it frozen
+    handle = enable_hft(trainer)
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        trainer.train()
+    trains = sum(p.numel() for p in handle.parameters())  # separate projections: the optimizer's elements
+    assert f"trainable params: {trains:,} ||" in caplog.text
+    assert trains < handle.selection.stats()["trainable_params"]
+    assert "1 tensors this round would train stay frozen because they were frozen before HFT" in caplog.text
+
+
 # -- the model card ---------------------------------------------------------------------------------------
 def sft_trainer(tmp_path, model=None, save_strategy="no", **config):
     from trl import SFTConfig, SFTTrainer
