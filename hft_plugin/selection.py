@@ -181,8 +181,9 @@ class Selection:
                      f"{(outside_trains / outside if outside else 0):>9.2%}")
         frozen_by_user = s.get("frozen_by_user") or ()
         if frozen_by_user:
-            lines.append(f"{len(frozen_by_user)} tensors this round would train stay frozen because they were frozen "
-                         f"before HFT (e.g. {frozen_by_user[0]}).")
+            n = len(frozen_by_user)
+            lines.append(f"{n} tensor{'s' if n > 1 else ''} this round would train {'were' if n > 1 else 'was'} frozen "
+                         f"before HFT and {'stay' if n > 1 else 'stays'} frozen (e.g. {frozen_by_user[0]}).")
         return "\n".join(lines)
 
     # -- saving --------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_summary_shows_the_counts_it_is_given():
     counts = dict(selection.stats(), trainable_params=1, overall_ratio=1 / selection.stats()["total_params"],
                   frozen_by_user=["lm_head.weight"])
     text = selection.summary(counts)
-    assert "trainable params: 1 ||" in text and "stay frozen because they were frozen before HFT" in text
+    assert "trainable params: 1 ||" in text and "1 tensor this round would train was frozen before HFT and stays frozen (e.g. lm_head.weight)" in text
 
 
 # -- the block at train start -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_the_summary_block_counts_what_actually_trains(tmp_path, caplog):
     trains = sum(p.numel() for p in handle.parameters())  # separate projections: the optimizer's elements
     assert f"trainable params: {trains:,} ||" in caplog.text
     assert trains < handle.selection.stats()["trainable_params"]
-    assert "1 tensors this round would train stay frozen because they were frozen before HFT" in caplog.text
+    assert "1 tensor this round would train was frozen before HFT and stays frozen" in caplog.text
 
 
 # -- the model card ---------------------------------------------------------------------------------------
