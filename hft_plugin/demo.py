@@ -57,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    # One thread: on matrices this small more threads only add synchronisation, which costs several
+    # times the work on a machine whose cores are busy with other jobs.
+    torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
 
     base = tiny_model(args.family)
