@@ -62,7 +62,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hft_plugin")
 
-__all__ = ["share_reference", "SharedReference", "SharingReport", "ReferenceModelError", "shared_reference"]
+__all__ = ["share_reference", "SharedReference", "SharingReport", "ReferenceModelError", "shared_reference",
+           "unshareable_reason", "same_bits"]
 
 # Why a reference tensor was not shared, each read after a count ("3 train in this round").
 TRAINS = "train in this round"
@@ -131,7 +132,7 @@ class SharingReport:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 @dataclasses.dataclass
@@ -210,6 +211,9 @@ class SharedReference:
                 moving.append(pair.name)
         if gone:
             self.unshare(names=gone)
+            logger.info("hft_plugin: %d tensors are no longer shared with the reference model (e.g. %s): the policy's "
+                        "tensors were replaced, e.g. moved or cast when the trainer prepared the model; the reference "
+                        "keeps its own copy.", len(gone), gone[0])
         if moving:
             logger.warning("hft_plugin: %d policy tensors shared with the reference model may train now (e.g. %s: "
                            "requires_grad set by hand, or another selection); the reference got its own copy of "
@@ -269,7 +273,11 @@ def _class_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def _whole_model_reason(policy: nn.Module, reference: nn.Module, ref_inner: nn.Module) -> str | None:
+def unshareable_reason(policy: nn.Module, reference: nn.Module) -> str | None:
+    """Why no tensor of ``reference`` can share ``policy``'s (one line), or None: ZeRO-3 partitioned
+    tensors, a reference DeepSpeed prepared as its own engine, FSDP wrappers or sharded (DTensor)
+    parameters. Wrappers are looked through."""
+    policy, ref_inner = unwrap_model(policy), unwrap_model(reference)
     models = (policy, ref_inner)
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_numel") for m in models for p in m.parameters()):
         return ZERO3
@@ -343,7 +351,7 @@ def share_reference(handle: "HFTHandle", reference: nn.Module, *, declined: str 
     _unshare_previous(inner, handle)
     policy = unwrap_model(handle.model)
     report = _declined_report(inner, None)
-    report.reason = _whole_model_reason(policy, reference, inner)
+    report.reason = unshareable_reason(policy, reference)
     if report.reason is not None:
         return SharedReference(handle, reference, report)
     pairs = _match(handle, policy, list(inner.named_parameters()), report)
