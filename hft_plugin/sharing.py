@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 from .layouts.base import unwrap_model
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hft_plugin")
 
-__all__ = ["share_reference", "SharedReference", "SharingReport", "ReferenceModelError", "shared_reference",
-           "unshareable_reason", "same_bits"]
+__all__ = ["share_reference", "keep_shared", "SharedReference", "SharingReport", "ReferenceModelError",
+           "shared_reference", "unshareable_reason", "same_bits"]
 
 # Why a reference tensor was not shared, each read after a count ("3 train in this round").
 TRAINS = "train in this round"
@@ -367,6 +367,25 @@ def share_reference(handle: "HFTHandle", reference: nn.Module, *, declined: str 
     return shared
 
 
+def keep_shared(shared: SharedReference | None, handle: "HFTHandle", reference: nn.Module, *,
+                declined: str | None = None) -> SharedReference:
+    """What an integration calls whenever a training run may start: share ``reference`` with
+    ``handle``'s policy if it is not yet (a new selection or model since, or the first call), else
+    :meth:`~SharedReference.check` the sharing there is. Bad input (:class:`ReferenceModelError`)
+    becomes a warning and a report that shares nothing, so training goes on with the reference as
+    it was. Logs the report's summary (INFO)."""
+    if shared is not None and shared.handle is handle and declined is None:
+        shared.check()
+        return shared
+    try:
+        shared = share_reference(handle, reference, declined=declined)
+    except ReferenceModelError as exc:
+        logger.warning("hft_plugin: the reference model keeps its own tensors: %s", exc)
+        shared = share_reference(handle, reference, declined=str(exc))
+    logger.info("hft_plugin: %s", shared.report.summary())
+    return shared
+
+
 def _unshare_if_alive(weak: "weakref.ref[SharedReference]", why: str) -> None:
     shared = weak()
     if shared is not None:
@@ -417,6 +436,18 @@ def _match(handle: "HFTHandle", policy: nn.Module, ref_params, report: SharingRe
         else:
             pairs.append(_Pair(name, pol, ref))
     return pairs
+
+
+def share_option(value: bool | None) -> bool:
+    """Whether to share: ``value`` if given (a bool), else ``HFT_SHARE_REFERENCE`` (default on).
+    Raises ConfigError on anything else, naming the argument or the variable."""
+    if value is None:
+        from .bootstrap import env
+
+        return env.share_reference()
+    if not isinstance(value, bool):
+        raise ConfigError(f"share_reference={value!r} is not True or False.")
+    return value
 
 
 def shared_reference(reference: nn.Module) -> SharedReference | None:
