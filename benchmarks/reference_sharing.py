@@ -216,9 +216,12 @@ def write_results(result: dict) -> None:
         f"HFT round 0 (category, ratio 0.5; embeddings train), {s['threads']} torch thread(s), one child "
         "process per configuration.  ",
         f"Machine: {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, TRL {m['trl']}, "
-        f"Python {m['python']}; measured {result['date']}.", "",
+        f"Python {m['python']}; measured {result['date']}; load average at the end "
+        f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_end', ()))} (a machine shared with other jobs: the "
+        "training times are not a comparison).", "",
         table(result["rows"]), "",
-        f"- Peak RSS with sharing / without: {p['peak_ratio']:.3f} ({p['peak_saved_bytes'] / 2**20:+,.0f} MiB saved).",
+        f"- Peak RSS with sharing / without: {p['peak_ratio']:.3f} ({p['peak_saved_bytes'] / 2**20:,.0f} MiB less with "
+        "sharing).",
         f"- Policy weights after training bit-identical with and without sharing: "
         f"{p['policy_bit_identical_with_and_without_sharing']}.",
         f"- Reference logits on a fixed batch bit-identical before and after training, in both runs: "

@@ -304,3 +304,14 @@ def test_zero_code_activation_shares_and_the_variable_turns_it_off(tmp_path, mon
         assert not hft_session(off).sharing.active
     finally:
         adapter.uninstrument()
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_at_tiny_size_and_proves_the_same_result():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import reference_sharing
+
+    assert reference_sharing.main(["--model", "tiny", "--steps", "1", "--no-write"]) == 0
