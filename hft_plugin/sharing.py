@@ -101,7 +101,8 @@ class SharingReport:
     Attributes:
         shared_tensors, shared_bytes: reference tensors now backed by the policy's frozen tensors,
             and their size in bytes (numel x element size): the reference memory freed, unless
-            something else still holds the reference's old copy.
+            something else still holds the reference's old copy. Kept current: a tensor unshared
+            later moves to ``not_shared`` with the reason.
         reference_tensors, reference_bytes: all the reference's parameters (tied ones once).
         not_shared: reason -> names of the reference tensors not shared for that reason.
         reason: why nothing at all was shared (one line), or None.
@@ -172,25 +173,33 @@ class SharedReference:
 
     def unshare(self, why: str = "", names=None) -> list[str]:
         """Give the reference its own copy of the shared tensors (all, or ``names``), bit-identical
-        to the policy's now. Idempotent; returns the names copied back."""
-        selected = set(self._pairs_named(names))
+        to the policy's now. Idempotent; returns the names copied back. The report counts them
+        under "were unshared (why)"."""
+        selected = None if names is None else set(names)
         copied = []
-        for pair in [p for p in self._pairs if p.name in selected]:
+        for pair in [p for p in self._pairs if selected is None or p.name in selected]:
             if _same_storage(pair.reference, pair.policy):
-                # clone, not copy_ into fresh memory: the exact bits, strides kept
-                pair.reference.data = pair.reference.data.clone()
+                pair.reference.data = pair.reference.data.clone()  # the same bits, the same strides
                 copied.append(pair.name)
-            self._pairs.remove(pair)
-        reference = self._reference()
-        if not self._pairs and reference is not None and _ACTIVE.get(reference) is self:
-            del _ACTIVE[reference]
+        self._drop([p.name for p in self._pairs if selected is None or p.name in selected],
+                   f"were unshared ({why})" if why else "were unshared")
         if copied:
             logger.info("hft_plugin: the reference model has its own copy of %d tensors again%s.", len(copied),
                         f" ({why})" if why else "")
         return copied
 
-    def _pairs_named(self, names) -> list[str]:
-        return [p.name for p in self._pairs] if names is None else list(names)
+    def _drop(self, names: list[str], reason: str) -> None:
+        """Forget pairs (already unshared, or no longer sharing); the report follows."""
+        names = set(names)
+        dropped = [p for p in self._pairs if p.name in names]
+        for pair in dropped:
+            self._pairs.remove(pair)
+            self.report.shared_tensors -= 1
+            self.report.shared_bytes -= pair.reference.numel() * pair.reference.element_size()
+            self.report.not_shared.setdefault(reason, []).append(pair.name)
+        reference = self._reference()
+        if not self._pairs and reference is not None and _ACTIVE.get(reference) is self:
+            del _ACTIVE[reference]
 
     def check(self) -> list[str]:
         """Unshare every tensor that could start to move: its handle was removed, the handle's
@@ -210,7 +219,7 @@ class SharedReference:
             elif pair.name not in frozen or current.get(pair.name) is not pair.policy or pair.policy.requires_grad:
                 moving.append(pair.name)
         if gone:
-            self.unshare(names=gone)
+            self._drop(gone, "were replaced in the policy (moved or cast); the reference kept its copy")
             logger.info("hft_plugin: %d tensors are no longer shared with the reference model (e.g. %s): the policy's "
                         "tensors were replaced, e.g. moved or cast when the trainer prepared the model; the reference "
                         "keeps its own copy.", len(gone), gone[0])

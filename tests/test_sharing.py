@@ -354,6 +354,9 @@ def test_check_unshares_a_flag_changed_by_hand_before_training(caplog):
         assert shared.check() == [name]
     assert "got its own copy" in caplog.text and name in caplog.text
     assert name not in shared.shared_names and shared.active
+    # the report follows: one tensor fewer, and why
+    assert shared.report.shared_tensors == len(handle.selection.plan().frozen) - 1
+    assert shared.report.not_shared["were unshared (they may train now)"] == [name]
     # now that tensor may train: it does, and the reference does not move
     optimizer = torch.optim.SGD([policy.get_parameter(name)], lr=1.0)
     policy(input_ids=IDS, labels=IDS).loss.backward()
