@@ -16,6 +16,11 @@ import pytest
 
 pytest.importorskip("llamafactory", reason="LLaMA-Factory tests run in their own environment: bash .ci/llamafactory.sh")
 
+# LLaMA-Factory makes transformers' package checks return a falsy value for a missing package when
+# llamafactory.extras.packages is imported; TRL 0.24 binds that check when it is first imported, and
+# imported before it (as `import llamafactory.model.adapter` in another test does), `from trl import
+# DPOTrainer` fails looking for mergekit. Imported here, at collection, before any test runs.
+import llamafactory.extras.packages  # noqa: E402,F401
 import torch  # noqa: E402
 
 from hft_plugin import Selection  # noqa: E402

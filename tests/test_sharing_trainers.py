@@ -103,7 +103,7 @@ def check_shared_run(trainer) -> dict:
                 reference_bytes=report.reference_bytes, summary=report.summary())
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("phi3", marks=pytest.mark.slow)])
 def test_dpo_reference_shares_the_frozen_half(tmp_path, family, capsys):
     result = check_shared_run(dpo_trainer(tmp_path, family))
     with capsys.disabled():
@@ -214,6 +214,7 @@ def test_a_peft_wrapped_reference_says_so(tmp_path):
 
 
 # -- the reference's own copy comes back before a shared tensor could move ---------------------------------
+@pytest.mark.slow
 def test_disable_hft_gives_the_reference_its_copy_back(tmp_path):
     trainer = dpo_trainer(tmp_path)
     before = logits(trainer.ref_model)
@@ -242,6 +243,7 @@ def test_flags_changed_by_hand_before_training_unshare_that_tensor(tmp_path, cap
     assert same_bits(logits(trainer.ref_model), before)
 
 
+@pytest.mark.slow
 def test_a_new_round_on_the_same_policy_unshares_and_shares_what_still_matches(tmp_path):
     first = dpo_trainer(tmp_path, out="r0")
     before = logits(first.ref_model)
