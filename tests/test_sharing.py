@@ -411,12 +411,12 @@ def test_sharing_twice_with_one_handle_is_harmless_and_another_policy_takes_over
 
 
 # -- the switch ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text,expected", [(None, True), ("1", True), ("on", True), ("0", False), ("false", False),
-                                           ("", False)])
+@pytest.mark.parametrize("text,expected", [(None, True), ("1", True), (" ON ", True), ("0", False), ("false", False)])
 def test_hft_share_reference_values(text, expected):
     assert env.share_reference({} if text is None else {"HFT_SHARE_REFERENCE": text}) is expected
 
 
-def test_hft_share_reference_malformed_names_the_variable():
-    with pytest.raises(ConfigError, match="HFT_SHARE_REFERENCE='maybe' is not a boolean"):
-        env.share_reference({"HFT_SHARE_REFERENCE": "maybe"})
+@pytest.mark.parametrize("text,message", [("maybe", "'maybe' is not a boolean"), ("", "'' is empty")])
+def test_hft_share_reference_malformed_names_the_variable(text, message):
+    with pytest.raises(ConfigError, match=f"HFT_SHARE_REFERENCE={message}"):
+        env.share_reference({"HFT_SHARE_REFERENCE": text})
