@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, ReferenceModelError
 from .layouts.base import unwrap_model
 
 if TYPE_CHECKING:
@@ -87,11 +87,6 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # unwrapped reference -> its active sharing; weak, so a dropped reference takes its entry along
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, SharedReference]" = weakref.WeakKeyDictionary()
-
-
-class ReferenceModelError(UnsupportedModelError):
-    """The reference model cannot share the policy's tensors as given (it is the policy itself,
-    it is PEFT-wrapped, or it is on the meta device)."""
 
 
 @dataclasses.dataclass
