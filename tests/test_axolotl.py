@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("axolotl", reason="Axolotl tests run in their own environment: bash .ci/axolotl.sh")
 
-from axolotl.integrations.base import BasePlugin, PluginManager, load_plugin  # noqa: E402
+from axolotl.integrations.base import BasePlugin, PluginManager  # noqa: E402
 from axolotl.utils.dict import DictDefault  # noqa: E402
 
 from hft_plugin import IntegrationError  # noqa: E402
@@ -70,15 +70,9 @@ def test_without_the_adapter_nothing_is_refused():
     manager().post_trainer_create(DictDefault({**FULL, "adapter": "lora"}), trainer=None)
 
 
-def test_a_plugins_entry_in_the_yaml_loads_the_same_plugin():
-    plugin = load_plugin(PLUGIN_KEY)  # what `plugins: [hft_plugin.adapters.axolotl.HFTPlugin]` does
-    assert isinstance(plugin, BasePlugin)
-    with pytest.raises(IntegrationError, match="adapter: lora"):
-        plugin.post_trainer_create(DictDefault({**FULL, "adapter": "lora"}), None)
-
-
 def test_second_instance_does_not_register_again(adapter, caplog):
     first = manager().plugins[PLUGIN_KEY]
+    assert isinstance(first, BasePlugin)
     other = AxolotlAdapter()
     with caplog.at_level("WARNING", logger="hft_plugin"):
         assert other.instrument() is True

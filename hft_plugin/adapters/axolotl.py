@@ -20,8 +20,8 @@ The guard is an Axolotl plugin (``axolotl.integrations.base.BasePlugin``) whose
 hooks (``pre_model_load``...) also run for ``axolotl inference`` and ``merge-lora``, which must keep
 working with ``HFT_ENABLE`` set. With the start-up hook the plugin is added to Axolotl's
 ``PluginManager`` when ``axolotl.integrations.base`` is imported, so the YAML needs no
-``plugins:`` entry. Multimodal ``freeze_mm_modules`` is left alone (it freezes the vision tower,
-which HFT does not select).
+``plugins:`` entry. ``freeze_mm_modules`` (a multimodal model's vision and audio towers) is not
+refused, as LLaMA-Factory's frozen vision tower is not; multimodal models were not tested here.
 
 Configure HFT through the ``HFT_*`` variables.
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("hft_plugin")
 
 PLUGIN_MODULE = "axolotl.integrations.base"
 PLUGIN_KEY = "hft_plugin.adapters.axolotl.HFTPlugin"
-"""The plugin's name in Axolotl's ``PluginManager.plugins`` (the ``module.Class`` form Axolotl uses)."""
+"""The plugin's name in Axolotl's ``PluginManager.plugins`` (Axolotl names plugins ``module.Class``)."""
 
 _CONFLICTS = ("adapter", "lora_model_dir", "unfrozen_parameters")
 
@@ -81,16 +81,8 @@ def plugin_class() -> type:
             def post_trainer_create(self, cfg, trainer) -> None:
                 check_config(cfg)
 
-        HFTPlugin.__module__ = __name__
         _PLUGIN_CLASS.append(HFTPlugin)
     return _PLUGIN_CLASS[0]
-
-
-def __getattr__(name: str):
-    # `plugins: [hft_plugin.adapters.axolotl.HFTPlugin]` in a YAML: Axolotl's load_plugin does getattr.
-    if name == "HFTPlugin":
-        return plugin_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _manager():
@@ -105,10 +97,11 @@ class AxolotlAdapter(Adapter):
 
     name = "axolotl"
     instruments = ("axolotl >= 0.19, < 0.20",)
+    _registered = False  # whether this instance added the plugin (and so removes it)
 
     def _instrument(self, **options: Any) -> None:
         plugins = _manager().plugins
-        if PLUGIN_KEY in plugins:  # another instance, or the YAML's `plugins:`, registered it
+        if PLUGIN_KEY in plugins:  # another adapter instance registered it
             logger.warning("hft_plugin: the HFT plugin is already registered with Axolotl.")
             self._registered = False
             return
@@ -116,6 +109,6 @@ class AxolotlAdapter(Adapter):
         self._registered = True
 
     def _uninstrument(self) -> None:
-        if getattr(self, "_registered", False):
+        if self._registered:
             _manager().plugins.pop(PLUGIN_KEY, None)
             self._registered = False

@@ -19,8 +19,9 @@ choosing what trains are refused before the model is changed:
   ``--trainable_parameters``, ``--trainable_parameters_regex``, ``--freeze_llm true``;
 * ``--lisa_activated_layers`` (LISA switches the trained layers during training).
 
-For multimodal models ms-swift itself freezes the vision tower, aligner and generator by default
-(``--freeze_vit``/``--freeze_aligner``); those entries are not refused (HFT does not select them).
+For multimodal models ms-swift itself adds the vision tower, aligner and generator to
+``freeze_parameters`` by default (``--freeze_vit``/``--freeze_aligner``); those entries are not
+refused, as LLaMA-Factory's frozen vision tower is not (multimodal models were not tested here).
 
 The check wraps ``TunerMixin.prepare_model``, the classmethod every ms-swift training pipeline
 (sft, pt, rlhf, and the PPO value model) calls to set up the trained model, after loading it and
