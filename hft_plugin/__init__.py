@@ -23,6 +23,8 @@ _EXPORTS = {
     "LayoutError": "errors",
     "UnsupportedModelError": "errors",
     "SelectionMismatchError": "errors",
+    "ManifestError": "errors",
+    "NothingToTrainError": "errors",
     "IntegrationError": "errors",
     "Selection": "selection",
     "select_half": "selection",
@@ -38,7 +40,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import HFTConfig
-    from .errors import ConfigError, HFTError, IntegrationError, LayoutError, SelectionMismatchError, UnsupportedModelError
+    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
+                         SelectionMismatchError, UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

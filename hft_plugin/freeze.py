@@ -15,14 +15,24 @@ import torch
 from torch import nn
 
 from .errors import SelectionMismatchError
-from .layouts.base import fingerprint_shapes, param_shape, unwrap_model
+from .layouts.base import param_shape, unwrap_model
 from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
-from .selection import Selection, check_model
+from .selection import Selection, check_fits, check_model, check_trains_something
+from .shards import local_trainable_mask
 
 logger = logging.getLogger("hft_plugin")
 
 # model -> its active handle; weak, and not an attribute, so copies of a model carry no handle
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDictionary()
+
+# Module names that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _canonical(name: str) -> str:
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name
 
 
 class HFTHandle:
@@ -30,6 +40,10 @@ class HFTHandle:
 
     ``parameters()`` is exactly what the optimizer should own; ``attach(optimizer)`` keeps the
     frozen regions of fused tensors still; ``remove()`` restores the model's flags and hooks.
+
+    The handle follows wrappers that put new parameter objects in place (FSDP2's ``fully_shard``
+    replaces every parameter by a DTensor): each of these methods re-reads the model's parameters
+    by name when they changed (:meth:`refresh_parameters`).
     """
 
     def __init__(self, model: nn.Module, selection: Selection):
@@ -63,8 +77,37 @@ class HFTHandle:
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
+    def refresh_parameters(self) -> bool:
+        """Take the model's current parameter objects, by name, if a wrapper replaced them (FSDP2's
+        ``fully_shard`` puts DTensor parameters in place). Returns whether anything changed.
+
+        Called by :meth:`parameters`, :meth:`attach` and :meth:`remove`, so a loop needs no call of
+        its own. Hooks attached to the replaced tensors are dropped: attach the optimizer (built
+        from the new :meth:`parameters`) again.
+
+        Raises:
+            SelectionMismatchError: a parameter of the selection is no longer in the model.
+        """
+        current = {_canonical(name): param for name, param in self.model.named_parameters()}
+        if all(current.get(_canonical(name)) is param for name, param in self._params.items()):
+            return False
+        missing = [name for name in self._params if _canonical(name) not in current]
+        if missing:
+            raise SelectionMismatchError(
+                f"{len(missing)} parameters of the selection are no longer in the model (e.g. {missing[0]}); a "
+                "wrapper renamed or removed them. Apply the selection to the model as it is now."
+            )
+        self._params = {name: current[_canonical(name)] for name in self._params}
+        if self._hooks:
+            logger.warning("hft_plugin: the model's parameters were replaced (e.g. by fully_shard) after an optimizer "
+                           "was attached; build the optimizer from handle.parameters() and attach it again.")
+            self._detach_hooks()
+            self.mask = self.restore = None
+        return True
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters that train (whole or in part), in model order."""
+        self.refresh_parameters()
         for name, param in self._params.items():
             if param.requires_grad:
                 yield name, param
@@ -76,6 +119,7 @@ class HFTHandle:
     @property
     def masked_parameters(self) -> dict[str, nn.Parameter]:
         """The partly trained (fused) tensors, by name."""
+        self.refresh_parameters()
         return {n: self._params[n] for n in self._masked}
 
     def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
@@ -92,10 +136,12 @@ class HFTHandle:
         """
         if not self._masked:
             return self
+        self.refresh_parameters()
         self._detach_hooks()  # one optimizer at a time: attaching again replaces the hooks
         params = [self._params[n] for n in self._masked]
         # Built on the host and dropped once the frozen blocks are found: no mask stays in memory.
-        masks = [self.trainable_mask(n) for n in self._masked]
+        # A sharded (DTensor) parameter is masked on this rank's shard.
+        masks = [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in self._masked]
         self.mask = GradientMask(params, masks)
         if restore is None:
             restore = needs_restore(optimizer, params)
@@ -132,6 +178,10 @@ class HFTHandle:
         if self.removed:
             return
         self._detach_hooks()
+        try:
+            self.refresh_parameters()
+        except SelectionMismatchError:  # renamed by a wrapper: restore what can still be reached
+            pass
         for name, flag in self._original_flags.items():
             self._params[name].requires_grad_(flag)
         self.removed = True
@@ -163,15 +213,9 @@ def apply_selection(model: nn.Module, selection: Selection) -> HFTHandle:
         >>> handle.remove()
     """
     model = check_model(model)
-    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
-    if fingerprint_shapes(shapes) != selection.fingerprint:
-        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
-        raise SelectionMismatchError(
-            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
-            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
-            "Call select_half on this model."
-        )
+    check_fits(model, selection)
     previous = _ACTIVE.get(model)
+    check_trains_something(selection, previous._original_flags if previous is not None else model)
     if previous is not None:
         previous.remove()
     handle = HFTHandle(model, selection)
