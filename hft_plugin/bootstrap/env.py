@@ -52,8 +52,9 @@ HFT_CONFIG = "HFT_CONFIG"
 ``strategy``, ``round``, ``seed``, ``train_embeddings``). The single variables override it."""
 
 HFT_DISABLE_ADAPTERS = "HFT_DISABLE_ADAPTERS"
-"""Comma-separated adapter names (``transformers``, ``llamafactory``, ``openrlhf``) that the start-up
-hook must not activate, e.g. when a framework's own integration should be used instead."""
+"""Comma-separated adapter names (``transformers``, ``llamafactory``, ``openrlhf``, ``axolotl``,
+``swift``) that the start-up hook must not activate, e.g. when a framework's own integration should
+be used instead."""
 
 HFT_SHARE_REFERENCE = "HFT_SHARE_REFERENCE"
 """Let a trainer's reference model (DPO, KTO, GRPO, ...) share the policy's frozen tensors instead of
