@@ -25,6 +25,7 @@ _EXPORTS = {
     "SelectionMismatchError": "errors",
     "ManifestError": "errors",
     "NothingToTrainError": "errors",
+    "ReferenceModelError": "errors",
     "IntegrationError": "errors",
     "Selection": "selection",
     "select_half": "selection",
@@ -41,6 +42,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
+                         ReferenceModelError,
                          SelectionMismatchError, UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half

@@ -39,3 +39,8 @@ class ManifestError(SelectionMismatchError):
 
 class IntegrationError(HFTError):
     """HFT could not be attached to a trainer or framework."""
+
+
+class ReferenceModelError(UnsupportedModelError):
+    """The reference model cannot share the policy's tensors as given (it is the policy itself,
+    it is PEFT-wrapped, or it is on the meta device)."""

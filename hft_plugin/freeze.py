@@ -177,6 +177,7 @@ class HFTHandle:
         """Restore every ``requires_grad`` flag and remove the optimizer hooks. A second call is harmless."""
         if self.removed:
             return
+        self._run_on_remove()
         self._detach_hooks()
         try:
             self.refresh_parameters()
@@ -187,6 +188,17 @@ class HFTHandle:
         self.removed = True
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
+
+    def on_remove(self, callback) -> None:
+        """Call ``callback()`` when this handle is removed, before any flag changes. A callback that
+        raises stops the removal with the model unchanged; calling ``remove()`` again retries it."""
+        self.__dict__.setdefault("_on_remove", []).append(callback)
+
+    def _run_on_remove(self) -> None:
+        callbacks = self.__dict__.get("_on_remove", [])
+        while callbacks:
+            callbacks[0]()
+            callbacks.pop(0)
 
     def __repr__(self) -> str:
         trainable = sum(1 for _ in self.named_parameters())

@@ -47,6 +47,7 @@ from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchE
 from ..freeze import HFTHandle, apply_selection
 from ..report import stats_metrics
 from ..selection import Selection, applied_counts, select_half
+from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
 from .base import Adapter, patch, unpatch
 from .deepspeed import ZeroGradientMasks, check_zero_optimizer
 from .fsdp import check_fsdp, fsdp_plugin, is_fsdp2_module
@@ -122,11 +123,14 @@ class _Session:
         self._in_prepare = False
         self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
         self.requested: HFTConfig | None = None
+        self.share_reference = True
+        self.sharing: SharedReference | None = None
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
         self.handle = apply_selection(self.trainer.model, self.selection)
         _SESSIONS[self.trainer] = self
+        self.sharing = _reference_sharing(self)
         if self.trainer.optimizer is not None:
             removed = self.prune_optimizer(self.trainer.optimizer)
             logger.warning(
@@ -169,7 +173,8 @@ class _Session:
                 optimizer.param_groups[index]["params"] = params
         self._pruned.clear()
         if self.handle is not None:
-            self.handle.remove()
+            self.handle.remove()  # a shared reference gets its own copy back first
+        self.sharing = None
         if _SESSIONS.get(self.trainer) is self:
             del _SESSIONS[self.trainer]
 
@@ -177,7 +182,9 @@ class _Session:
     def _wrap_train(self, original: Callable) -> Callable:
         def train(resume_from_checkpoint=None, *args, **kwargs):
             # Checked before the trainer loads the checkpoint's weights into the model.
-            self.check_resume(_resolve_checkpoint(self.trainer, resume_from_checkpoint))
+            checkpoint = _resolve_checkpoint(self.trainer, resume_from_checkpoint)
+            self.check_resume(checkpoint)
+            _reference_before_load(self, checkpoint)
             return original(resume_from_checkpoint, *args, **kwargs)
         return train
 
@@ -257,6 +264,7 @@ class _Session:
             self.handle = apply_selection(model, self.selection)
             self._attached_to = None
         self.check_resume(_resolve_checkpoint(trainer, resume))
+        self.sharing = _reference_sharing(self)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
         self.check_ranks_agree()
@@ -265,13 +273,15 @@ class _Session:
         self._enable_input_grads_if_needed()
         if trainer.optimizer is not None:
             self.prune_optimizer(trainer.optimizer)
-        _announce(trainer, self.selection, self.handle)
+        _announce(trainer, self.selection, self.handle, self.sharing.report.summary() if self.sharing else "")
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
 
     def after_prepare(self) -> None:
         trainer = self.trainer
+        if self.sharing is not None:
+            self.sharing.check()  # preparing may have moved or cast the policy's tensors
         if getattr(trainer, "is_deepspeed_enabled", False):
             check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None), self.handle)
             return
@@ -363,7 +373,7 @@ def _unwrapped(model):
     return unwrap_model(model)
 
 
-def _announce(trainer, selection: Selection, handle: HFTHandle) -> None:
+def _announce(trainer, selection: Selection, handle: HFTHandle, more: str = "") -> None:
     """The summary block at train start, once, on the main process, counting what actually trains
     (tensors frozen by hand stay frozen). Logged at WARNING, the level transformers and TRL use for
     what a user must see at their default verbosity: with logging left unconfigured Python's
@@ -371,8 +381,8 @@ def _announce(trainer, selection: Selection, handle: HFTHandle) -> None:
     own handlers (``logging.getLogger("hft_plugin")`` silences it)."""
     if trainer.is_world_process_zero():
         counts = applied_counts(selection, handle.model)
-        logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__,
-                       selection.summary(counts))
+        logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s%s", type(trainer).__name__,
+                       selection.summary(counts), f"\n{more}" if more else "")
 
 
 def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", original: Callable, args: tuple,
@@ -414,6 +424,37 @@ def _refuse_peft(trainer) -> None:
         )
 
 
+# -- the reference model shares the policy's frozen half (hft_plugin.sharing) ---------------------------
+def _sharing_declined(trainer, enabled: bool) -> str | None:
+    """Why this trainer's reference must keep its own copy, in one line, or None."""
+    if not enabled:
+        return "turned off (share_reference=False or HFT_SHARE_REFERENCE=0)"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return FSDP
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return unshareable_reason(trainer.model, trainer.ref_model) or (
+            "DeepSpeed owns the policy's tensors (it casts, moves and broadcasts them in place when training starts)")
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    if getattr(trainer.args, "sync_ref_model", False) or any(type(c).__name__ == "SyncRefModelCallback" for c in callbacks):
+        return "the trainer syncs the policy into the reference (sync_ref_model), which writes into its tensors"
+    return None
+
+
+def _reference_sharing(session: "_Session") -> SharedReference | None:
+    """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one) shares
+    the policy's frozen half, or keeps sharing it; checked each time a training run starts."""
+    reference = getattr(session.trainer, "ref_model", None)
+    if reference is None:
+        return None
+    declined = _sharing_declined(session.trainer, session.share_reference)
+    return keep_shared(session.sharing, session.handle, reference, declined=declined)
+
+
+def _reference_before_load(session: "_Session", checkpoint: str | None) -> None:
+    if checkpoint is not None and session.sharing is not None:
+        session.sharing.before_load(checkpoint)  # loading writes into the policy's (shared) tensors
+
+
 def _check_trainer(trainer) -> None:
     Trainer = _trainer_class()
     if not isinstance(trainer, Trainer):
@@ -438,7 +479,8 @@ def _check_trainer(trainer) -> None:
         )
 
 
-def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> HFTHandle:
+def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *,
+               share_reference: bool | None = None, **options: Any) -> HFTHandle:
     """Half fine-tune ``trainer.model``: freeze the half that does not train in this round.
 
     Works on ``transformers.Trainer`` and its subclasses (TRL's SFT, DPO, GRPO, Reward, KTO
@@ -449,6 +491,9 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         trainer: the trainer whose model (the policy) is half fine-tuned. Reference, reward and
             value models are never touched.
         config: an :class:`HFTConfig` or a dict of its options; ``options`` override it.
+        share_reference: let the trainer's reference model (``trainer.ref_model``: DPO, KTO, GRPO)
+            share the policy's frozen tensors instead of holding its own copy (see
+            :mod:`hft_plugin.sharing`). Default: ``HFT_SHARE_REFERENCE``, else True.
         **options: HFTConfig's options: ratio, strategy, round, seed, train_embeddings.
 
     Returns:
@@ -476,6 +521,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     _check_trainer(trainer)
     _refuse_peft(trainer)
     cfg = _build_config(config, options)
+    share = share_option(share_reference)
     _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
     if existing is not None:
@@ -486,7 +532,9 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     selection = select_half(trainer.model, config=cfg)  # refuses PEFT, quantized, unreadable models
     # the session keeps the resolved options (round="next" is a number from here on), so a resumed
     # checkpoint is compared with the round that trains
-    return _Session(trainer, selection.config, selection).start()
+    session = _Session(trainer, selection.config, selection)
+    session.share_reference = share
+    return session.start()
 
 
 def disable_hft(trainer) -> bool:
@@ -560,7 +608,9 @@ def _auto_train(wrapped, instance, args, kwargs):
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        session.check_resume(_resolve_checkpoint(instance, resume))
+        checkpoint = _resolve_checkpoint(instance, resume)
+        session.check_resume(checkpoint)
+        _reference_before_load(session, checkpoint)
     return wrapped(*args, **kwargs)
 
 
