@@ -82,9 +82,11 @@ def _json_config(file: str) -> Any:
         raise CommandError(f"{file} is neither a JSON model config nor a GGUF file; pass a config.json, a .gguf "
                            "file, a model folder or a Hub model id") from None
     except (OSError, json.JSONDecodeError) as error:
-        raise CommandError(f"{file} is not a readable JSON model config ({error})") from None
+        raise CommandError(f"{file} is not a readable JSON model config ({error}); pass a model's config.json, "
+                           "its folder, a .gguf file or a Hub model id") from None
     if not isinstance(data, dict) or not data.get("model_type"):
-        raise CommandError(f"{file} has no \"model_type\"; is it a transformers model config?")
+        raise CommandError(f"{file} has no \"model_type\", so it is not a transformers model config; pass a model's "
+                           "config.json, its folder, a .gguf file or a Hub model id")
     from transformers import CONFIG_MAPPING, __version__ as transformers_version
 
     model_type = data["model_type"]

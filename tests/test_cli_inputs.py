@@ -173,6 +173,9 @@ def test_a_binary_file_that_is_not_gguf_or_json(tmp_path, capsys):
     model.write_bytes(bytes(range(256)))
     message = _one_line_error(*_run(capsys, "plan", str(model)))
     assert "neither a JSON model config nor a GGUF file" in message and "config.json" in message
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
+    message = _one_line_error(*_run(capsys, "plan", str(tmp_path / "tokenizer.json")))
+    assert "not a transformers model config; pass a model's config.json" in message
 
 
 def test_local_paths_that_do_not_exist_and_folders_without_a_config(tmp_path, capsys):
