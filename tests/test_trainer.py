@@ -159,6 +159,81 @@ def test_disable_restores_everything(tmp_path):
     assert len(optimizer_params(trainer)) == len(original)
 
 
+# -- the optimizer of a round owns exactly that round's trainable elements --------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_trainer_next_round_trains_the_new_half(tmp_path, family):
+    """enable_hft(round 0), train, disable_hft, enable_hft(round 1), train: round 1 gets an optimizer
+    (and scheduler) of its own, so every tensor of round 1's half moves and its frozen half stays."""
+    trainer = plain_trainer(tmp_path, family)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    first = optimizer_params(trainer)
+    disable_hft(trainer)
+    handle = enable_hft(trainer, round=1)
+    before = snapshot(trainer.model)
+    trainer.train()
+    counts = check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+    assert optimizer_state_params(trainer) == counts["trainable_tensors"]  # no state from round 0
+    assert {id(p) for p in optimizer_params(trainer)} != {id(p) for p in first}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_after_disable_the_whole_model_trains(tmp_path, family):
+    trainer = plain_trainer(tmp_path, family)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    disable_hft(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    still = [n for n in before if torch.equal(before[n], after[n])]
+    assert not still, f"{len(still)} of {len(before)} tensors never moved, e.g. {still[0]}"
+    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in trainer.model.parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_optimizer_built_before_the_switch_is_refused(tmp_path, family):
+    """A new Trainer given an optimizer built over round 0's handle.parameters(), HFT at round 1: the
+    optimizer lacks round 1's trainable tensors (and owns frozen ones); refused, naming them, before
+    any weight changes."""
+    from transformers import Trainer, get_constant_schedule
+
+    from hft_plugin import HFTError, apply_selection, select_half
+
+    model = tiny_model(family)
+    round0 = apply_selection(model, select_half(model, round=0))
+    optimizer = torch.optim.AdamW(round0.parameters(), lr=1e-2, weight_decay=0.1)
+    tokenizer = tiny_tokenizer()
+    trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    weights = snapshot(model)
+    with pytest.raises(HFTError, match=r"handle\.parameters\(\)") as caught:
+        enable_hft(trainer, round=1)
+        trainer.train()
+    assert "missing" in str(caught.value) or "lacks" in str(caught.value)
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_optimizer_built_from_the_same_half_is_used(tmp_path, family):
+    """The user's optimizer over handle.parameters() of the same round fits: enable_hft keeps it."""
+    from transformers import Trainer, get_constant_schedule
+
+    from hft_plugin import apply_selection, select_half
+
+    model = tiny_model(family)
+    handle = apply_selection(model, select_half(model, round=1))
+    optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+    tokenizer = tiny_tokenizer()
+    trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    handle = enable_hft(trainer, round=1)
+    before = snapshot(model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(model), trainer, handle)
+    assert optimizer_params(trainer)[0] is optimizer.param_groups[0]["params"][0]
+
+
 # -- bad input: typed errors, raised before anything changes ------------------------------------------
 def test_not_a_trainer():
     model = tiny_model("llama")
