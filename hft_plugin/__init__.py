@@ -24,6 +24,7 @@ _EXPORTS = {
     "UnsupportedModelError": "errors",
     "SelectionMismatchError": "errors",
     "IntegrationError": "errors",
+    "OptimizerMismatchError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
@@ -38,7 +39,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import HFTConfig
-    from .errors import ConfigError, HFTError, IntegrationError, LayoutError, SelectionMismatchError, UnsupportedModelError
+    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, OptimizerMismatchError,
+                         SelectionMismatchError, UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

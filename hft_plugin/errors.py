@@ -29,3 +29,9 @@ class SelectionMismatchError(HFTError):
 
 class IntegrationError(HFTError):
     """HFT could not be attached to a trainer or framework."""
+
+
+class OptimizerMismatchError(HFTError):
+    """An optimizer does not own exactly the trainable elements of the applied selection: it owns or
+    holds state for frozen ones (or another round's), lacks trainable ones, or would write outside a
+    strided region."""

@@ -284,7 +284,9 @@ def select_half(
     known = strategy_names()
     if config.strategy not in known:
         raise ConfigError(f"Unknown strategy {config.strategy!r}; known strategies: {', '.join(known)}.")
-    with gc_paused():
+    from .regions import hidden
+
+    with gc_paused(), hidden(unwrap_model(model)):  # an applied selection's region parameters are not weights
         layout = read_layout(model)
         return Selection(config, layout, frozenset(_draw(layout, config)))
 
