@@ -119,7 +119,7 @@ def hidden(model: nn.Module):
     """Take region parameters out of the modules' parameter lists while the block runs, so reading
     the model's structure (layouts, fingerprints) sees the model as it is without HFT."""
     saved = []
-    for module in model.modules():
+    for module in model.modules() if isinstance(model, nn.Module) else ():
         state = module.__dict__.get(_STATE)
         if state:
             saved.append((module, dict(module._parameters)))

@@ -107,32 +107,38 @@ def test_dpo_trainer_leaves_the_reference_model_alone(tmp_path, family):
 def test_enable_after_the_optimizer_exists_rebuilds_it_with_a_warning(tmp_path, caplog):
     trainer = plain_trainer(tmp_path)
     trainer.create_optimizer()
+    old = trainer.optimizer
     assert len(optimizer_params(trainer)) == len(list(trainer.model.parameters()))
     with caplog.at_level(logging.WARNING, logger="hft_plugin"):
         handle = enable_hft(trainer)
-    assert "already had an optimizer" in caplog.text
-    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in handle.parameters()}
+    assert "did not fit HFT round 0" in caplog.text and "builds a new optimizer and scheduler" in caplog.text
+    assert trainer.optimizer is None and trainer.lr_scheduler is None
     before = snapshot(trainer.model)
     trainer.train()
+    assert trainer.optimizer is not old
     check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
 
 
-def test_user_optimizer_and_scheduler_are_trimmed_in_place(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_user_optimizer_over_the_whole_model_is_refused(tmp_path, family):
+    """An optimizer given to the Trainer over model.parameters() owns the frozen half (and, for
+    fused tensors, lacks their trainable regions): refused, naming what is extra, with the model
+    as it was."""
     from transformers import Trainer, get_constant_schedule
 
-    model = tiny_model("llama")
+    from hft_plugin import OptimizerMismatchError
+
+    model = tiny_model(family)
+    state = flags(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    scheduler = get_constant_schedule(optimizer)
     tokenizer = tiny_tokenizer()
     trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
-                      data_collator=collate(tokenizer), optimizers=(optimizer, scheduler))
-    handle = enable_hft(trainer)
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
-    before = snapshot(model)
-    trainer.train()
-    check_training(handle.selection, before, snapshot(model), trainer, handle)
-    assert disable_hft(trainer)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    with pytest.raises(OptimizerMismatchError, match="do not train in this round") as caught:
+        enable_hft(trainer)
+    assert "optimizers=(...)" in str(caught.value)
+    assert flags(model) == state and [n for n, _ in model.named_parameters()] == list(state)
+    assert disable_hft(trainer) is False
 
 
 def test_second_call_warns_and_changes_nothing(tmp_path, caplog):
@@ -405,7 +411,8 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
             weights = snapshot(late.model)
             with pytest.raises(SelectionMismatchError, match="round 1, but this run is round 2"):
                 late.train(resume_from_checkpoint=True)
-            assert all(torch.equal(weights[n], p) for n, p in late.model.named_parameters())
+            params = dict(late.model.named_parameters())  # with HFT on: its region parameters too
+            assert all(torch.equal(weights[n], params[n]) for n in weights)
         finally:
             other.uninstrument()
         adapter.instrument()
