@@ -1,8 +1,9 @@
 """The optimizer of a round owns exactly that round's trainable elements and holds no state from
 another round: the checks that keep any other optimizer from being used.
 
-An optimizer *fits* a handle when every tensor it owns, and every tensor it holds state for, is one
-of ``handle.parameters()``, and when no strided region (the q/k/v columns of GPT-2's ``Conv1D``) is
+An optimizer *fits* a handle when every tensor of the model it owns, and every one it holds state
+for, is one of ``handle.parameters()`` (tensors outside the model, such as a value head, are not the
+handle's business; a region parameter of a removed selection is another round's), and when no strided region (the q/k/v columns of GPT-2's ``Conv1D``) is
 in a group with ``fused=True`` (a fused kernel treats a parameter as contiguous and writes outside a
 strided view). Together, the optimizers attached to a handle must own all of
 ``handle.parameters()``. Both are checked by :meth:`~hft_plugin.freeze.HFTHandle.attach` (the
@@ -70,7 +71,13 @@ class Fit:
 
 
 def compare(optimizers: Iterable, trainable: dict[int, str], names: dict[int, str], need_all: bool) -> Fit:
-    """Compare the union of ``optimizers`` with ``trainable`` (id -> name); ``names`` names other tensors."""
+    """Compare the union of ``optimizers`` with ``trainable`` (id -> name); ``names`` names the
+    model's other tensors (id -> name)."""
+    from .regions import is_retired
+
+    def foreign(p: torch.Tensor) -> bool:  # not the model's, and no region of another round
+        return id(p) not in names and not is_retired(p)
+
     fit = Fit([], [], [], [])
     seen: set[int] = set()
     for optimizer in optimizers:
@@ -81,12 +88,14 @@ def compare(optimizers: Iterable, trainable: dict[int, str], names: dict[int, st
                 if not isinstance(p, torch.Tensor):
                     continue
                 seen.add(id(p))
+                if foreign(p):
+                    continue
                 if id(p) not in trainable:
                     fit.extra.append(_name(p, names))
                 elif fused and not p.is_contiguous():
                     fit.strided_fused.append(trainable[id(p)])
         for p in getattr(inner, "state", {}):
-            if isinstance(p, torch.Tensor) and id(p) not in trainable and getattr(inner, "state")[p]:
+            if isinstance(p, torch.Tensor) and id(p) not in trainable and not foreign(p) and inner.state[p]:
                 fit.stale_state.append(_name(p, names))
     if need_all:
         fit.missing = [name for i, name in trainable.items() if i not in seen]
@@ -95,7 +104,7 @@ def compare(optimizers: Iterable, trainable: dict[int, str], names: dict[int, st
 
 def _name(tensor: torch.Tensor, names: dict[int, str]) -> str:
     name = names.get(id(tensor))
-    return name if name is not None else f"a {tuple(tensor.shape)} tensor that is no longer in the model (another round's region?)"
+    return name if name is not None else f"a {tuple(tensor.shape)} region parameter of another round"
 
 
 def check(optimizers: Iterable, trainable: dict[int, str], names: dict[int, str], need_all: bool,

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import types
+import weakref
 from typing import Sequence
 
 import torch
@@ -48,6 +49,20 @@ logger = logging.getLogger("hft_plugin")
 
 REGION_TAG = "_hft"  # region names: f"{attr}{REGION_TAG}{i}"
 _STATE = "_hft_regions"  # module attribute: {attr: [Region, ...]}
+# Region parameters of removed selections (id -> weak reference; tensors compare elementwise, so no
+# WeakSet): an optimizer that still owns one belongs to another round.
+_RETIRED: dict[int, weakref.ref] = {}
+
+
+def is_retired(param: torch.Tensor) -> bool:
+    """True for a region parameter of a selection that was removed."""
+    ref = _RETIRED.get(id(param))
+    return ref is not None and ref() is param
+
+
+def _retire(param: nn.Parameter) -> None:
+    key = id(param)
+    _RETIRED[key] = weakref.ref(param, lambda _, key=key: _RETIRED.pop(key, None))
 
 
 @dataclasses.dataclass
@@ -110,6 +125,7 @@ def remove_regions(module: nn.Module) -> None:
         for region in regions:
             module._parameters.pop(region.name, None)
             region.param.grad = None  # a stale region owned by an old optimizer must not step again
+            _retire(region.param)
     for hook in module.__dict__.pop("_hft_state_hooks", ()):
         hook.remove()
 

@@ -5,7 +5,8 @@ with HFT on every rank and writes what each rank saw to OUT/rank<N>.json.
     torchrun --nproc_per_node 2 tests/_workers/train_distributed.py deepspeed OUT
 
 One launch runs many cases, because each launch costs start-up time: ``ddp`` runs the rank
-disagreement check, then Llama and Phi-3 (fused tensors) under DDP; ``deepspeed`` runs ZeRO-2 and
+disagreement check, then Llama, Phi-3 (fused tensors: region parameters) and Mixtral (stacked
+experts: region parameters) under DDP; ``deepspeed`` runs ZeRO-2 and
 ZeRO-3, each with the trainer's optimizer (create_optimizer) and with a DeepSpeed config
 "optimizer" block (DummyOptim), on Llama and Phi-3, the refusal of weight decay on masked
 tensors, and a ZeRO-3 checkpoint resumed (same options) and refused (another round). A failing
@@ -75,6 +76,7 @@ def train_case(family: str, out: str, **arg_overrides) -> dict:
     counts["manifest"] = os.path.isfile(os.path.join(out, "hft_selection.json"))
     counts["wrapper"] = type(trainer.model_wrapped).__name__
     counts["world_size"] = trainer.args.world_size
+    counts["mechanisms"] = sorted(set(handle.mechanisms().values()))
     return counts
 
 
@@ -99,7 +101,7 @@ def ddp(out: str, results: list) -> None:
         return {"raised": None}
 
     run_case(results, "ddp-rank-mismatch", mismatch)
-    for family in ("llama", "phi3"):
+    for family in ("llama", "phi3", "mixtral"):  # whole tensors; fused rows; stacked experts
         run_case(results, f"ddp-{family}", lambda: train_case(family, f"{out}/ddp-{family}", ddp_backend="gloo"))
 
 
