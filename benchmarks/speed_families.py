@@ -224,6 +224,26 @@ def measure_peak_memory(family: str, modes, steps: int, batch: int, seq: int, be
     return results
 
 
+def peak_memory_cuda(family: str, modes, steps: int, batch: int, seq: int, dtype: torch.dtype,
+                     before: str | None = None) -> dict:
+    """Max allocated GPU memory per configuration, one alive at a time (``rss_before_training_bytes``:
+    what was allocated once model and optimizer existed)."""
+    results = {}
+    for mode in modes:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        plugin = None if mode == "fft" else load_plugin(before if mode == "hft_before" else None)
+        run = Run(build(family, device="cuda", dtype=dtype, gpu=True), plugin)
+        allocated = torch.cuda.memory_allocated()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            run.step(torch.randint(3, VOCAB, (batch, seq), generator=gen).cuda())
+        results[mode] = dict(peak_rss_bytes=torch.cuda.max_memory_allocated(), rss_before_training_bytes=allocated)
+        del run
+    return results
+
+
 def attach_memory(row: dict, memory: dict) -> None:
     fft = memory["fft"]
     fft_rise = fft["peak_rss_bytes"] - fft["rss_before_training_bytes"]

@@ -76,7 +76,7 @@ class HFTHandle:
         self._why_mask: dict[str, str] = {}
         self._region_modules: list[nn.Module] = []
         self._experts_configs: list = []
-        self._trainable: list[tuple[str, nn.Parameter]] = []
+        self._trainable_names: list[str] = []
         self._attachments: list[_Attachment] = []
         self._covered = False
         self._all_mask: GradientMask | None = None
@@ -102,11 +102,7 @@ class HFTHandle:
     def _mechanism_for(self, name, boxes, module, attr, owners) -> tuple[str, str]:
         param = self._params[name]
         if _is_dtensor(param):
-            raise UnsupportedModelError(
-                f"{name} is trained in part and is already sharded (a DTensor, e.g. by FSDP2's fully_shard): its "
-                "trainable and frozen elements cannot be told apart on a shard. Use strategy='layer' (whole "
-                "tensors only), or DDP."
-            )
+            raise UnsupportedModelError(regions.sharded_message(name))
         if self.partial == "mask":
             return "mask", ""
         if module is None or owners.get(("shared", name)):
@@ -148,11 +144,18 @@ class HFTHandle:
                 config = experts.install(module)
                 if all(c is not config for c in self._experts_configs):
                     self._experts_configs.append(config)
-        self._trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
     # -- what trains ---------------------------------------------------------------------------------
+    @property
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        # By name, from the model as it is now: a wrapper that replaces parameter objects after HFT
+        # was applied (FSDP2's fully_shard) hands out its own.
+        names = set(self._trainable_names)
+        return [(n, p) for n, p in self.model.named_parameters() if n in names]
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """What trains, in model order: whole trainable tensors, region parameters (named
         ``<tensor>_hft<i>``), and partly trained tensors of the mask mechanism."""
@@ -230,6 +233,7 @@ class HFTHandle:
         """
         if self.removed:
             raise IntegrationError("This HFT handle was removed; apply a selection again and attach to its handle.")
+        self._check_not_replaced()
         inner = optimizers.unwrap(optimizer)
         trainable, everything = self._names()
         optimizers.check([inner], trainable, everything, need_all=False)
@@ -253,6 +257,16 @@ class HFTHandle:
         self._attachments.append(attachment)
         self._covered = False
         return self
+
+    def _check_not_replaced(self) -> None:
+        """A partly trained tensor must still be the model's own, unsharded (FSDP2's fully_shard
+        replaces parameters by DTensor shards, on which frozen and trainable elements cannot be
+        told apart)."""
+        current = dict(self.model.named_parameters())
+        for name in self._partial:
+            param = current.get(name)
+            if param is not self._params[name] or _is_dtensor(param):
+                raise IntegrationError(regions.sharded_message(name))
 
     def _before_step(self, attachment: _Attachment) -> None:
         if not self._covered:
@@ -348,9 +362,10 @@ class HFTHandle:
         for config in self._experts_configs:
             experts.restore(config)
         self._region_modules.clear()
+        current = dict(self.model.named_parameters())
         for name, flag in self._original_flags.items():
-            self._params[name].requires_grad_(flag)
-        self._trainable = []
+            current.get(name, self._params[name]).requires_grad_(flag)
+        self._trainable_names = []
         self.removed = True
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]

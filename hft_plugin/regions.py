@@ -130,6 +130,12 @@ def remove_regions(module: nn.Module) -> None:
         hook.remove()
 
 
+def sharded_message(name: str) -> str:
+    return (f"{name} is trained in part, and the model's parameters were replaced after HFT was applied (FSDP2's "
+            "fully_shard shards them): on a shard its frozen and trainable elements cannot be told apart. Use "
+            "strategy='layer' (whole tensors only: freezing them before fully_shard works), or DDP.")
+
+
 @contextlib.contextmanager
 def hidden(model: nn.Module):
     """Take region parameters out of the modules' parameter lists while the block runs, so reading
@@ -194,6 +200,12 @@ def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
 
 @torch.no_grad()
 def _repair(module: nn.Module, attr: str, param: torch.Tensor, regions: list[Region], warn: bool) -> None:
+    root = module.__dict__.get("_hft_root")
+    model = root() if root is not None else None
+    if warn and model is not None and any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+        from .errors import IntegrationError
+
+        raise IntegrationError(sharded_message(f"{type(module).__name__}.{attr}"))
     # The regions' values win: they are what the optimizer updated.
     targets = {(r.param.dtype, r.param.device) for r in regions}
     if len(targets) == 1:

@@ -3,6 +3,7 @@ with HFT on every rank and writes what each rank saw to OUT/rank<N>.json.
 
     torchrun --nproc_per_node 2 tests/_workers/train_distributed.py ddp OUT
     torchrun --nproc_per_node 2 tests/_workers/train_distributed.py deepspeed OUT
+    torchrun --nproc_per_node 2 tests/_workers/train_distributed.py fsdp2 OUT
 
 One launch runs many cases, because each launch costs start-up time: ``ddp`` runs the rank
 disagreement check, then Llama, Phi-3 (fused tensors: region parameters) and Mixtral (stacked
@@ -191,12 +192,96 @@ def deepspeed(out: str, results: list) -> None:
     run_case(results, "zero3-resume", resume)
 
 
+def fsdp2(out: str, results: list) -> None:
+    """A plain loop with FSDP2's fully_shard per layer (gloo, CPU): whole tensors frozen before
+    sharding train exactly; a model with fused tensors trained in part is refused (after sharding,
+    on a shard, frozen and trainable elements cannot be told apart), at attach, at the forward,
+    and when applied to an already sharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from hft_plugin import HFTError, apply_selection, select_half
+    from hft_plugin.testing import assert_frozen_and_trained, tiny_model
+
+    torch.distributed.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+
+    def shard(model):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def full(model) -> dict:
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+    def steps(model, optimizer, n=2):
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(n):
+            ids = torch.randint(3, 96, (2, 16), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def whole_tensors():
+        model = tiny_model("llama")
+        selection = select_half(model)
+        handle = apply_selection(model, selection)
+        before = full(model)
+        shard(model)
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+        handle.attach(optimizer)
+        steps(model, optimizer)
+        counts = assert_frozen_and_trained(selection, before, full(model))
+        return {"frozen": counts["frozen"], "trained": counts["trained"],
+                "optimizer_owns_dtensors": all(isinstance(p, DTensor) for p in handle.parameters())}
+
+    def fused_applied_before_sharding():
+        found = {}
+        for where in ("attach", "forward"):
+            model = tiny_model("phi3")
+            selection = select_half(model)
+            handle = apply_selection(model, selection)
+            before = full(model)
+            shard(model)
+            try:
+                if where == "attach":
+                    optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+                    handle.attach(optimizer)
+                else:  # an optimizer over the model's trainable parameters, never attached
+                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+                steps(model, optimizer)
+                found[where] = None
+                try:
+                    assert_frozen_and_trained(selection, before, full(model))
+                    found[where + "_frozen_kept"] = True
+                except AssertionError as exc:
+                    found[where + "_frozen_kept"] = str(exc)
+            except HFTError as exc:
+                found[where] = f"{type(exc).__name__}: {exc}"
+                found[where + "_unchanged"] = all(torch.equal(before[n], v) for n, v in full(model).items() if n in before)
+        return found
+
+    def fused_applied_after_sharding():
+        model = tiny_model("phi3")
+        shard(model)
+        try:
+            apply_selection(model, select_half(model))
+        except HFTError as exc:
+            return {"raised": f"{type(exc).__name__}: {exc}"}
+        return {"raised": None}
+
+    run_case(results, "fsdp2-llama", whole_tensors)
+    run_case(results, "fsdp2-phi3-before", fused_applied_before_sharding)
+    run_case(results, "fsdp2-phi3-after", fused_applied_after_sharding)
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     results: list = []
-    {"ddp": ddp, "deepspeed": deepspeed}[mode](out, results)
+    {"ddp": ddp, "deepspeed": deepspeed, "fsdp2": fsdp2}[mode](out, results)
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     if torch.distributed.is_initialized():
