@@ -273,7 +273,7 @@ class HFTHandle:
             live = [a.optimizer() for a in self._attachments if a.optimizer() is not None]
             trainable, everything = self._names()
             optimizers.check(live, trainable, everything, need_all=True,
-                             what=f"The {len(live)} attached optimizer{'s' if len(live) > 1 else ''}")
+                             what=f"The {len(live)} attached optimizers" if len(live) > 1 else "The attached optimizer")
             self._warn_unreached()
             self._covered = True
         if attachment.mask is not None:

@@ -53,16 +53,17 @@ class Fit:
     missing: list[str]
     strided_fused: list[str]
 
-    def message(self, what: str = "This optimizer") -> str:
+    def message(self, what: str = "This optimizer", plural: bool = False) -> str:
+        own, hold, lack, verb, it = ("own", "hold", "lack", "do", "together they") if plural else \
+            ("owns", "holds", "lacks", "does", "it")
         parts = []
         if self.extra:
-            parts.append(f"owns {len(self.extra)} tensors that do not train in this round (e.g. {self.extra[0]})")
+            parts.append(f"{own} {len(self.extra)} tensors that do not train in this round (e.g. {self.extra[0]})")
         if self.stale_state:
-            parts.append(f"holds state for {len(self.stale_state)} of them (e.g. {self.stale_state[0]})")
+            parts.append(f"{hold} state for {len(self.stale_state)} of them (e.g. {self.stale_state[0]})")
         if self.missing:
-            parts.append(f"lacks {len(self.missing)} trainable tensors, which no attached optimizer owns "
-                         f"(missing, e.g. {self.missing[0]})")
-        text = f"{what} does not fit the applied selection: it " + ", and ".join(parts) + ". " + REMEDY if parts else ""
+            parts.append(f"{lack} {len(self.missing)} trainable tensors (missing, e.g. {self.missing[0]})")
+        text = f"{what} {verb} not fit the applied selection: {it} " + ", and ".join(parts) + ". " + REMEDY if parts else ""
         if self.strided_fused:
             text += (f"{' ' if text else ''}{len(self.strided_fused)} trainable regions are strided views (e.g. "
                      f"{self.strided_fused[0]}), which a fused optimizer kernel (fused=True) would write outside of: "
@@ -110,9 +111,10 @@ def _name(tensor: torch.Tensor, names: dict[int, str]) -> str:
 def check(optimizers: Iterable, trainable: dict[int, str], names: dict[int, str], need_all: bool,
           what: str = "This optimizer") -> None:
     """Raise :class:`OptimizerMismatchError` unless ``optimizers`` fit ``trainable``."""
-    fit = compare(list(optimizers), trainable, names, need_all)
+    optimizers = list(optimizers)
+    fit = compare(optimizers, trainable, names, need_all)
     if fit.extra or fit.stale_state or fit.missing or fit.strided_fused:
-        raise OptimizerMismatchError(fit.message(what))
+        raise OptimizerMismatchError(fit.message(what, plural=len(optimizers) > 1))
 
 
 def unfuse_strided(optimizer, trainable: dict[int, str]) -> list[str]:

@@ -238,7 +238,7 @@ def test_two_optimizers_must_cover_the_trainable_half_before_a_step():
     ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     before = snapshot(model)
-    with pytest.raises(HFTError, match="no attached optimizer"):
+    with pytest.raises(HFTError, match="lacks .* trainable tensors"):
         optimizer.step()
     after = snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before)

@@ -170,7 +170,7 @@ class _Session:
                     f"{self.selection.config.round}: pass one built from handle.parameters() of this round, or none "
                     "(set trainer.optimizer = trainer.lr_scheduler = None) to let the Trainer build it."
                 ) from None
-            reason = str(exc).split(": it ", 1)[-1].split(". Build", 1)[0]
+            reason = str(exc).split(": it ", 1)[-1].split(". Build", 1)[0]  # "owns ..., and lacks ..."
         self._drop_optimizer()
         logger.warning("hft_plugin: the trainer's optimizer did not fit HFT round %d (it %s); the Trainer builds a new "
                        "optimizer and scheduler for this round.", self.selection.config.round, reason)
