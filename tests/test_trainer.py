@@ -240,6 +240,25 @@ def test_an_optimizer_built_from_the_same_half_is_used(tmp_path, family):
     assert optimizer_params(trainer)[0] is optimizer.param_groups[0]["params"][0]
 
 
+def test_gpt2_regions_under_the_default_fused_adamw(tmp_path):
+    """GPT-2's c_attn regions are column blocks (strided views): the Trainer's default fused AdamW
+    runs their groups unfused; a region of a bias lands in the no-decay group by its name."""
+    trainer = plain_trainer(tmp_path, "gpt2")
+    assert trainer.args.optim == "adamw_torch_fused"
+    handle = enable_hft(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        if any(".c_attn.weight_hft" in n for n in group_names):
+            assert group["fused"] is False
+        if any(".c_attn.bias_hft" in n for n in group_names):
+            assert group["weight_decay"] == 0.0
+
+
 # -- bad input: typed errors, raised before anything changes ------------------------------------------
 def test_not_a_trainer():
     model = tiny_model("llama")
