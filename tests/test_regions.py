@@ -164,18 +164,15 @@ def test_remove_puts_the_model_back(family):
     handle.attach(optimizer)
     steps(model, optimizer, 1)
     trained = snapshot(model)
-    region_params = [p for p in handle.parameters() if p.grad is not None or True]
     handle.remove()
     assert [n for n, _ in model.named_parameters()] == names
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert getattr(model.config, "_experts_implementation", None) == implementation
     assert not any("forward" in vars(m) for m in model.modules())
     assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())  # the regions' values stay
-    assert all(p.grad is None for p in region_params if not any(p is q for q in model.parameters()))
-    # A stale optimizer steps nothing: its regions are gone and have no gradient.
+    # A stale optimizer steps nothing of them: its regions are gone and have no gradient.
     batch = ids()
     model(input_ids=batch, labels=batch).loss.backward()
-    before = snapshot(model)
     stale = [p for g in optimizer.param_groups for p in g["params"] if not any(p is q for q in model.parameters())]
     assert stale and all(p.grad is None for p in stale)
 
