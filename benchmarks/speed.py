@@ -45,21 +45,31 @@ MODELS: dict[str, dict[str, Any]] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
                      max_position_embeddings=4096),
+    # Mixture-of-experts (Qwen3-MoE layout, stacked experts, ~0.7B parameters): for benchmarks/speed_gpu.py;
+    # "model_type" picks the family (Llama when absent)
+    "moe-0.7b": dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=512,
+                     num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                     num_experts=32, num_experts_per_tok=4, vocab_size=32000, tie_word_embeddings=False,
+                     max_position_embeddings=4096),
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                     num_experts_per_tok=2, vocab_size=96, tie_word_embeddings=False),
 }
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 LR = 1e-5
 
 
 def build_model(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **overrides):
-    """A LlamaForCausalLM of config ``name`` with weights drawn from ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A causal LM of config ``name`` (Llama unless it names a ``model_type``) with weights drawn from ``seed``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(**{**MODELS[name], **overrides})
+    values = {**MODELS[name], **overrides}
+    config = AutoConfig.for_model(values.pop("model_type", "llama"), **values)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.train()
     return model
 

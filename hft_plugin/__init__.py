@@ -23,6 +23,8 @@ _EXPORTS = {
     "LayoutError": "errors",
     "UnsupportedModelError": "errors",
     "SelectionMismatchError": "errors",
+    "ManifestError": "errors",
+    "NothingToTrainError": "errors",
     "IntegrationError": "errors",
     "OptimizerMismatchError": "errors",
     "Selection": "selection",
@@ -39,8 +41,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import HFTConfig
-    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, OptimizerMismatchError,
-                         SelectionMismatchError, UnsupportedModelError)
+    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
+                         OptimizerMismatchError, SelectionMismatchError, UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

@@ -4,8 +4,10 @@ The explicit form of the start-up hook, for a program that cannot set environmen
 before it starts (a notebook, a Ray task, a launcher that scrubs the environment)::
 
     import hft_plugin.auto  # before or after importing transformers / llamafactory / openrlhf
-    trainer = SFTTrainer(...)
-    trainer.train()          # trains one half; HFT_ROUND etc. still configure it
+    for round, task in enumerate(tasks):
+        os.environ["HFT_ROUND"] = str(round)   # read when each train() starts
+        trainer = SFTTrainer(...)
+        trainer.train()                        # trains this round's half
 
 It sets ``HFT_ENABLE=1`` unless the variable is already set (an explicit ``HFT_ENABLE=0`` wins and
 is reported), then arms the adapters exactly as the installed hook does. Importing it twice is

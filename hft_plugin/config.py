@@ -9,6 +9,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+NEXT_ROUND = "next"
+"""``round=NEXT_ROUND`` continues from the manifest of the folder the model was loaded from."""
+
 
 @dataclasses.dataclass(frozen=True)
 class HFTConfig:
@@ -19,6 +22,9 @@ class HFTConfig:
         strategy: ``"category"`` (the paper's default), ``"layer"``, ``"model"``, or the name a
             plugin registers.
         round: the fine-tuning round (stage or task), 0, 1, 2, ... Each round draws a new half.
+            ``"next"``: the round after the one recorded in the manifest (``hft_selection.json``)
+            of the folder the model was loaded from, with that run's seed, strategy, ratio and
+            train_embeddings unless given here; see :func:`hft_plugin.selection.resolve_round`.
         seed: seeds the draw. The result never depends on the global random state.
         train_embeddings: train the parameters outside the transformer layers (embeddings,
             lm_head, final norm). The paper trains them; ``False`` is its ablation.
@@ -28,11 +34,13 @@ class HFTConfig:
         1
         >>> HFTConfig.from_dict({"ratio": 0.3, "strategy": "layer"}).strategy
         'layer'
+        >>> sorted(HFTConfig.from_dict({"round": "next", "seed": 0}).given)
+        ['round', 'seed']
     """
 
     ratio: float = 0.5
     strategy: str = "category"
-    round: int = 0
+    round: int | str = 0  # an int >= 0, or NEXT_ROUND until resolved against a model folder
     seed: int = 0
     train_embeddings: bool = True
 
@@ -46,10 +54,15 @@ class HFTConfig:
                 "parameters; pass e.g. ratio=0.5 (the paper's half)."
             )
         object.__setattr__(self, "ratio", float(ratio))
+        if isinstance(self.round, str) and self.round.strip().lower() == NEXT_ROUND:
+            object.__setattr__(self, "round", NEXT_ROUND)
         for name in ("round", "seed"):
             value = getattr(self, name)
+            if name == "round" and value == NEXT_ROUND:
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name}={value!r} is not an integer; pass an int >= 0.")
+                hint = " or 'next' (the round after the loaded model's manifest)" if name == "round" else ""
+                raise ConfigError(f"{name}={value!r} is not an integer; pass an int >= 0{hint}.")
             if value < 0:
                 raise ConfigError(f"{name}={value!r} is negative; rounds and seeds count from 0.")
         if not isinstance(self.strategy, str) or not self.strategy:
@@ -64,11 +77,26 @@ class HFTConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], base: "HFTConfig | None" = None) -> "HFTConfig":
         """Build a config from keys, over ``base`` (or the defaults); unknown keys are an error
-        that suggests the closest known key."""
+        that suggests the closest known key. The keys given (and ``base``'s) are remembered in
+        :attr:`given`."""
         problem = cls.unknown_key(values)
         if problem:
             raise ConfigError(f"Unknown HFT option {problem}")
-        return dataclasses.replace(base or cls(), **dict(values))
+        config = dataclasses.replace(base or cls(), **dict(values))
+        given = frozenset(values) | (base.given if base is not None else frozenset())
+        object.__setattr__(config, "_given", given)  # not a field: equality and to_dict ignore it
+        return config
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The options set explicitly: the keys passed to :meth:`from_dict` (over its ``base``),
+        or, for a config built directly, the fields that differ from the defaults. With
+        ``round="next"`` the others are taken from the previous round's manifest."""
+        given = self.__dict__.get("_given")
+        if given is not None:
+            return given
+        defaults = HFTConfig()
+        return frozenset(f for f in self.field_names() if getattr(self, f) != getattr(defaults, f))
 
     @classmethod
     def unknown_key(cls, keys) -> str | None:

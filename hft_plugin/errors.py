@@ -19,12 +19,22 @@ class UnsupportedModelError(HFTError, TypeError):
     """The model cannot be half fine-tuned as it is (PEFT-wrapped, quantized, integer weights...)."""
 
 
+class NothingToTrainError(UnsupportedModelError):
+    """Nothing would train: the parameters HFT would train in this round are all frozen already
+    (``requires_grad=False`` set before HFT was applied)."""
+
+
 class LayoutError(HFTError):
     """The model's parameters could not be placed into transformer layers and roles."""
 
 
 class SelectionMismatchError(HFTError):
     """A saved selection does not fit the model or run it is applied to."""
+
+
+class ManifestError(SelectionMismatchError):
+    """A saved selection (``hft_selection.json``) cannot be read: not JSON, truncated, a key missing
+    or of the wrong type, or a format this version does not know. The message names the file."""
 
 
 class IntegrationError(HFTError):

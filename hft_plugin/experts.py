@@ -87,7 +87,7 @@ class _Projection:
     transposed: bool
     weight: list[tuple[int, int, int, int, int]]  # (expert, out_start, out_stop, in_start, in_stop)
     bias: list[tuple[int, int, int]]  # (expert, out_start, out_stop)
-    params: list[nn.Parameter]  # weight regions, then bias regions
+    names: list[str]  # the region parameters' names on the module: weight regions, then bias regions
 
 
 def install(module: nn.Module) -> Any:
@@ -112,7 +112,7 @@ def install(module: nn.Module) -> Any:
                     ranges[dim] = (start, stop)
             out_range, in_range = (ranges[2], ranges[1]) if transposed else (ranges[1], ranges[2])
             spec.weight.append((expert, *out_range, *in_range))
-            spec.params.append(region.param)
+            spec.names.append(region.name)
         for region in regions.get(f"{name}_bias", ()):
             bias = module._parameters[f"{name}_bias"]
             expert, out_range = None, (0, bias.shape[1])
@@ -122,7 +122,7 @@ def install(module: nn.Module) -> Any:
                 else:
                     out_range = (start, stop)
             spec.bias.append((expert, *out_range))
-            spec.params.append(region.param)
+            spec.names.append(region.name)
         projections[name] = spec
     module.__dict__[_STATE] = projections
     base = _configured(module)
@@ -204,7 +204,8 @@ def _project(module, projections, name, x, offsets, expert_ids):
     spec = projections.get(name)
     if spec is None:
         return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], bool(module.is_transposed))
-    return ExpertsLinearFunction.apply(x, weight, bias, offsets, expert_ids, spec, *spec.params)
+    return ExpertsLinearFunction.apply(x, weight, bias, offsets, expert_ids, spec,
+                                       *(module._parameters[n] for n in spec.names))
 
 
 class ExpertsLinearFunction(torch.autograd.Function):
@@ -220,6 +221,7 @@ class ExpertsLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, offsets, expert_ids, spec: _Projection, *regions):
         ctx.spec = spec
+        ctx.regions = [(r.shape, r.dtype) for r in regions]
         ctx.save_for_backward(x, weight, offsets)
         ctx.bias_shape = None if bias is None else bias.shape
         return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], spec.transposed)
@@ -246,16 +248,16 @@ class ExpertsLinearFunction(torch.autograd.Function):
             for e in range(ctx.bias_shape[0]):
                 grad_b[e] = gy[bounds[e]:bounds[e + 1]].sum(0)
         grads = []
-        for (e, o0, o1, i0, i1), param in zip(spec.weight, spec.params):
+        for (e, o0, o1, i0, i1), (shape, dtype) in zip(spec.weight, ctx.regions):
             s, t = bounds[e], bounds[e + 1]
             if s == t:
-                grads.append(torch.zeros_like(param))
+                grads.append(torch.zeros(shape, dtype=dtype, device=gy.device))
                 continue
             g = xw[s:t, i0:i1].t().mm(gy[s:t, o0:o1]) if spec.transposed else gy[s:t, o0:o1].t().mm(xw[s:t, i0:i1])
-            grads.append(g if g.dtype == param.dtype else g.to(param.dtype))
-        for (e, o0, o1), param in zip(spec.bias, spec.params[len(spec.weight):]):
+            grads.append(g if g.dtype == dtype else g.to(dtype))
+        for (e, o0, o1), (_, dtype) in zip(spec.bias, ctx.regions[len(spec.weight):]):
             g = gy[bounds[e]:bounds[e + 1], o0:o1].sum(0)
-            grads.append(g if g.dtype == param.dtype else g.to(param.dtype))
+            grads.append(g if g.dtype == dtype else g.to(dtype))
         return (grad_x, grad_w, grad_b, None, None, None, *grads)
 
 

@@ -10,9 +10,11 @@ tensor when the selection is applied (:meth:`HFTHandle.mechanisms`):
 * ``experts``: a stacked experts tensor of a transformers experts module, through the "hft"
   experts implementation (:mod:`hft_plugin.experts`); a frozen expert's weight gradient is never
   formed.
-* ``mask``: everything else, and every partly trained tensor with ``partial="mask"`` (DeepSpeed ZeRO
-  keeps gradients in flat partitions): the optimizer owns the tensor whole and its frozen blocks'
-  gradients are zeroed once per step (:mod:`hft_plugin.masking`), and put back after the step where
+* ``mask``: everything else, every tensor already sharded when the selection is applied, and every
+  partly trained tensor with ``partial="mask"`` (DeepSpeed ZeRO keeps gradients in flat partitions;
+  FSDP2 shards each tensor: apply with ``partial="mask"`` before ``fully_shard``): the optimizer
+  owns the tensor whole and its frozen blocks' gradients are zeroed once per step
+  (:mod:`hft_plugin.masking`, on each rank's shard under FSDP2), and put back after the step where
   a zero gradient is not enough.
 
 Everything is recorded so :meth:`HFTHandle.remove` puts the model back as it was.
@@ -28,10 +30,11 @@ import torch
 from torch import nn
 
 from . import experts, optimizers, regions
-from .errors import IntegrationError, SelectionMismatchError, UnsupportedModelError
-from .layouts.base import Box, fingerprint_shapes, param_shape, unwrap_model
+from .errors import IntegrationError, SelectionMismatchError
+from .layouts.base import Box, param_shape, unwrap_model
 from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
-from .selection import Selection, check_model
+from .selection import Selection, check_fits, check_model, check_trains_something
+from .shards import is_sharded, local_trainable_mask
 
 logger = logging.getLogger("hft_plugin")
 
@@ -39,6 +42,15 @@ PARTIAL_MODES = ("auto", "mask")
 
 # model -> its active handle; weak, and not an attribute, so copies of a model carry no handle
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDictionary()
+
+# Module names that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _canonical(name: str) -> str:
+    for wrapper in _WRAPPER_NAMES:
+        name = name.replace(wrapper, "")
+    return name
 
 
 class _Attachment:
@@ -62,6 +74,10 @@ class HFTHandle:
     ``parameters()`` is exactly what the optimizer should own; ``attach(optimizer)`` checks that an
     optimizer fits and keeps mask-mechanism tensors' frozen blocks still under it; ``remove()``
     restores the model's flags, modules and experts implementation.
+
+    The handle follows wrappers that put new parameter objects in place (FSDP2's ``fully_shard``
+    replaces every parameter by a DTensor): each of these methods re-reads the model's parameters
+    by name when they changed (:meth:`refresh_parameters`).
     """
 
     def __init__(self, model: nn.Module, selection: Selection, partial: str = "auto"):
@@ -100,9 +116,8 @@ class HFTHandle:
         return chosen
 
     def _mechanism_for(self, name, boxes, module, attr, owners) -> tuple[str, str]:
-        param = self._params[name]
-        if _is_dtensor(param):
-            raise UnsupportedModelError(regions.sharded_message(name))
+        if is_sharded(self._params[name]):
+            return "mask", "sharded (a DTensor, e.g. by fully_shard): masked on each rank's shard"
         if self.partial == "mask":
             return "mask", ""
         if module is None or owners.get(("shared", name)):
@@ -144,17 +159,46 @@ class HFTHandle:
                 config = experts.install(module)
                 if all(c is not config for c in self._experts_configs):
                     self._experts_configs.append(config)
-        self._trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self._params = dict(self.model.named_parameters())  # now with the region parameters
+        self._trainable_names = [n for n, p in self._params.items() if p.requires_grad]
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
     # -- what trains ---------------------------------------------------------------------------------
+    def refresh_parameters(self) -> bool:
+        """Take the model's current parameter objects, by name, if a wrapper replaced them (FSDP2's
+        ``fully_shard`` puts DTensor parameters in place). Returns whether anything changed.
+
+        Called by :meth:`parameters`, :meth:`attach` and :meth:`remove`, so a loop needs no call of
+        its own. Hooks attached to the replaced tensors are dropped: attach the optimizer (built
+        from the new :meth:`parameters`) again.
+
+        Raises:
+            SelectionMismatchError: a parameter of the selection is no longer in the model.
+        """
+        current = {_canonical(name): param for name, param in self.model.named_parameters()}
+        if all(current.get(_canonical(name)) is param for name, param in self._params.items()):
+            return False
+        missing = [name for name in self._params if _canonical(name) not in current]
+        if missing:
+            raise SelectionMismatchError(
+                f"{len(missing)} parameters of the selection are no longer in the model (e.g. {missing[0]}); a "
+                "wrapper renamed or removed them. Apply the selection to the model as it is now."
+            )
+        self._params = {name: current[_canonical(name)] for name in self._params}
+        if self._attachments:
+            logger.warning("hft_plugin: the model's parameters were replaced (e.g. by fully_shard) after an optimizer "
+                           "was attached; build the optimizer from handle.parameters() and attach it again.")
+            for attachment in self._attachments:
+                attachment.detach()
+            self._attachments.clear()
+        self._all_mask = None
+        return True
+
     @property
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
-        # By name, from the model as it is now: a wrapper that replaces parameter objects after HFT
-        # was applied (FSDP2's fully_shard) hands out its own.
-        names = set(self._trainable_names)
-        return [(n, p) for n, p in self.model.named_parameters() if n in names]
+        self.refresh_parameters()
+        return [(n, self._params[n]) for n in self._trainable_names]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """What trains, in model order: whole trainable tensors, region parameters (named
@@ -196,6 +240,7 @@ class HFTHandle:
     @property
     def masked_parameters(self) -> dict[str, nn.Parameter]:
         """The partly trained tensors of the mask mechanism (the optimizer owns them whole), by name."""
+        self.refresh_parameters()
         return {n: self._params[n] for n in self._masked}
 
     def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
@@ -205,7 +250,7 @@ class HFTHandle:
     # -- optimizers ----------------------------------------------------------------------------------
     def _names(self) -> tuple[dict[int, str], dict[int, str]]:
         trainable = {id(p): n for n, p in self._trainable}
-        everything = {id(p): n for n, p in self.model.named_parameters()}
+        everything = {id(p): n for n, p in self._params.items()}
         return trainable, everything
 
     def check_optimizer(self, optimizer, need_all: bool = True) -> None:
@@ -243,7 +288,9 @@ class HFTHandle:
         masked = [n for n in self._masked if id(self._params[n]) in owned]
         if masked:
             params = [self._params[n] for n in masked]
-            masks = [self.trainable_mask(n) for n in masked]  # built on the host, dropped once the blocks are found
+            # Built on the host and dropped once the blocks are found; a sharded (DTensor) tensor is
+            # masked on this rank's shard.
+            masks = [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in masked]
             attachment.mask = GradientMask(params, masks)
             if restore is None:
                 restore = needs_restore(inner, params)
@@ -259,13 +306,11 @@ class HFTHandle:
         return self
 
     def _check_not_replaced(self) -> None:
-        """A partly trained tensor must still be the model's own, unsharded (FSDP2's fully_shard
-        replaces parameters by DTensor shards, on which frozen and trainable elements cannot be
-        told apart)."""
-        current = dict(self.model.named_parameters())
-        for name in self._partial:
-            param = current.get(name)
-            if param is not self._params[name] or _is_dtensor(param):
+        """A tensor with region parameters must not have been sharded (FSDP2's fully_shard would
+        shard each region as a tensor of its own, no longer viewing its tensor)."""
+        self.refresh_parameters()
+        for name, mechanism in self._mechanisms.items():
+            if mechanism != "mask" and is_sharded(self._params[name]):
                 raise IntegrationError(regions.sharded_message(name))
 
     def _before_step(self, attachment: _Attachment) -> None:
@@ -282,7 +327,8 @@ class HFTHandle:
     def _warn_unreached(self) -> None:
         for module in self._region_modules:
             for attr, items in regions.module_regions(module).items():
-                if all(r.param.grad is None for r in items) and any(p.grad is not None for _, p in self._trainable):
+                current = [module._parameters.get(r.name) for r in items]
+                if all(p is None or p.grad is None for p in current) and any(p.grad is not None for _, p in self._trainable):
                     logger.warning(
                         "hft_plugin: the trainable regions of %s.%s got no gradient in the first step: is the module "
                         "used without its forward (its weight read directly)?", type(module).__name__, attr)
@@ -312,9 +358,11 @@ class HFTHandle:
         clipping). Idempotent; nothing to do without mask-mechanism tensors."""
         if not self._masked:
             return
+        self.refresh_parameters()
         if self._all_mask is None:
             names = list(self._masked)
-            self._all_mask = GradientMask([self._params[n] for n in names], [self.trainable_mask(n) for n in names])
+            self._all_mask = GradientMask([self._params[n] for n in names],
+                                          [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in names])
         self._all_mask.apply()
 
     def refresh(self) -> None:
@@ -354,6 +402,10 @@ class HFTHandle:
         for attachment in self._attachments:
             attachment.detach()
         self._attachments.clear()
+        try:
+            self.refresh_parameters()
+        except SelectionMismatchError:  # renamed by a wrapper: restore what can still be reached
+            pass
         for module in self._region_modules:
             regions.uninstall_rows(module)
             experts.uninstall(module)
@@ -362,9 +414,8 @@ class HFTHandle:
         for config in self._experts_configs:
             experts.restore(config)
         self._region_modules.clear()
-        current = dict(self.model.named_parameters())
         for name, flag in self._original_flags.items():
-            current.get(name, self._params[name]).requires_grad_(flag)
+            self._params[name].requires_grad_(flag)
         self._trainable_names = []
         self.removed = True
         if _ACTIVE.get(self.model) is self:
@@ -395,10 +446,6 @@ def _owners(model: nn.Module) -> dict:
     return owners
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
-
-
 def _is_region(param: torch.Tensor) -> bool:
     return param._base is not None
 
@@ -425,7 +472,7 @@ def apply_selection(model: nn.Module, selection: Selection, *, partial: str = "a
             gradients live in flat partitions, as under DeepSpeed ZeRO).
 
     Raises:
-        UnsupportedModelError, SelectionMismatchError: before anything changes.
+        UnsupportedModelError, SelectionMismatchError, NothingToTrainError: before anything changes.
 
     Example:
         >>> import torch
@@ -441,18 +488,11 @@ def apply_selection(model: nn.Module, selection: Selection, *, partial: str = "a
     if partial not in PARTIAL_MODES:
         raise ValueError(f"partial={partial!r}; expected one of {PARTIAL_MODES}.")
     model = check_model(model)
-    with regions.hidden(model):  # region parameters are not part of the model's structure
-        shapes = {n: param_shape(p) for n, p in model.named_parameters()}
     previous = _ACTIVE.get(model)
     if previous is not None and not previous.removed and previous.partial == partial and _same(previous.selection, selection):
         return previous
-    if fingerprint_shapes(shapes) != selection.fingerprint:
-        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
-        raise SelectionMismatchError(
-            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
-            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
-            "Call select_half on this model."
-        )
+    check_fits(model, selection)
+    check_trains_something(selection, previous._original_flags if previous is not None else model)
     if previous is not None:
         previous.remove()
     handle = HFTHandle(model, selection, partial)

@@ -81,6 +81,14 @@ def frozen_boxes(trainable: torch.Tensor) -> list[tuple[slice, ...]] | None:
     return [(run, *(slice(a, b) for a, b in rest)) for rest, column in runs.items() for run in column]
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients), sharing its storage; any
+    other tensor as it is. Masks of sharded tensors are built for the local shard
+    (:func:`hft_plugin.shards.local_trainable_mask`)."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
 class _Regions:
     """Where each tensor is frozen: boxes of slices (cheap views), or a dense mask as a fallback."""
 
@@ -100,6 +108,7 @@ class _Regions:
         for tensor, boxes, shape in zip(tensors, self.boxes, self.shapes):
             if tensor is None or not boxes:
                 continue
+            tensor = local_tensor(tensor)
             if tuple(tensor.shape) != shape:  # e.g. a flattened shard: slicing it would hit the wrong elements
                 raise RuntimeError(f"hft_plugin: a masked tensor has shape {tuple(tensor.shape)}, its mask {shape}.")
             views.extend(tensor[box] for box in boxes)
@@ -131,7 +140,7 @@ class GradientMask:
         views = self._regions.views(grads)
         if views:
             torch._foreach_zero_(views)
-        dense = [(g, m) for g, m in zip(grads, self._regions.dense) if g is not None and m is not None]
+        dense = [(local_tensor(g), m) for g, m in zip(grads, self._regions.dense) if g is not None and m is not None]
         if dense:
             torch._foreach_mul_([g for g, _ in dense], [m for _, m in dense])
 
@@ -152,7 +161,7 @@ class FrozenRestore:
     def refresh(self) -> None:
         """Take the parameters' current values as the frozen ones (after loading weights)."""
         self._saved = [v.clone() for v in self._regions.views([p.detach() for p in self.params])]
-        self._dense_saved = [(p, m.to(torch.bool), p.detach().clone())
+        self._dense_saved = [(local_tensor(p.detach()), m.to(torch.bool), local_tensor(p.detach()).clone())
                              for p, m in zip(self.params, self._regions.dense) if m is not None]
 
     @torch.no_grad()

@@ -131,9 +131,9 @@ def remove_regions(module: nn.Module) -> None:
 
 
 def sharded_message(name: str) -> str:
-    return (f"{name} is trained in part, and the model's parameters were replaced after HFT was applied (FSDP2's "
-            "fully_shard shards them): on a shard its frozen and trainable elements cannot be told apart. Use "
-            "strategy='layer' (whole tensors only: freezing them before fully_shard works), or DDP.")
+    return (f"{name} trains through region parameters, which FSDP2's fully_shard shards as tensors of their own "
+            "(they no longer view the tensor). For FSDP2, apply the selection with partial='mask' before "
+            "fully_shard, or apply it after fully_shard: partly trained tensors are then masked on each rank's shard.")
 
 
 @contextlib.contextmanager
@@ -154,6 +154,17 @@ def hidden(model: nn.Module):
         for module, params in saved:
             module._parameters.clear()
             module._parameters.update(params)
+
+
+def requires_grad_flags(model: nn.Module) -> dict[str, bool]:
+    """Each of the model's own parameters (regions left out) -> whether it trains: its
+    ``requires_grad``, or True for a tensor that trains through region parameters."""
+    with hidden(model):
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        for attr in module_regions(module):
+            flags[f"{prefix}.{attr}" if prefix else attr] = True
+    return flags
 
 
 def _drop_regions_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
@@ -193,6 +204,10 @@ def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
         param = module._parameters.get(attr)
         if param is None:
             continue
+        for region in regions:  # a wrapper may have put new parameter objects in place
+            current = module._parameters.get(region.name)
+            if current is not None and current is not region.param:
+                region.param = current
         if all(_aliased(param, r) for r in regions):
             continue
         _repair(module, attr, param, regions, warn)
@@ -236,14 +251,14 @@ class RowsSpec:
     conv1d: bool
     weight: list[tuple[int, int, int, int]]  # (out_start, out_stop, in_start, in_stop) per weight region
     bias: list[tuple[int, int]]  # (out_start, out_stop) per bias region
-    params: list[nn.Parameter]  # weight regions, then bias regions
+    names: list[str]  # the region parameters' names on the module: weight regions, then bias regions
 
 
 def rows_spec(module: nn.Module, conv1d: bool) -> RowsSpec:
     state = module_regions(module)
     out_features = module.weight.shape[1 if conv1d else 0]
     in_features = module.weight.shape[0 if conv1d else 1]
-    weight, bias, params = [], [], []
+    weight, bias, names = [], [], []
     for region in state.get("weight", ()):
         ranges = {0: (0, module.weight.shape[0]), 1: (0, module.weight.shape[1])}
         for dim, start, stop in region.box:
@@ -251,12 +266,12 @@ def rows_spec(module: nn.Module, conv1d: bool) -> RowsSpec:
         out_range, in_range = (ranges[1], ranges[0]) if conv1d else (ranges[0], ranges[1])
         assert out_range[1] <= out_features and in_range[1] <= in_features
         weight.append((*out_range, *in_range))
-        params.append(region.param)
+        names.append(region.name)
     for region in state.get("bias", ()):
         (_, start, stop), = region.box
         bias.append((start, stop))
-        params.append(region.param)
-    return RowsSpec(conv1d, weight, bias, params)
+        names.append(region.name)
+    return RowsSpec(conv1d, weight, bias, names)
 
 
 def _autocast_state(device_type: str) -> tuple:
@@ -277,6 +292,7 @@ class RowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: RowsSpec, *regions):
         ctx.spec = spec
+        ctx.region_dtypes = [r.dtype for r in regions]
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, weight, bias)
         if spec.conv1d:
@@ -314,21 +330,22 @@ def _rows_backward(ctx, spec: RowsSpec, x, weight, bias, grad_out):
     if needs[2]:
         grad_b = gy.sum(0)
     grads = []
-    for (o0, o1, i0, i1), param in zip(spec.weight, spec.params):
+    dtypes = ctx.region_dtypes
+    for (o0, o1, i0, i1), dtype in zip(spec.weight, dtypes):
         g = x2[:, i0:i1].t().mm(gy[:, o0:o1]) if spec.conv1d else gy[:, o0:o1].t().mm(x2[:, i0:i1])
-        grads.append(g if g.dtype == param.dtype else g.to(param.dtype))
+        grads.append(g if g.dtype == dtype else g.to(dtype))
     if spec.bias:
         summed = grad_b if grad_b is not None else gy.sum(0)
-        for (o0, o1), param in zip(spec.bias, spec.params[len(spec.weight):]):
+        for (o0, o1), dtype in zip(spec.bias, dtypes[len(spec.weight):]):
             g = summed[o0:o1]
-            grads.append(g if g.dtype == param.dtype else g.to(param.dtype))
+            grads.append(g if g.dtype == dtype else g.to(dtype))
     return (grad_x, grad_w, grad_b, None, *grads)
 
 
 def _linear_forward(self, input):
     ensure_aliased(self)
     spec = self.__dict__["_hft_rows"]
-    return RowsFunction.apply(input, self.weight, self.bias, spec, *spec.params)
+    return RowsFunction.apply(input, self.weight, self.bias, spec, *(self._parameters[n] for n in spec.names))
 
 
 def rows_module_kind(module: nn.Module) -> str | None:

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, HFTError, SelectionMismatchError
 
-__all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "RESET_MANIFEST_NAME"]
+__all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "Interrupted", "RESET_MANIFEST_NAME"]
 
 RESET_MANIFEST_NAME = "hft_half_reset.json"
 
@@ -51,18 +51,20 @@ def half_reset(
     tuned_model,
     base_model,
     *,
-    strategy: str = "category",
-    ratio: float = 0.5,
-    seed: int = 0,
-    round: int = 0,
-    train_embeddings: bool = True,
+    strategy: str | None = None,
+    ratio: float | None = None,
+    seed: int | None = None,
+    round: int | None = None,
+    train_embeddings: bool | None = None,
 ):
     """Reset the half of ``tuned_model`` that HFT would freeze to ``base_model``'s values, in place.
 
     The half is ``select_half(tuned_model, round, strategy=..., ratio=..., seed=...)``: tensors it
     freezes are copied from the base, slices of fused tensors it freezes are copied slice by
     slice, and everything it trains (embeddings and lm_head too, unless ``train_embeddings=False``)
-    keeps its tuned values.
+    keeps its tuned values. Options left out are the defaults (category, 0.5, seed 0, round 0,
+    embeddings kept), or, if the folder ``tuned_model`` was loaded from has an
+    ``hft_selection.json``, that run's options; a given option that contradicts it is an error.
 
     Args:
         tuned_model: the fine-tuned model, changed in place.
@@ -76,6 +78,7 @@ def half_reset(
     Raises:
         SelectionMismatchError: the base lacks a parameter the reset needs, or its shape differs
             (the message names the first such parameter). Nothing is changed then.
+        ConfigError: an option contradicts the tuned model's manifest.
 
     Example:
         >>> import torch
@@ -90,10 +93,15 @@ def half_reset(
 
     from .layouts.base import unwrap_model
     from .masking import region_mask
-    from .selection import select_half
+    from .selection import _select, folder_manifest
 
-    selection = select_half(tuned_model, round, strategy=strategy, ratio=ratio, seed=seed,
-                            train_embeddings=train_embeddings)
+    given = dict(strategy=strategy, ratio=ratio, seed=seed, round=round, train_embeddings=train_embeddings)
+    folder, saved = folder_manifest(tuned_model)
+    config = _reset_config(saved, given, folder, flags=False)
+    selection = _select(tuned_model, config, saved.history if saved is not None else ())
+    if saved is not None:
+        _check_same_model(saved, selection, folder)
+        selection = saved.__class__(saved.config, selection.layout, saved.trainable_units, saved.history)
     tuned_params = dict(unwrap_model(tuned_model).named_parameters())
     if isinstance(base_model, torch.nn.Module):
         base_params: Mapping[str, Any] = dict(unwrap_model(base_model).named_parameters())
@@ -124,6 +132,47 @@ def half_reset(
             base = base_params[name].to(device=param.device, dtype=param.dtype)
             param.copy_(torch.where(keep, param, base))
     return selection
+
+
+# -- the options: given, or the tuned run's manifest -----------------------------------------------
+
+_FLAGS = {"strategy": "--strategy", "ratio": "--ratio", "seed": "--seed", "round": "--round",
+          "train_embeddings": "--reset-embeddings"}
+
+
+def _reset_config(saved, given: Mapping[str, Any], where: str | None, flags: bool):
+    """The HFTConfig of a reset: the given options over the tuned run's manifest (``saved``) or,
+    without one, over the defaults. A given option that contradicts the manifest is refused:
+    the manifest records which half trained, so any other half is the wrong one."""
+    from .config import HFTConfig
+
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if saved is None:
+        return HFTConfig.from_dict(chosen)
+    manifest = os.path.join(where or ".", "hft_selection.json")
+    clashes = [(k, v, getattr(saved.config, k)) for k, v in chosen.items() if getattr(saved.config, k) != v]
+    if clashes:
+        def shown(key, value):
+            if flags and key == "train_embeddings":
+                return "--reset-embeddings" if value is False else "no --reset-embeddings"
+            return f"{_FLAGS[key]} {value}" if flags else f"{key}={value!r}"
+
+        said = ", ".join(f"{shown(k, v)} but the tuned run used {shown(k, m)}" for k, v, m in clashes)
+        raise ConfigError(
+            f"{manifest} records the HFT run that produced the tuned model, and the options given contradict it: "
+            f"{said}. Leave these options out to reset the half that run froze (its options are the default "
+            "when the tuned folder has a manifest)."
+        )
+    return saved.config
+
+
+def _check_same_model(saved, selection, where: str | None) -> None:
+    if saved.fingerprint != selection.fingerprint:
+        raise SelectionMismatchError(
+            f"{os.path.join(where or '.', 'hft_selection.json')} was written for another model (fingerprint "
+            f"{saved.fingerprint}) than the tuned model ({selection.fingerprint}); the tuned folder's weights or "
+            "config were replaced after that run. Remove the stale manifest, or pass the folder that run wrote."
+        )
 
 
 # -- on checkpoints, streaming --------------------------------------------------------------------
@@ -361,12 +410,13 @@ def half_reset_checkpoint(
     tuned_dir: str,
     out_dir: str,
     *,
-    strategy: str = "category",
-    ratio: float = 0.5,
-    seed: int = 0,
-    round: int = 0,
-    train_embeddings: bool = True,
+    strategy: str | None = None,
+    ratio: float | None = None,
+    seed: int | None = None,
+    round: int | None = None,
+    train_embeddings: bool | None = None,
     allow_pickle: bool = False,
+    _flags: bool = False,
 ):
     """Half-Reset on checkpoint directories: write ``out_dir`` = ``tuned_dir`` with its frozen half
     taken from ``base_dir``.
@@ -380,10 +430,16 @@ def half_reset_checkpoint(
     Pickled ``.bin`` checkpoints are refused unless ``allow_pickle=True``; even then they are
     loaded with ``torch.load(weights_only=True)``.
 
+    The options left out are the defaults (category, 0.5, seed 0, round 0, embeddings kept) or,
+    if ``tuned_dir`` has an ``hft_selection.json`` (it was trained with HFT), that run's options;
+    a given option that contradicts that manifest raises :class:`ConfigError`.
+
     Everything is checked before anything is written: mismatched base and tuned checkpoints (a
     tensor in one but not the other, or a different shape) raise :class:`SelectionMismatchError`
-    naming the first difference. ``out_dir`` must not exist or be empty; it is written in a
-    temporary directory beside it and renamed at the end, so a failure leaves nothing behind.
+    naming the first difference. ``out_dir`` must not exist or be an empty directory (a symlink to
+    one is followed); it is written in a temporary directory beside it and renamed at the end, so
+    a failure, or SIGTERM/SIGINT/SIGHUP during the write, leaves nothing behind (the signal then
+    raises :class:`Interrupted`).
 
     Returns:
         The :class:`~hft_plugin.Selection` used.
@@ -404,14 +460,12 @@ def half_reset_checkpoint(
     import torch
 
     from .masking import region_mask
-    from .selection import MANIFEST_NAME, select_half
+    from .selection import MANIFEST_NAME, Selection, _select
 
-    out_dir = os.path.abspath(out_dir)
-    for role, path in (("base", base_dir), ("tuned", tuned_dir)):
-        if os.path.abspath(path) == out_dir:
-            raise ConfigError(f"--out {out_dir} is the {role} directory; write the result to a new directory.")
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ConfigError(f"--out {out_dir} exists and is not empty; pass a new directory (nothing is overwritten).")
+    out_dir = _output_directory(out_dir, base_dir, tuned_dir)
+    given = dict(strategy=strategy, ratio=ratio, seed=seed, round=round, train_embeddings=train_embeddings)
+    saved = Selection.load(tuned_dir) if os.path.isfile(os.path.join(tuned_dir, MANIFEST_NAME)) else None
+    config = _reset_config(saved, given, tuned_dir, flags=_flags)
 
     tuned = _Weights(tuned_dir, allow_pickle, "tuned")
     base = _Weights(base_dir, allow_pickle, "base")
@@ -419,7 +473,10 @@ def half_reset_checkpoint(
     if difference is not None:
         raise SelectionMismatchError(f"The base and tuned checkpoints differ: {difference}. Nothing was written.")
     model = _meta_model(tuned_dir)
-    selection = select_half(model, round, strategy=strategy, ratio=ratio, seed=seed, train_embeddings=train_embeddings)
+    selection = _select(model, config, saved.history if saved is not None else ())
+    if saved is not None:  # the half that run froze, as it recorded it
+        _check_same_model(saved, selection, tuned_dir)
+        selection = Selection(saved.config, selection.layout, saved.trainable_units, saved.history)
     actions, unplaced = _plan_for_checkpoint(tuned, selection)
 
     def produce(name: str):
@@ -435,47 +492,145 @@ def half_reset_checkpoint(
 
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".hft-half-reset-", dir=parent)
     counts = {"reset": 0, "partly_reset": 0, "kept": 0}
-    try:
-        file_names: dict[str, str] = {}
-        for file, names in tuned.files.items():
-            out_name = _safetensors_name(file) if tuned.pickled else file
-            file_names[file] = out_name
-            metadata = None
-            if not tuned.pickled:
-                metadata = _safetensors_metadata(os.path.join(tuned_dir, file))
-            _write_safetensors(os.path.join(work, out_name), names, tuned, produce, metadata or {"format": "pt"})
-            for name in names:
-                action = actions[name]
-                counts["kept" if action == "keep" else "reset" if action == "reset" else "partly_reset"] += 1
-        if tuned.index_name is not None:
-            with open(os.path.join(tuned_dir, tuned.index_name), encoding="utf-8") as f:
-                index = json.load(f)
-            index["weight_map"] = {n: file_names[f] for n, f in index["weight_map"].items()}
-            index_name = SAFE_INDEX if tuned.pickled else tuned.index_name
-            with open(os.path.join(work, index_name), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-        for name in _copied_files(tuned_dir):
-            shutil.copy2(os.path.join(tuned_dir, name), os.path.join(work, name))
-        selection.save(work)
-        record = {
-            "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
-            "selection": MANIFEST_NAME, "config": selection.config.to_dict(),
-            "tensors": counts, "not_in_layout_kept": unplaced,
-            "note": "tensors that the selection freezes were reset to the base; the rest keep their tuned values",
-        }
-        with open(os.path.join(work, RESET_MANIFEST_NAME), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-        tuned.close()
-        base.close()
+    with _signals_interrupt() as signals:
+        work = None
+        try:
+            with signals.held():  # the directory exists only once `work` names it, for the clean-up
+                work = tempfile.mkdtemp(prefix=".hft-half-reset-", dir=parent)
+            _write_output(work, out_dir, tuned_dir, base_dir, tuned, base, actions, unplaced, produce, selection,
+                          counts, signals)
+        except BaseException:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    return selection
+
+
+def _write_output(work, out_dir, tuned_dir, base_dir, tuned, base, actions, unplaced, produce, selection, counts,
+                  signals) -> None:
+    from .selection import MANIFEST_NAME
+
+    file_names: dict[str, str] = {}
+    for file, names in tuned.files.items():
+        out_name = _safetensors_name(file) if tuned.pickled else file
+        file_names[file] = out_name
+        metadata = None
+        if not tuned.pickled:
+            metadata = _safetensors_metadata(os.path.join(tuned_dir, file))
+        _write_safetensors(os.path.join(work, out_name), names, tuned, produce, metadata or {"format": "pt"})
+        for name in names:
+            action = actions[name]
+            counts["kept" if action == "keep" else "reset" if action == "reset" else "partly_reset"] += 1
+    if tuned.index_name is not None:
+        with open(os.path.join(tuned_dir, tuned.index_name), encoding="utf-8") as f:
+            index = json.load(f)
+        index["weight_map"] = {n: file_names[f] for n, f in index["weight_map"].items()}
+        index_name = SAFE_INDEX if tuned.pickled else tuned.index_name
+        with open(os.path.join(work, index_name), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    for name in _copied_files(tuned_dir):
+        shutil.copy2(os.path.join(tuned_dir, name), os.path.join(work, name))
+    selection.save(work)
+    record = {
+        "base": os.path.abspath(base_dir), "tuned": os.path.abspath(tuned_dir),
+        "selection": MANIFEST_NAME, "config": selection.config.to_dict(),
+        "tensors": counts, "not_in_layout_kept": unplaced,
+        "note": "tensors that the selection freezes were reset to the base; the rest keep their tuned values",
+    }
+    with open(os.path.join(work, RESET_MANIFEST_NAME), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    tuned.close()
+    base.close()
+    with signals.held():  # both steps or neither: a signal waits until the result is in place
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # checked empty above
         os.replace(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return selection
+
+
+def _output_directory(out_dir: str, base_dir: str, tuned_dir: str) -> str:
+    """Where the result goes: ``out_dir``, or the directory a symlink ``out_dir`` points to (the
+    link then shows the result). Refused up front: an existing non-empty directory or a file, or
+    the base or tuned directory itself."""
+    given = out_dir
+    out_dir = os.path.realpath(out_dir)  # a symlink's target: the rename must replace the directory, not the link
+    shown = given if os.path.abspath(given) == out_dir else f"{given} (-> {out_dir})"
+    for role, path in (("base", base_dir), ("tuned", tuned_dir)):
+        if os.path.realpath(path) == out_dir:
+            raise ConfigError(f"--out {shown} is the {role} directory; write the result to a new directory.")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ConfigError(f"--out {shown} exists and is not empty; pass a new directory (nothing is overwritten).")
+    return out_dir
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGHUP) stopped a Half-Reset while it wrote; nothing was left behind.
+    A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _SignalGuard:
+    """While a Half-Reset writes: SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT raises
+    KeyboardInterrupt as always), so the temporary directory is removed; a second signal during
+    that clean-up is ignored. Only in the main thread, where Python delivers signals."""
+
+    CAUGHT = ("SIGTERM", "SIGHUP")
+    HELD = ("SIGTERM", "SIGHUP", "SIGINT")
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._signal = signal
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous: dict[int, Any] = {}
+        self.received: int | None = None
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            raise Interrupted(signum)
+
+    def __enter__(self) -> "_SignalGuard":
+        if self.active:
+            for name in self.CAUGHT:
+                number = getattr(self._signal, name, None)
+                if number is not None:
+                    self.previous[number] = self._signal.signal(number, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # a signal that arrives now (the clean-up is done) is still only an Interrupted
+        for number, handler in self.previous.items():
+            self._signal.signal(number, handler)
+
+    def held(self):
+        """Hold the caught signals (and SIGINT) back while a few steps must complete together."""
+        import contextlib
+
+        signal = self._signal
+        numbers = {getattr(signal, n) for n in self.HELD if hasattr(signal, n)}
+
+        @contextlib.contextmanager
+        def holding():
+            if not (self.active and hasattr(signal, "pthread_sigmask")):
+                yield
+                return
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
+            try:
+                yield
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return holding()
+
+
+def _signals_interrupt() -> _SignalGuard:
+    return _SignalGuard()
 
 
 def _safetensors_name(pickle_name: str) -> str:
@@ -500,23 +655,51 @@ def _first_line(error: BaseException) -> str:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="DIR", help="the model the tuned one was fine-tuned from")
     parser.add_argument("--tuned", required=True, metavar="DIR", help="the fully fine-tuned model")
-    parser.add_argument("--out", required=True, metavar="DIR", help="a new directory for the result")
-    parser.add_argument("--strategy", default="category", help="how the half is chosen (default: category)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="the share of the layers that keeps its tuned values (default: 0.5)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the choice of the half (default: 0)")
-    parser.add_argument("--round", type=int, default=0, help="the HFT round whose frozen half is reset (default: 0)")
-    parser.add_argument("--reset-embeddings", action="store_true",
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory for the result")
+    parser.add_argument("--strategy", help="how the half is chosen (default: category, or the tuned run's)")
+    parser.add_argument("--ratio", type=_share, help="the share of the layers that keeps its tuned values (default: 0.5)")
+    parser.add_argument("--seed", type=_count, help="seeds the choice of the half (default: 0)")
+    parser.add_argument("--round", type=_count, help="the HFT round whose frozen half is reset (default: 0)")
+    parser.add_argument("--reset-embeddings", action="store_const", const=True, default=None,
                         help="also reset embeddings, lm_head and final norm (by default they keep their tuned values)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
+    parser.epilog = ("If TUNED has an hft_selection.json (it was trained with HFT), the options left out are that "
+                     "run's, and an option that contradicts it is an error.")
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or not text.strip().isascii():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (plain digits)")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share in (0, 1), e.g. 0.5") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1); pass a share of the layers, e.g. 0.5")
+    return value
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run ``hft half-reset`` with parsed arguments; returns the exit code."""
-    selection = half_reset_checkpoint(
-        args.base, args.tuned, args.out, strategy=args.strategy, ratio=args.ratio, seed=args.seed,
-        round=args.round, train_embeddings=not args.reset_embeddings, allow_pickle=args.allow_pickle,
-    )
+    """Run ``hft half-reset`` with parsed arguments; returns the exit code (128 + the signal's
+    number if a signal stopped it, with nothing written)."""
+    try:
+        selection = half_reset_checkpoint(
+            args.base, args.tuned, args.out, strategy=args.strategy, ratio=args.ratio, seed=args.seed,
+            round=args.round, train_embeddings=None if args.reset_embeddings is None else not args.reset_embeddings,
+            allow_pickle=args.allow_pickle, _flags=True,
+        )
+    except KeyboardInterrupt as stop:  # Interrupted (SIGTERM, SIGHUP) or Ctrl-C
+        import signal
+
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"half-reset: interrupted by {signal.Signals(signum).name}; nothing was written to {args.out}",
+              file=sys.stderr)
+        return 128 + int(signum)
     plan = selection.plan()
     print(selection.summary())
     print(f"reset to base: {len(plan.frozen)} tensors whole, {len(plan.partial)} in part; "

@@ -1,19 +1,30 @@
-"""select_half and Selection: which half of a model trains, and what that amounts to."""
+"""select_half and Selection: which half of a model trains, and what that amounts to.
+
+Also the manifest (``hft_selection.json``, written here, read by :mod:`hft_plugin.manifest`), the
+rounds a model's folder has been through (``round="next"``), the checks that a model can be half
+fine-tuned as it is (quantization: :mod:`hft_plugin.quantized`), and the counts of what actually
+trains once a selection is applied.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator
+import logging
+import os
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .config import HFTConfig
-from .errors import ConfigError, LayoutError, SelectionMismatchError, UnsupportedModelError
-from .layouts.base import GROUPS, Box, Layout, Part, Unit, gc_paused, unwrap_model
+from .config import NEXT_ROUND, HFTConfig
+from .errors import (ConfigError, LayoutError, ManifestError, NothingToTrainError, SelectionMismatchError,
+                     UnsupportedModelError)
+from .layouts.base import GROUPS, Box, Layout, Part, Unit, fingerprint_shapes, gc_paused, param_shape, unwrap_model
+from .manifest import FORMAT_VERSION, selection_from_json
+
+logger = logging.getLogger("hft_plugin")
 
 MANIFEST_NAME = "hft_selection.json"
-_FORMAT_VERSION = 1
 _MAX_ATTEMPTS = 16
 
 
@@ -44,6 +55,9 @@ class Selection:
     config: HFTConfig
     layout: Layout
     trainable_units: frozenset[str]
+    history: tuple[dict[str, Any], ...] = ()
+    """The earlier rounds these weights went through, oldest first, as recorded in the manifest
+    of the folder the model was loaded from (see :func:`resolve_round`)."""
 
     # -- what trains ------------------------------------------------------------------------------
     def is_trainable(self, unit_key: str) -> bool:
@@ -135,7 +149,7 @@ class Selection:
     # -- saving --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT_VERSION,
+            "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "layout": self.layout.name,
             "fingerprint": self.fingerprint,
@@ -149,52 +163,59 @@ class Selection:
                  for u in layer]
                 for layer in self.layout.layers
             ],
+            "history": [dict(h) for h in self.history],
             "stats": self.stats(),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    def record(self, folder: str | None = None) -> dict[str, Any]:
+        """This round as one entry of a later round's :attr:`history`."""
+        entry: dict[str, Any] = {**self.config.to_dict(), "fingerprint": self.fingerprint}
+        if folder:
+            entry["folder"] = os.path.abspath(folder)
+        return entry
+
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Selection":
-        data = json.loads(text)
-        if data.get("format") != _FORMAT_VERSION:
-            raise SelectionMismatchError(f"Unsupported selection format {data.get('format')!r}; expected {_FORMAT_VERSION}.")
-        layers, trainable = [], set()
-        for index, layer in enumerate(data["layers"]):
-            units = []
-            for u in layer:
-                parts = tuple(
-                    Part(p["param"], p["numel"], None if p["boxes"] is None else tuple(tuple(tuple(r) for r in b) for b in p["boxes"]))
-                    for p in u["parts"]
-                )
-                units.append(Unit(u["key"], u["group"], index, parts))
-                if u["trainable"]:
-                    trainable.add(u["key"])
-            layers.append(units)
-        layout = Layout(data["layout"], layers, list(data["outside"]), {n: tuple(s) for n, s in data["shapes"].items()})
-        selection = cls(HFTConfig(**data["config"]), layout, frozenset(trainable))
-        if selection.fingerprint != data["fingerprint"]:
-            raise SelectionMismatchError("The selection file is corrupt: its fingerprint does not match its shapes.")
-        return selection
+    def from_json(cls, text: str | bytes, source: str = "the selection") -> "Selection":
+        """Read a selection written by :meth:`to_json`. ``source`` (a file name) goes into errors.
+
+        Raises:
+            ManifestError: not JSON, truncated, a key missing or of the wrong type, a format this
+                version does not read, or contents that do not match their own fingerprint.
+        """
+        return selection_from_json(cls, text, source)
 
     def save(self, directory: str) -> str:
-        import os
-
+        """Write ``directory/hft_selection.json`` (atomically: a reader never sees half a file)."""
         path = os.path.join(directory, MANIFEST_NAME)
         os.makedirs(directory, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
         return path
 
     @classmethod
     def load(cls, path: str) -> "Selection":
-        import os
+        """Read ``path`` (a manifest file, or a folder holding ``hft_selection.json``).
 
+        Raises:
+            ManifestError: the file cannot be read or is not a valid manifest (the message names it).
+        """
         if os.path.isdir(path):
             path = os.path.join(path, MANIFEST_NAME)
-        with open(path) as f:
-            return cls.from_json(f.read())
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+        return cls.from_json(raw, source=path)
 
 
 def _group_order(group: str) -> tuple[int, str]:
@@ -202,7 +223,18 @@ def _group_order(group: str) -> tuple[int, str]:
 
 
 def check_model(model: Any) -> nn.Module:
-    """Refuse, with a clear message, a model HFT cannot train as it is. Changes nothing."""
+    """Refuse, with a clear message, a model HFT cannot train as it is. Changes nothing.
+
+    Refused: a non-module, a PEFT-wrapped model, and weights an optimizer cannot update in place:
+    integer or packed tensors (bitsandbytes 4/8-bit, GPTQ, AWQ, HQQ, GGUF blocks kept packed...),
+    fp8 tensors, quantized tensor subclasses (torchao, quanto), and any model a quantizer other
+    than GGUF's manages. Accepted: a model transformers loaded from a GGUF file and de-quantized
+    to ordinary float tensors (it keeps ``hf_quantizer``, ``is_quantized`` and
+    ``config.quantization_config``, but its weights are plain fp32/fp16/bf16).
+
+    Raises:
+        UnsupportedModelError: the message says which case it is and what to do.
+    """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"select_half needs a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_model(model)
@@ -211,17 +243,11 @@ def check_model(model: Any) -> nn.Module:
             f"{type(model).__name__} is PEFT-wrapped. HFT trains half of the original weights, not "
             "adapters: pass the base model, or merge the adapters first (model.merge_and_unload())."
         )
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is quantized; HFT updates the original weights in place. "
-            "Load it in a floating-point dtype (bf16/fp16/fp32)."
-        )
-    for name, param in model.named_parameters():
-        if not param.dtype.is_floating_point:
-            raise UnsupportedModelError(
-                f"Parameter {name!r} has dtype {param.dtype}, which cannot be trained. HFT needs "
-                "floating-point weights: load the model unquantized (bf16/fp16/fp32)."
-            )
+    from .quantized import quantization_problem
+
+    problem = quantization_problem(model)
+    if problem:
+        raise UnsupportedModelError(problem)
     return model
 
 
@@ -246,12 +272,12 @@ def strategy_names() -> list[str]:
 
 def select_half(
     model: nn.Module,
-    round: int = 0,
+    round: int | str = 0,
     *,
-    strategy: str = "category",
-    ratio: float = 0.5,
-    seed: int = 0,
-    train_embeddings: bool = True,
+    strategy: str | None = None,
+    ratio: float | None = None,
+    seed: int | None = None,
+    train_embeddings: bool | None = None,
     config: HFTConfig | None = None,
 ) -> Selection:
     """Choose the half of ``model`` that trains in ``round``; touch nothing.
@@ -261,14 +287,24 @@ def select_half(
     is never used. Round r + 1 always differs from round r. Sizes are read without touching weights,
     so meta-device and ZeRO-3 partitioned models work.
 
+    The manifest of the folder the model was loaded from (``model.name_or_path``), if it has one,
+    is read for ``round="next"`` and for the history of rounds (see :func:`resolve_round`).
+
     Args:
         model: a transformers causal LM (or any model a layout plugin reads).
-        round: the fine-tuning round (0, 1, 2, ...): each round draws a new half.
+        round: the fine-tuning round (0, 1, 2, ...): each round draws a new half. ``"next"``: the
+            round after the one recorded in the model folder's manifest.
         strategy: "category" (the paper's default), "layer", "model", or a plugin's.
-        ratio: the trainable share of the transformer layers' parameters, in (0, 1).
-        seed: seeds the draw.
-        train_embeddings: train embeddings, lm_head and final norm (the paper's default).
+        ratio: the trainable share of the transformer layers' parameters, in (0, 1). Default 0.5.
+        seed: seeds the draw. Default 0.
+        train_embeddings: train embeddings, lm_head and final norm (the paper's default, True).
         config: an HFTConfig instead of the keyword arguments (its ``round`` is used).
+        Options left out (None) are the defaults, or with ``round="next"`` the previous round's.
+
+    Raises:
+        ConfigError: a bad option or an unknown strategy. UnsupportedModelError: a model HFT
+        cannot train as it is (:func:`check_model`). LayoutError: a model no layout reads.
+        ManifestError: the model folder's manifest is damaged.
 
     Example:
         >>> import torch
@@ -280,7 +316,15 @@ def select_half(
         (0.5, True)
     """
     if config is None:
-        config = HFTConfig(ratio=ratio, strategy=strategy, round=round, seed=seed, train_embeddings=train_embeddings)
+        options = dict(ratio=ratio, strategy=strategy, round=round, seed=seed, train_embeddings=train_embeddings)
+        config = HFTConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    check_model(model)  # before any file is read: a PEFT or quantized model is refused first
+    config, history = resolve_round(model, config)
+    return _select(model, config, history)
+
+
+def _select(model: nn.Module, config: HFTConfig, history: tuple[dict[str, Any], ...] = ()) -> Selection:
+    """select_half with a resolved round and no look at the model's folder."""
     known = strategy_names()
     if config.strategy not in known:
         raise ConfigError(f"Unknown strategy {config.strategy!r}; known strategies: {', '.join(known)}.")
@@ -288,7 +332,191 @@ def select_half(
 
     with gc_paused(), hidden(unwrap_model(model)):  # an applied selection's region parameters are not weights
         layout = read_layout(model)
-        return Selection(config, layout, frozenset(_draw(layout, config)))
+        return Selection(config, layout, frozenset(_draw(layout, config)), tuple(history))
+
+
+# -- rounds: the manifest of the folder a model was loaded from ----------------------------------------
+
+def model_folder(model: nn.Module) -> str | None:
+    """The local folder ``model`` was loaded from (``from_pretrained(folder)`` records it as
+    ``name_or_path`` / ``config._name_or_path``), or None (built from a config, or a hub id)."""
+    model = unwrap_model(model)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    return path if os.path.isdir(path) else None
+
+
+def folder_manifest(model: nn.Module) -> tuple[str | None, Selection | None]:
+    """(folder, its manifest) for the folder ``model`` was loaded from; the manifest is None if
+    there is no such folder or file. Raises ManifestError if the file is damaged."""
+    folder = model_folder(model)
+    if folder is None or not os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+        return folder, None
+    return folder, Selection.load(folder)
+
+
+def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
+    """The round to train, and the history of rounds, from the manifest of the folder ``model``
+    was loaded from (the ``output_dir`` of the previous round, as a trainer saves it).
+
+    * ``round="next"``: that manifest's round + 1, with its strategy, ratio, seed and
+      train_embeddings unless ``config`` sets them (:attr:`HFTConfig.given`). A folder without a
+      manifest (a base model) starts at round 0, with a one-line warning.
+    * A round number that the manifest says already ran on these weights (its round or one in its
+      history) is trained as asked, with a warning that names the fix.
+
+    The history returned is the manifest's history plus the manifest's own round; a new manifest
+    keeps it, so the chain of rounds survives every save.
+
+    Example:
+        >>> from hft_plugin.testing import tiny_model
+        >>> resolve_round(tiny_model("llama"), HFTConfig(round=2))[0].round  # no folder: as given
+        2
+    """
+    folder, previous = folder_manifest(model)
+    history: tuple[dict[str, Any], ...] = ()
+    if previous is not None:
+        history = (*previous.history, previous.record(folder))
+    if config.round == NEXT_ROUND:
+        if previous is None:
+            where = folder or "it was not loaded from a local folder"
+            logger.warning("hft_plugin: round='next' found no %s for this model (%s): starting at round 0.",
+                           MANIFEST_NAME, where)
+            return _replace(config, round=0), history
+        inherited = {f: getattr(previous.config, f) for f in ("strategy", "ratio", "seed", "train_embeddings")
+                     if f not in config.given}
+        resolved = _replace(config, round=previous.config.round + 1, **inherited)
+        logger.info("hft_plugin: round='next': %s ran round %d; training round %d.", folder,
+                    previous.config.round, resolved.round)
+        return resolved, history
+    if previous is not None:
+        ran = sorted({int(h["round"]) for h in history})
+        if config.round in ran:
+            logger.warning(
+                "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
+                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next).",
+                os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
+    return config, history
+
+
+def _replace(config: HFTConfig, **values: Any) -> HFTConfig:
+    resolved = dataclasses.replace(config, **values)
+    object.__setattr__(resolved, "_given", config.given)  # what the user gave stays what they gave
+    return resolved
+
+
+# -- fitting a selection to a model, and what actually trains ------------------------------------------
+
+def check_fits(model: nn.Module, selection: Selection) -> None:
+    """Raise SelectionMismatchError unless ``selection`` was made for a model of ``model``'s
+    structure: the same parameter names and shapes and, for fused tensors, the same split (a
+    4-head GPT-NeoX selection does not fit a 2-head model with equal shapes). Changes nothing."""
+    from .regions import hidden
+
+    model = unwrap_model(model)
+    with hidden(model):  # an applied selection's region parameters are not part of the structure
+        shapes = {n: param_shape(p) for n, p in model.named_parameters()}
+    if shapes != selection.layout.shapes:
+        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
+        raise SelectionMismatchError(
+            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
+            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
+            "Call select_half on this model."
+        )
+    wanted = selection.layout.splits()
+    if not wanted:
+        return  # nothing is split: names and shapes decide everything
+    with gc_paused(), hidden(model):
+        here = read_layout(model).splits()
+    if here != wanted:
+        name = next((n for n in sorted(set(here) | set(wanted)) if here.get(n) != wanted.get(n)), "?")
+        raise SelectionMismatchError(
+            f"This selection was made for another model: {name!r} has the same shape but is split into parts "
+            "differently here (the config divides it otherwise, e.g. another number of attention heads, "
+            "key/value heads or experts). Call select_half on this model."
+        )
+
+
+def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.Module) -> dict[str, Any]:
+    """What actually trains once ``selection`` is applied: :meth:`Selection.stats`'s numbers counted
+    over the parameters whose ``requires_grad`` is True, so tensors the user had frozen, which HFT
+    leaves frozen, count as frozen.
+
+    Args:
+        selection: the selection.
+        requires_grad: parameter name -> flag after applying (or the model to read them from).
+            Partly trained (fused) tensors keep ``requires_grad=True``; their frozen regions are
+            not counted.
+
+    Returns:
+        The keys of :meth:`Selection.stats` (``trainable_params``, ``layer_trainable_params``,
+        ``outside_trainable_params``, ``trainable_ratio``, ``overall_ratio``, ``groups``, ...), in
+        elements, plus ``frozen_by_user``: the parameters the plan trains (whole or in part) that
+        stay frozen.
+
+    Example:
+        >>> from hft_plugin.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> selection = select_half(model)
+        >>> _ = model.lm_head.requires_grad_(False)  # frozen by the user: HFT keeps it frozen
+        >>> counts = applied_counts(selection, model)
+        >>> counts["outside_trainable_params"] < selection.stats()["outside_trainable_params"]
+        True
+    """
+    if isinstance(requires_grad, nn.Module):
+        requires_grad = _flags(requires_grad)
+    stats = selection.stats()
+    plan = selection.plan()
+    frozen_plan = set(plan.frozen)
+    per_group: dict[str, list[int]] = {g: [0, v["total"]] for g, v in stats["groups"].items()}
+    for unit, trains in selection.units():
+        if trains:
+            per_group[unit.group][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
+    layer_trainable = sum(c[0] for c in per_group.values())
+    outside_trainable = sum(selection.layout.numel(n) for n in selection.layout.outside
+                            if n not in frozen_plan and requires_grad.get(n, False))
+    layer_total, total = stats["layer_params"], stats["total_params"]
+    frozen_by_user = sorted(n for n in (*plan.trainable, *plan.partial) if not requires_grad.get(n, False))
+    return {
+        **stats,
+        "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
+        "layer_trainable_params": layer_trainable,
+        "outside_trainable_params": outside_trainable,
+        "trainable_params": layer_trainable + outside_trainable,
+        "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
+        "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
+                   for g, c in per_group.items()},
+        "frozen_by_user": frozen_by_user,
+    }
+
+
+def _flags(model: nn.Module) -> dict[str, bool]:
+    from .regions import requires_grad_flags
+
+    return requires_grad_flags(unwrap_model(model))  # a tensor training through region parameters trains
+
+
+def check_trains_something(selection: Selection, requires_grad: Mapping[str, bool] | nn.Module) -> None:
+    """Raise NothingToTrainError if applying ``selection`` would leave nothing to train, because
+    the parameters it trains are all frozen already. ``requires_grad``: the flags the user left
+    (before HFT), by parameter name, or the model. Changes nothing."""
+    if isinstance(requires_grad, nn.Module):
+        requires_grad = _flags(requires_grad)
+    plan = selection.plan()
+    wanted = [*plan.trainable, *plan.partial]
+    if any(requires_grad.get(n, False) for n in wanted):
+        return
+    c = selection.config
+    if not any(requires_grad.values()):
+        what = f"every one of the model's {len(requires_grad)} parameters has requires_grad=False"
+    else:
+        what = (f"the {len(wanted)} parameters round {c.round} trains (e.g. {wanted[0]!r}) all have requires_grad="
+                f"False; only parameters HFT freezes in this round are left trainable")
+    raise NothingToTrainError(
+        f"Nothing would train: {what}. HFT freezes half of what you leave trainable and never unfreezes what you "
+        "froze. Unfreeze the model before enabling HFT (model.requires_grad_(True)), or freeze less by hand."
+    )
 
 
 def _draw(layout: Layout, config: HFTConfig) -> set[str]:

@@ -120,7 +120,98 @@ def test_hft_run_builds_the_environment(tmp_path):
 
 
 def test_hft_run_rejects_bad_values_before_running():
-    with pytest.raises(ConfigError, match="HFT_RATIO='abc'"):
+    # a flag's value is reported as the flag the user typed, not as the variable it becomes
+    with pytest.raises(ConfigError, match=r"^--ratio='abc' is not a number"):
         build_environment(["--ratio", "abc", "--", "true"], {})
-    with pytest.raises(ConfigError, match="HFT_ROUND='-1'"):
+    with pytest.raises(ConfigError, match=r"^--round='-1' is not a round"):
         build_environment(["--round=-1", "--", "true"], {})
+    with pytest.raises(ConfigError, match=r"^--seed='1_0'"):
+        build_environment(["--seed", "1_0", "--", "true"], {})
+    # an inherited variable is reported as the variable
+    with pytest.raises(ConfigError, match=r"^HFT_RATIO='abc'"):
+        build_environment(["--", "true"], {"HFT_RATIO": "abc"})
+
+
+@pytest.mark.parametrize("argv, environ, match", [
+    (["--strategy", "catgory"], {}, r"--strategy='catgory' is not a known strategy\. Did you mean 'category'\?"),
+    ([], {"HFT_STRATEGY": "layr"}, r"HFT_STRATEGY='layr' is not a known strategy\. Did you mean 'layer'\?"),
+])
+def test_hft_run_checks_the_strategy_like_hft_plan(argv, environ, match):
+    with pytest.raises(ConfigError, match=match):
+        build_environment([*argv, "--", "true"], environ)
+
+
+def test_hft_run_strategy_in_a_config_file(tmp_path):
+    path = tmp_path / "hft.yaml"
+    path.write_text("strategy: modle\n")
+    with pytest.raises(ConfigError, match=r"HFT_CONFIG=.*hft.yaml.*strategy='modle' is not a known strategy"):
+        build_environment(["--config", str(path), "--", "true"], {})
+
+
+def test_hft_run_accepts_every_known_strategy_and_next():
+    for name in ("category", "layer", "model"):
+        environ, _ = build_environment(["--strategy", name, "--round", "next", "--", "true"], {})
+        assert environ["HFT_STRATEGY"] == name and environ["HFT_ROUND"] == "next"
+
+
+# -- strict parsing: every value is one the docs name, or an error naming the variable and the values --
+@pytest.mark.parametrize("value", ["flase", "ture", "2", "enable", "y", "1.0"])
+def test_mistyped_enable_is_an_error_naming_the_accepted_values(value):
+    for read in (env.is_enabled, env.load_config, env.switched_off):
+        with pytest.raises(ConfigError) as info:
+            read({"HFT_ENABLE": value})
+        message = str(info.value)
+        assert f"HFT_ENABLE={value!r}" in message and "1/true/yes/on" in message and "0/false/no/off" in message
+
+
+@pytest.mark.parametrize("variable", ["HFT_TRAIN_EMBEDDINGS", "HFT_ROUND", "HFT_SEED", "HFT_RATIO", "HFT_STRATEGY"])
+def test_an_empty_value_of_a_set_variable_is_an_error(variable):
+    with pytest.raises(ConfigError, match=f"{variable}=''"):
+        env.load_config({variable: ""})
+
+
+def test_empty_train_embeddings_is_not_false():
+    with pytest.raises(ConfigError, match=r"HFT_TRAIN_EMBEDDINGS='' is empty; accepted values: 1/true/yes/on or 0/false/no/off"):
+        env.load_config({"HFT_TRAIN_EMBEDDINGS": ""})
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("HFT_ROUND", "1_0"), ("HFT_ROUND", "+1"), ("HFT_ROUND", "0x1"), ("HFT_ROUND", "\u0661"), ("HFT_ROUND", "1e1"),
+    ("HFT_SEED", "1_000"), ("HFT_SEED", "-0"), ("HFT_RATIO", "0_5"), ("HFT_RATIO", "inf"), ("HFT_RATIO", "0x0.8p0"),
+    ("HFT_ROUND", "nextt"),
+])
+def test_only_plain_decimal_numbers(variable, value):
+    with pytest.raises(ConfigError) as info:
+        env.load_config({variable: value})
+    assert f"{variable}={value!r}" in str(info.value)
+
+
+@pytest.mark.parametrize("environ, field, expected", [
+    ({"HFT_ROUND": " 12 "}, "round", 12), ({"HFT_ROUND": "next"}, "round", "next"), ({"HFT_ROUND": "NEXT"}, "round", "next"),
+    ({"HFT_RATIO": ".25"}, "ratio", 0.25), ({"HFT_RATIO": "2.5e-1"}, "ratio", 0.25), ({"HFT_SEED": "007"}, "seed", 7),
+    ({"HFT_TRAIN_EMBEDDINGS": "OFF"}, "train_embeddings", False), ({"HFT_ENABLE": " Yes "}, "round", 0),
+])
+def test_accepted_spellings(environ, field, expected):
+    assert getattr(env.load_config(environ), field) == expected
+
+
+def test_given_options_are_remembered():
+    # what the variables set is what round='next' keeps; the rest comes from the previous round
+    assert env.load_config({"HFT_ROUND": "next", "HFT_SEED": "0"}).given == {"round", "seed"}
+    assert env.load_config({"HFT_ROUND": "next"}, ratio=0.3).given == {"round", "ratio"}
+
+
+def test_hft_run_subcommand_refuses_before_running(capsys, tmp_path, monkeypatch):
+    from hft_plugin.cli import main
+
+    def execve(path, argv, environ):  # running the command would replace this test process
+        open(ran, "w").close()
+        raise SystemExit(0)
+
+    monkeypatch.setattr("os.execve", execve)
+    ran = tmp_path / "ran"
+    assert main(["run", "--strategy", "catgory", "--", "touch", str(ran)]) == 2
+    assert "--strategy='catgory' is not a known strategy" in capsys.readouterr().err and not ran.exists()
+    assert main(["run", "--ratio", "abc", "--", "touch", str(ran)]) == 2
+    err = capsys.readouterr().err
+    assert "--ratio='abc'" in err and "HFT_RATIO" not in err and not ran.exists()

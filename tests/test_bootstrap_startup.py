@@ -136,7 +136,8 @@ def test_malformed_variable_spares_other_processes_and_stops_training():
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.splitlines()[:2]
     assert first == "imported"
-    assert second.startswith("IntegrationError") and "HFT_RATIO='abc'" in second
+    # the error to fix, first and as itself: not an IntegrationError about adapters
+    assert second.startswith("ConfigError HFT_RATIO='abc' is not a number")
     assert len(result.stderr.splitlines()) == 1 and "HFT_RATIO='abc'" in result.stderr
 
 
@@ -191,7 +192,10 @@ def test_hft_run_reaches_the_command():
     assert result.stdout.split() == ["2", "0.4", "True"]
     bad = subprocess.run([hft_run, "--ratio", "abc", "--", sys.executable, "-c", "print('ran')"],
                          env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stdout == "" and "HFT_RATIO='abc'" in bad.stderr
+    assert bad.returncode == 2 and bad.stdout == "" and "--ratio='abc'" in bad.stderr
+    typo = subprocess.run([hft_run, "--strategy", "catgory", "--", sys.executable, "-c", "print('ran')"],
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stdout == "" and "--strategy='catgory'" in typo.stderr
     missing = subprocess.run([hft_run, "--", "no-such-command-hft"], env=clean_env(), capture_output=True, text=True)
     assert missing.returncode == 127 and "not found" in missing.stderr
 

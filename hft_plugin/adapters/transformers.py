@@ -23,7 +23,9 @@ What happens where:
 * Partly trained fused tensors (Phi-3's ``qkv_proj``, MoE expert stacks) train through region
   parameters (:mod:`hft_plugin.regions`): the Trainer's own ``create_optimizer`` puts them in its
   weight-decay groups by name. Under DeepSpeed ZeRO (flat gradient partitions) they keep the
-  gradient mask instead, as a gradient hook applied before ZeRO reduces the gradient.
+  gradient mask instead, as a gradient hook applied before ZeRO reduces the gradient. Under FSDP2
+  they keep the mask too, on each rank's shard, and the handle follows the DTensor parameters that
+  accelerate's ``fully_shard`` puts in place (:mod:`hft_plugin.adapters.fsdp`).
 
 ``TransformersAdapter`` patches ``Trainer`` at class level so HFT reaches trainers a program
 builds itself (a CLI started with ``HFT_ENABLE=1``); it fails loudly rather than train the whole
@@ -50,6 +52,7 @@ from ..report import stats_metrics
 from ..selection import Selection, select_half
 from .base import Adapter, patch, unpatch
 from .deepspeed import ZeroGradientMasks, check_zero_optimizer
+from .fsdp import check_fsdp, fsdp_plugin, is_fsdp2_module
 
 logger = logging.getLogger("hft_plugin")
 
@@ -109,6 +112,8 @@ class _Session:
         self._agreed_digest: str | None = None
         self._report_metrics = False
         self._in_prepare = False
+        self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
+        self.requested: HFTConfig | None = None
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
@@ -294,12 +299,8 @@ class _Session:
             self.handle = self.apply(self.selection)
             self._attached_to = None
         self.check_resume(_resolve_checkpoint(trainer, resume))
-        if getattr(trainer, "is_fsdp_enabled", False) and self.handle.masked_parameters:
-            raise IntegrationError(
-                f"{len(self.handle.masked_parameters)} fused tensors (e.g. {next(iter(self.handle.masked_parameters))}) "
-                "are trained in part, which needs gradient masks that FSDP's sharded gradients do not support "
-                "yet. Use DDP or DeepSpeed, or strategy='layer' (whole layers, no masks)."
-            )
+        if getattr(trainer, "is_fsdp_enabled", False):
+            check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
         self.check_ranks_agree()
         if getattr(trainer, "is_deepspeed_enabled", False):
             self._zero_masks.install(self.handle)
@@ -420,7 +421,7 @@ def _check_trainer(trainer) -> None:
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call enable_hft after creating it with a model.")
     wrapped = getattr(trainer, "model_wrapped", None)
-    if wrapped is not None and type(wrapped).__name__ in _DISTRIBUTED_WRAPPERS:
+    if wrapped is not None and (type(wrapped).__name__ in _DISTRIBUTED_WRAPPERS or is_fsdp2_module(wrapped)):
         raise IntegrationError(
             f"The trainer already wrapped its model in {type(wrapped).__name__}, which fixed the set of trained "
             "tensors. Call enable_hft before the first trainer.train(), or create a new Trainer."
@@ -447,7 +448,8 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         The :class:`~hft_plugin.freeze.HFTHandle`; ``handle.selection`` says what trains.
 
     Raises:
-        IntegrationError: not a Trainer, or a model already wrapped by DDP/DeepSpeed.
+        IntegrationError: not a Trainer, a model already wrapped by DDP/DeepSpeed/FSDP, or an FSDP1
+            set-up that cannot train half a model (at ``train()``).
         OptimizerMismatchError: the optimizer given to the Trainer owns frozen tensors or lacks
             trainable ones (build it from ``handle.parameters()`` of this round).
         UnsupportedModelError: a PEFT-wrapped or quantized model.
@@ -476,7 +478,9 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
                        "first to change it.", note)
         return existing.handle
     selection = select_half(trainer.model, config=cfg)  # refuses PEFT, quantized, unreadable models
-    return _Session(trainer, cfg, selection).start()
+    # the session keeps the resolved options (round="next" is a number from here on), so a resumed
+    # checkpoint is compared with the round that trains
+    return _Session(trainer, selection.config, selection).start()
 
 
 def disable_hft(trainer) -> bool:
@@ -508,24 +512,44 @@ def hft_session(trainer) -> "_Session | None":
 
 # -- zero-code activation ------------------------------------------------------------------------------
 class _AutoState:
-    config: HFTConfig | None = None
+    adapter: "TransformersAdapter | None" = None  # the instrumented adapter, if any
+
+
+def _auto_config() -> HFTConfig | None:
+    """The options for a trainer whose ``train()`` starts now: the adapter's own, or the ``HFT_*``
+    variables read at this moment (None when ``HFT_ENABLE`` is now off; a malformed variable
+    raises its ConfigError here, before the trainer changes anything)."""
+    from ..bootstrap import env
+
+    adapter = _AutoState.adapter
+    return adapter.resolve_config() if adapter.config is not None else env.training_config()
 
 
 def _auto_enable(trainer) -> "_Session | None":
-    config = _AutoState.config
+    if _AutoState.adapter is None or trainer in _OPTED_OUT:
+        return _SESSIONS.get(trainer)
+    session = _SESSIONS.get(trainer)
+    if session is not None and (not session.automatic or session._in_prepare):
+        return session  # the program called enable_hft itself (its options stand), or this train() did
+    config = _auto_config()
+    if session is not None:
+        if config == session.requested:
+            return session
+        session.stop()  # the variables changed since this trainer last trained: a new round
     if config is None:
         return None
-    session = _SESSIONS.get(trainer)
-    if session is not None or trainer in _OPTED_OUT:
-        return session
     try:
         enable_hft(trainer, config)
+    except ConfigError:
+        raise  # names the option or variable to fix; nothing was changed
     except HFTError as exc:
         raise IntegrationError(
             f"HFT was requested for every trainer but cannot be applied to {type(trainer).__name__}: {exc} "
             "Training stops here rather than fine-tune the whole model; unset HFT_ENABLE to train without HFT."
         ) from exc
-    return _SESSIONS[trainer]
+    session = _SESSIONS[trainer]
+    session.automatic, session.requested = True, config
+    return session
 
 
 def _auto_train(wrapped, instance, args, kwargs):
@@ -548,13 +572,16 @@ class TransformersAdapter(Adapter):
     """Half fine-tune every ``transformers.Trainer`` (and TRL trainer) a program creates, with no
     change to its code. The start-up machinery (``HFT_ENABLE``) calls::
 
-        TransformersAdapter().instrument(config={"round": 1})
+        TransformersAdapter().instrument()
 
     ``config`` is an HFTConfig or a dict of its options (passed to the constructor or to
-    ``instrument``). Each trainer gets HFT when its ``train()`` starts; a trainer that already
-    called :func:`enable_hft` keeps its own options. If HFT cannot be applied (a PEFT model, an
-    unreadable architecture, a model already wrapped), training stops with an IntegrationError:
-    a silent full fine-tune is never the fallback.
+    ``instrument``); without one, the ``HFT_*`` variables are read each time a trainer's
+    ``train()`` starts, so a program that changes ``HFT_ROUND`` between tasks trains each task's
+    round (a trainer trained again under changed variables switches to the new options), and
+    ``HFT_ENABLE=0`` at that moment trains without HFT. A trainer that called :func:`enable_hft`
+    keeps its own options. A malformed variable raises its ConfigError when ``train()`` starts. If
+    HFT cannot be applied (a PEFT model, an unreadable architecture, a model already wrapped),
+    training stops with an IntegrationError: a silent full fine-tune is never the fallback.
 
     Example:
         >>> adapter = TransformersAdapter(config={"ratio": 0.5})
@@ -569,7 +596,7 @@ class TransformersAdapter(Adapter):
 
     def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
         super().__init__()
-        self.config = _build_config(config, options)
+        self.config = _build_config(config, options) if config is not None or options else None
 
     def _instrument(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
         if config is not None or options:
@@ -584,9 +611,9 @@ class TransformersAdapter(Adapter):
             )
         for path, wrapper in self._TARGETS:
             patch("transformers.trainer", path, wrapper)
-        _AutoState.config = self.config
+        _AutoState.adapter = self
 
     def _uninstrument(self) -> None:
         for path, _ in self._TARGETS:
             unpatch("transformers.trainer", path)
-        _AutoState.config = None
+        _AutoState.adapter = None

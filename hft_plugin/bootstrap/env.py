@@ -12,32 +12,40 @@ variable, when HFT is about to be applied (never at interpreter start-up).
     False
 
 This module imports nothing but the standard library (``yaml`` only when ``HFT_CONFIG`` is a
-YAML file), so the start-up hook can use it for free.
+YAML file, the plugins only to check a strategy that is not built in), so the start-up hook can
+use it for free.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 HFT_ENABLE = "HFT_ENABLE"
 """``1``/``true``/``yes``/``on`` switches HFT on in every process that inherits it; ``0``/``false``/
-``no``/``off`` or unset leaves everything alone. Any other value is an error when training starts."""
+``no``/``off``, empty or unset leaves everything alone. Any other value (``flase``, ``ture``) is an
+error when training starts. Read again each time a trainer starts training, so a program can switch
+HFT off (``0``) for one task and on for the next."""
 
 HFT_RATIO = "HFT_RATIO"
-"""Trainable share of the transformer layers' parameters, a float in (0, 1). Default 0.5."""
+"""Trainable share of the transformer layers' parameters, a decimal number in (0, 1) such as
+``0.5``. Default 0.5."""
 
 HFT_STRATEGY = "HFT_STRATEGY"
 """``category`` (the paper's default), ``layer``, ``model``, or a strategy a plugin registers."""
 
 HFT_ROUND = "HFT_ROUND"
-"""Fine-tuning round, an integer >= 0. Each round trains a new half. Default 0."""
+"""Fine-tuning round: plain decimal digits (``0``, ``1``, ``2``, ...), or ``next`` for the round
+after the one recorded in the manifest of the folder the model was loaded from. Each round trains a
+new half. Default 0. Read when each ``train()`` starts, so a script may change it between tasks."""
 
 HFT_SEED = "HFT_SEED"
-"""Seed of the draw, an integer >= 0. Default 0."""
+"""Seed of the draw: plain decimal digits. Default 0."""
 
 HFT_TRAIN_EMBEDDINGS = "HFT_TRAIN_EMBEDDINGS"
-"""Train the parameters outside the layers (embeddings, lm_head, final norm): a boolean. Default 1."""
+"""Train the parameters outside the layers (embeddings, lm_head, final norm): ``1``/``true``/
+``yes``/``on`` or ``0``/``false``/``no``/``off``; empty is an error. Default 1."""
 
 HFT_CONFIG = "HFT_CONFIG"
 """Path of a YAML (``.yaml``/``.yml``) or JSON file holding the same keys in lower case (``ratio``,
@@ -58,8 +66,12 @@ CONFIG_VARIABLES = {
 
 ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS)
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_BOOLEANS = f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}"
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+BUILTIN_STRATEGIES = ("category", "layer", "model")
 
 
 def _error(message: str) -> Exception:
@@ -69,61 +81,100 @@ def _error(message: str) -> Exception:
 
 
 def parse_bool(variable: str, text: str) -> bool:
+    """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False (any case, spaces around ignored);
+    anything else, the empty string included, raises ConfigError naming ``variable``."""
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise _error(f"{variable}={text!r} is not a boolean; set it to 1 or 0 (true/false, yes/no, on/off also work).")
+    what = "is empty" if not value else "is not a boolean"
+    raise _error(f"{variable}={text!r} {what}; accepted values: {_BOOLEANS} (any case), or unset it for the default.")
 
 
 def _parse_int(variable: str, text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise _error(f"{variable}={text!r} is not an integer; set it to a whole number >= 0, e.g. {variable}=1.") from None
-    if value < 0:
-        raise _error(f"{variable}={text!r} is negative; rounds and seeds count from 0.")
-    return value
+    value = text.strip()
+    if not _DIGITS.fullmatch(value):  # int() would also take "1_0", "+1", "٣"
+        raise _error(f"{variable}={text!r} is not a whole number; write plain decimal digits, e.g. {variable}=1.")
+    return int(value)
+
+
+def _parse_round(variable: str, text: str) -> int | str:
+    value = text.strip()
+    if value.lower() == "next":
+        return "next"
+    if not _DIGITS.fullmatch(value):
+        raise _error(f"{variable}={text!r} is not a round; write plain decimal digits (0, 1, 2, ...) or 'next' "
+                     "(the round after the one in the loaded model's hft_selection.json).")
+    return int(value)
 
 
 def _parse_ratio(variable: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise _error(f"{variable}={text!r} is not a number; set it to a float in (0, 1), e.g. {variable}=0.5.") from None
-    if not 0.0 < value < 1.0:  # also rejects nan
+    value = text.strip()
+    if not _DECIMAL.fullmatch(value):  # float() would also take "0_5", "inf", "nan"
+        raise _error(f"{variable}={text!r} is not a number; set it to a decimal in (0, 1), e.g. {variable}=0.5.")
+    ratio = float(value)
+    if not 0.0 < ratio < 1.0:
         raise _error(f"{variable}={text!r} is outside (0, 1); it is the trainable share, e.g. {variable}=0.5.")
-    return value
+    return ratio
 
 
 def _parse_strategy(variable: str, text: str) -> str:
     value = text.strip()
     if not value:
-        raise _error(f"{variable}={text!r} is empty; set it to category, layer or model (or unset it).")
+        raise _error(f"{variable}={text!r} is empty; set it to {', '.join(BUILTIN_STRATEGIES)} (or a plugin's), or unset it.")
     return value
 
 
-_PARSERS = {
+def check_strategy(name: str, source: str) -> None:
+    """Raise ConfigError naming ``source`` (a variable or a flag) if ``name`` is no known strategy.
+    The built-in names are checked without importing anything; others load the plugins (torch)."""
+    if name in BUILTIN_STRATEGIES:
+        return
+    from ..selection import strategy_names
+
+    known = strategy_names()
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise _error(f"{source}={name!r} is not a known strategy.{hint} Known strategies: {', '.join(known)}.")
+
+
+PARSERS = {  # field -> parser(name to report, text); the name is the variable, or the flag a user typed
     "ratio": _parse_ratio,
     "strategy": _parse_strategy,
-    "round": _parse_int,
+    "round": _parse_round,
     "seed": _parse_int,
     "train_embeddings": parse_bool,
 }
 
 
 def is_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``HFT_ENABLE`` asks for HFT. Raises ConfigError on a value that is neither on nor off."""
+    """Whether ``HFT_ENABLE`` asks for HFT (unset or empty: no). Raises ConfigError on a value that
+    is neither on nor off, naming the variable and the accepted values."""
     environ = os.environ if environ is None else environ
-    return parse_bool(HFT_ENABLE, environ.get(HFT_ENABLE, ""))
+    text = environ.get(HFT_ENABLE, "")
+    value = text.strip().lower()
+    if value in _TRUE or value in _FALSE or not value:
+        return value in _TRUE
+    raise _error(f"{HFT_ENABLE}={text!r} is neither on nor off, so HFT is not applied and nothing trains; set it "
+                 f"to {'/'.join(_TRUE)} to switch HFT on, or to {'/'.join(_FALSE)} (or unset it) to leave it off.")
+
+
+def switched_off(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``HFT_ENABLE`` is set to an explicit off value (``0``/``false``/``no``/``off``), as
+    opposed to unset. Raises ConfigError on a malformed value."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get(HFT_ENABLE, "").strip()) and not is_enabled(environ)
 
 
 def maybe_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """The start-up hook's cheap test: anything but unset or an explicit off counts, so a typo such
     as ``HFT_ENABLE=ture`` arms the hooks and then fails loudly at training time."""
     environ = os.environ if environ is None else environ
-    return environ.get(HFT_ENABLE, "").strip().lower() not in _FALSE
+    return environ.get(HFT_ENABLE, "").strip().lower() not in ("", *_FALSE)
 
 
 def disabled_adapters(environ: Mapping[str, str] | None = None) -> frozenset[str]:
@@ -162,8 +213,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The HFTConfig fields that ``HFT_CONFIG`` and the single variables set (file first, variables
-    over it), validated one variable at a time so an error names its source."""
+    over it), validated one variable at a time so an error names its source. ``HFT_ENABLE`` is
+    checked too: a malformed switch is an error here, never a silent "on"."""
     environ = os.environ if environ is None else environ
+    is_enabled(environ)
     values: dict[str, Any] = {}
     path = environ.get(HFT_CONFIG, "").strip()
     if path:
@@ -171,7 +224,7 @@ def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     for field, variable in CONFIG_VARIABLES.items():
         text = environ.get(variable)
         if text is not None:
-            values[field] = _PARSERS[field](variable, text)
+            values[field] = PARSERS[field](variable, text)
     return values
 
 
@@ -185,14 +238,38 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any):
     """
     from ..config import HFTConfig
 
+    environ = os.environ if environ is None else environ
     values = config_values(environ)
-    path = (os.environ if environ is None else environ).get(HFT_CONFIG, "").strip()
+    path = environ.get(HFT_CONFIG, "").strip()
     try:
         config = HFTConfig.from_dict(values)
     except Exception as exc:  # a file value of the wrong type: say where it came from
         raise _error(f"{HFT_CONFIG}={path!r}: {exc}") from None
+    if HFT_STRATEGY in environ:
+        check_strategy(config.strategy, HFT_STRATEGY)
+    elif "strategy" in values:
+        check_strategy(config.strategy, f"{HFT_CONFIG}={path!r}: strategy")
     given = {k: v for k, v in overrides.items() if v is not None}
     return HFTConfig.from_dict(given, base=config) if given else config
+
+
+def training_config(environ: Mapping[str, str] | None = None):
+    """What zero-code activation trains with, read when training starts: None if ``HFT_ENABLE`` is
+    explicitly off at this moment (this run trains without HFT), else :func:`load_config`. Raises
+    ConfigError on a malformed variable, ``HFT_ENABLE`` included.
+
+        >>> training_config({"HFT_ENABLE": "0", "HFT_ROUND": "3"}) is None
+        True
+        >>> training_config({"HFT_ENABLE": "1", "HFT_ROUND": "next"}).round
+        'next'
+    """
+    environ = os.environ if environ is None else environ
+    if switched_off(environ):
+        import logging
+
+        logging.getLogger("hft_plugin").info("hft_plugin: %s is off; this run trains without HFT.", HFT_ENABLE)
+        return None
+    return load_config(environ)
 
 
 def export(config_or_values: Any, environ: dict[str, str] | None = None) -> dict[str, str]:

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_environment(argv: list[str], environ: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
     """Parse ``argv`` into (environment, command). Raises ConfigError on a bad value, before
-    anything runs.
+    anything runs: a flag's value names the flag (``--ratio='abc' ...``), an inherited variable's
+    names the variable, and the strategy must be one a plugin provides, as ``hft plan`` checks.
 
         >>> environ, command = build_environment(["--round", "2", "--", "echo", "hi"], {})
         >>> environ["HFT_ENABLE"], environ["HFT_ROUND"], command
@@ -58,6 +59,10 @@ def build_environment(argv: list[str], environ: dict[str, str] | None = None) ->
     for field, variable in env.CONFIG_VARIABLES.items():
         value = getattr(args, field)
         if value is not None:
+            flag = "--" + field.replace("_", "-")
+            parsed = env.PARSERS[field](flag, value)  # the user typed the flag: name it, not the variable
+            if field == "strategy":
+                env.check_strategy(parsed, flag)
             environ[variable] = value
     if args.disable_adapter:
         names = env.disabled_adapters(environ) | {n.strip().lower() for n in args.disable_adapter}

@@ -8,11 +8,17 @@ imported (or at once if it already is). torchrun, the deepspeed launcher, accele
 LLaMA-Factory's FORCE_TORCHRUN start fresh interpreters that inherit the environment, so every
 worker arms itself the same way.
 
+The adapters read the ``HFT_*`` variables when training starts (each ``train()``), not here, so a
+program may set them after start-up, or change them between tasks.
+
 Failure policy. A process that never trains must never be broken: any exception here, or inside
 a post-import hook, becomes one warning. A process that does train with ``HFT_ENABLE=1`` must not
 silently fine-tune everything: if an adapter of a framework in use could not be instrumented,
 :func:`activate` arms a guard that raises :class:`~hft_plugin.IntegrationError` when an optimizer is
-built (the moment training would start without HFT).
+built (the moment training would start without HFT). A malformed variable (``HFT_ENABLE=ture``,
+``HFT_ROUND=1_0``) is one warning at import and, when training starts, its own
+:class:`~hft_plugin.ConfigError`: raised by the adapter before the model changes, or by the guard
+before any IntegrationError, so the first error a user sees is the one to fix.
 
 Explicit forms: ``import hft_plugin.auto`` and ``hft-run -- COMMAND``.
 
@@ -39,7 +45,7 @@ ADAPTERS: dict[str, tuple[str, str]] = {
 
 PTH_NAME = "hft-plugin.pth"
 
-_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False}
+_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None}
 
 
 def _warn(message: str) -> None:
@@ -88,11 +94,14 @@ def _make_hook(name: str):
 
 def instrument(name: str) -> bool:
     """Instrument one adapter in auto mode (called by the post-import hook). Never raises; a
-    failure (a malformed HFT_* variable, an unsupported framework version, a patch that cannot be
-    applied) is one warning, is remembered, and arms the optimizer guard (see the module docstring)."""
+    failure (an unsupported framework version, a patch that cannot be applied) is one warning, is
+    remembered, and arms the optimizer guard (see the module docstring). The ``HFT_*`` variables
+    are read by the adapter when training starts, not here; a malformed one is reported here
+    once, early, and is the first error the guard raises."""
     if name in _state["instances"]:
         return False
     try:
+        _check_variables()
         reason = _try_instrument(name)
         if reason is None:
             return True
@@ -106,6 +115,20 @@ def instrument(name: str) -> bool:
     return False
 
 
+def _check_variables() -> None:
+    """Warn once if the HFT_* variables do not parse now (training will stop on them)."""
+    from ..errors import HFTError
+
+    if _state["config_error"] is not None:
+        return
+    try:
+        env.load_config()
+    except HFTError as exc:
+        _state["config_error"] = str(exc)
+        _warn(f"{exc} Training will stop on it.")
+        _arm_guard()
+
+
 def _try_instrument(name: str) -> str | None:
     """Instrument ``name``; return None on success, else the reason it could not be."""
     import importlib
@@ -114,9 +137,8 @@ def _try_instrument(name: str) -> str | None:
     from ..errors import HFTError
 
     try:
-        config = env.load_config()
         module, _, attribute = ADAPTERS[name][1].partition(":")
-        adapter = getattr(importlib.import_module(module), attribute)(config=config)
+        adapter = getattr(importlib.import_module(module), attribute)(config=None)  # the variables, read at train time
         check_requirements(adapter.instruments)
         adapter.instrument()
     except (HFTError, IncompatibleVersionError) as exc:
@@ -146,8 +168,14 @@ def _arm_guard() -> None:
 
 def _refuse_optimizer(wrapped, instance, args, kwargs):
     freeze = sys.modules.get("hft_plugin.freeze")
-    if not _state["failures"] or (freeze is not None and len(freeze._ACTIVE)):
-        # nothing failed, or another adapter did apply HFT to the model being trained
+    if freeze is not None and len(freeze._ACTIVE):
+        return wrapped(*args, **kwargs)  # an adapter did apply HFT to the model being trained
+    if _state["config_error"] is not None:
+        # Read again: the program may have fixed the variables since. A malformed one is the error
+        # to see first, before any about adapters (it is the one to fix).
+        if not env.switched_off():
+            env.load_config()
+    if not _state["failures"]:
         return wrapped(*args, **kwargs)
     from ..errors import IntegrationError
 
@@ -166,6 +194,7 @@ def status() -> dict:
         "instrumented": sorted(_state["instances"]),
         "failures": dict(_state["failures"]),
         "guard": _state["guard"],
+        "config_error": _state["config_error"],
     }
 
 
@@ -187,4 +216,4 @@ def deactivate() -> None:
     hooks = importer._post_import_hooks.get("torch.optim")
     if hooks:
         hooks[:] = [h for h in hooks if getattr(h, "__name__", "") != "guard_hook"]
-    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False)
+    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None)

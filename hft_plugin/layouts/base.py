@@ -100,14 +100,38 @@ class Layout:
     def outside_numel(self) -> int:
         return sum(self.numel(n) for n in self.outside)
 
+    def splits(self) -> dict[str, tuple[Box, ...]]:
+        """How each parameter cut into regions (a fused ``qkv_proj`` or ``query_key_value``, stacked
+        experts) is cut: its parts' boxes, sorted. Whole parameters are not listed."""
+        cuts: dict[str, list[Box]] = {}
+        for unit in self.units():
+            for part in unit.parts:
+                if part.boxes is not None:
+                    cuts.setdefault(part.param, []).extend(part.boxes)
+        return {name: tuple(sorted(boxes)) for name, boxes in cuts.items()}
+
     def fingerprint(self) -> str:
-        return fingerprint_shapes(self.shapes)
+        """The model's structure as a short hash: parameter names and shapes, and how fused tensors
+        are cut into parts (which follows from the config: GPT-NeoX's head count, Phi-3's q/kv sizes,
+        expert counts), so two models that differ only there differ here."""
+        return fingerprint_shapes(self.shapes, self.splits())
 
 
-def fingerprint_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
-    """A short hash of parameter names and shapes: the same model structure, the same fingerprint."""
-    text = "\n".join(f"{name}:{','.join(map(str, shape))}" for name, shape in sorted(shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint_shapes(shapes: dict[str, tuple[int, ...]], splits: dict[str, tuple[Box, ...]] | None = None) -> str:
+    """A short hash of parameter names and shapes and, if given, of how parameters are split into
+    parts (:meth:`Layout.splits`). Without splits (or with none) it is the hash of names and shapes
+    alone, as format 1 of ``hft_selection.json`` recorded it.
+
+        >>> fingerprint_shapes({"w": (4, 2)}) == fingerprint_shapes({"w": (4, 2)}, {})
+        True
+        >>> fingerprint_shapes({"w": (4, 2)}) != fingerprint_shapes({"w": (4, 2)}, {"w": (((0, 0, 2),), ((0, 2, 4),))})
+        True
+    """
+    lines = [f"{name}:{','.join(map(str, shape))}" for name, shape in sorted(shapes.items())]
+    for name, boxes in sorted((splits or {}).items()):
+        cuts = ";".join("/".join(f"{d},{a},{b}" for d, a, b in box) for box in boxes)
+        lines.append(f"split {name}:{cuts}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -194,9 +194,10 @@ def deepspeed(out: str, results: list) -> None:
 
 def fsdp2(out: str, results: list) -> None:
     """A plain loop with FSDP2's fully_shard per layer (gloo, CPU): whole tensors frozen before
-    sharding train exactly; a model with fused tensors trained in part is refused (after sharding,
-    on a shard, frozen and trainable elements cannot be told apart), at attach, at the forward,
-    and when applied to an already sharded model."""
+    sharding train exactly; region parameters (the default for fused tensors) that fully_shard
+    sharded are refused, at attach and at the forward, saying to use partial="mask"; applied to an
+    already sharded model, fused tensors get the mask. (tests/test_fsdp.py covers the mask on
+    shards in depth.)"""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -264,12 +265,15 @@ def fsdp2(out: str, results: list) -> None:
 
     def fused_applied_after_sharding():
         model = tiny_model("phi3")
+        selection = select_half(model)
+        before = full(model)
         shard(model)
-        try:
-            apply_selection(model, select_half(model))
-        except HFTError as exc:
-            return {"raised": f"{type(exc).__name__}: {exc}"}
-        return {"raised": None}
+        handle = apply_selection(model, selection)
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+        handle.attach(optimizer)
+        steps(model, optimizer)
+        counts = assert_frozen_and_trained(selection, before, full(model))
+        return {"mechanisms": sorted(set(handle.mechanisms().values())), "partial": counts["partial"]}
 
     run_case(results, "fsdp2-llama", whole_tensors)
     run_case(results, "fsdp2-phi3-before", fused_applied_before_sharding)

@@ -1,0 +1,201 @@
+"""Zero-code activation reads the HFT_* variables when each train() starts, not when transformers
+is imported, and a malformed value is the first error a user sees, before any weight changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hft_plugin import ConfigError, IntegrationError, select_half
+from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
+from hft_plugin.testing import tiny_model
+
+from ._workers.common import check_training
+from .helpers import snapshot
+from .test_bootstrap_startup import ROOT, clean_env
+from .test_trainer import flags, plain_trainer
+
+# A program that runs several tasks, as a user writes it: the variables change between tasks.
+TASKS = textwrap.dedent("""
+    import json, os, sys
+    {activation}
+    from transformers import Trainer
+    from hft_plugin.adapters.transformers import hft_session
+    from hft_plugin.testing import tiny_model, tiny_tokenizer
+    sys.path.insert(0, {root!r})
+    from tests._workers.common import collate, lm_dataset, train_args
+    tokenizer, model, seen = tiny_tokenizer(), tiny_model("llama"), []
+    for round in (1, 2):
+        os.environ["HFT_ROUND"] = str(round)
+        trainer = Trainer(model=model, args=train_args(f"{{sys.argv[1]}}/task{{round}}", max_steps=1),
+                          train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
+        trainer.train()
+        session = hft_session(trainer)
+        seen.append([session.selection.config.round, sorted(session.selection.trainable_units)])
+    print(json.dumps(seen))
+""")
+
+
+def run(code: str, *args: str, **environ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], env=clean_env(OMP_NUM_THREADS="1", **environ),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize("activation, environ", [
+    ("import hft_plugin.auto", {}),                                   # the explicit form
+    pytest.param("", {"HFT_ENABLE": "1"}, marks=pytest.mark.slow),    # the installed start-up hook
+])
+def test_each_task_trains_the_round_its_variables_name(tmp_path, activation, environ):
+    result = run(TASKS.format(activation=activation, root=str(ROOT)), str(tmp_path), **environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.splitlines()[-1])
+    model = tiny_model("llama")
+    assert [r for r, _ in seen] == [1, 2]
+    for round, units in seen:
+        assert units == sorted(select_half(model, round=round).trainable_units)
+
+
+# -- in process: TransformersAdapter() without options reads the variables at each train() -------------
+@pytest.fixture
+def adapter():
+    adapter = TransformersAdapter()
+    adapter.instrument()
+    yield adapter
+    adapter.uninstrument()
+
+
+def test_variables_are_read_when_training_starts(tmp_path, adapter, monkeypatch):
+    monkeypatch.setenv("HFT_ROUND", "1")
+    trainer = plain_trainer(tmp_path / "a", max_steps=1)
+    monkeypatch.setenv("HFT_ROUND", "2")  # after the trainer exists, before train(): this is the round
+    before = snapshot(trainer.model)
+    trainer.train()
+    session = hft_session(trainer)
+    assert session.config.round == 2
+    check_training(session.selection, before, snapshot(trainer.model), trainer, session.handle)
+
+
+def test_a_trainer_trained_again_under_new_variables_switches_round(tmp_path, adapter, monkeypatch):
+    monkeypatch.setenv("HFT_ROUND", "0")
+    trainer = plain_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    first = hft_session(trainer)
+    monkeypatch.setenv("HFT_ROUND", "1")
+    trainer.train()
+    second = hft_session(trainer)
+    assert second is not first and second.config.round == 1 and first.handle.removed
+    trained = {n for n, on in flags(trainer.model).items() if on}
+    assert trained == set(second.selection.plan().trainable)  # round 1's half, not round 0's
+    trainer.train()
+    assert hft_session(trainer) is second  # same variables: the same session
+
+
+def test_enable_switched_off_at_train_time_trains_without_hft(tmp_path, adapter, monkeypatch):
+    monkeypatch.setenv("HFT_ENABLE", "0")
+    trainer = plain_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    assert hft_session(trainer) is None and all(flags(trainer.model).values())
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("HFT_ENABLE", "flase"), ("HFT_ENABLE", "ture"), ("HFT_TRAIN_EMBEDDINGS", ""), ("HFT_ROUND", "1_0"),
+])
+def test_a_malformed_variable_stops_train_before_any_change(tmp_path, adapter, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    trainer = plain_trainer(tmp_path, max_steps=1)
+    weights, state = snapshot(trainer.model), flags(trainer.model)
+    with pytest.raises(ConfigError, match=f"{variable}={value!r}") as info:
+        trainer.train()
+    assert not isinstance(info.value, IntegrationError)
+    assert trainer.optimizer is None and flags(trainer.model) == state
+    assert all((weights[n] == p).all() for n, p in trainer.model.named_parameters())
+
+
+def test_explicit_adapter_options_win_over_the_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HFT_ROUND", "2")
+    adapter = TransformersAdapter(config={"round": 1})
+    adapter.instrument()
+    try:
+        trainer = plain_trainer(tmp_path, max_steps=1)
+        trainer.train()
+        assert hft_session(trainer).config.round == 1
+    finally:
+        adapter.uninstrument()
+
+
+# -- the real start-up hook, in fresh interpreters ------------------------------------------------------
+TRAIN_ONCE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from transformers import Trainer
+    from hft_plugin.testing import tiny_model, tiny_tokenizer, snapshot
+    from tests._workers.common import collate, lm_dataset, train_args
+    tokenizer, model = tiny_tokenizer(), tiny_model("llama")
+    trainer = Trainer(model=model, args=train_args(sys.argv[1], max_steps=1), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer))
+    before = snapshot(model)
+    try:
+        trainer.train()
+        print("trained")
+    except Exception as exc:
+        print(type(exc).__name__, "|", exc)
+        print("unchanged" if all((before[n] == p).all() for n, p in model.named_parameters()) else "CHANGED")
+""")
+
+
+@pytest.mark.parametrize("environ", [
+    {"HFT_ENABLE": "flase"}, pytest.param({"HFT_ENABLE": "ture"}, marks=pytest.mark.slow),
+    pytest.param({"HFT_ENABLE": "1", "HFT_TRAIN_EMBEDDINGS": ""}, marks=pytest.mark.slow),
+    {"HFT_ENABLE": "1", "HFT_ROUND": "1_0"},
+])
+def test_the_start_up_hook_stops_on_a_malformed_variable(tmp_path, environ):
+    variable, value = list(environ.items())[-1]
+    result = run(TRAIN_ONCE.format(root=str(ROOT)), str(tmp_path), **environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[-2].startswith(f"ConfigError | {variable}={value!r}") and lines[-1] == "unchanged", lines
+    hook_lines = [line for line in result.stderr.splitlines() if line.startswith("hft_plugin:")]
+    assert len(hook_lines) == 1 and f"{variable}={value!r}" in hook_lines[0]
+
+
+@pytest.mark.slow
+def test_a_process_that_never_trains_is_not_broken():
+    result = run("import transformers.trainer, torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1); "
+                 "print('alive')", HFT_ENABLE="ture")
+    # it did build an optimizer: with HFT_ENABLE malformed that is refused...
+    assert "ConfigError" in result.stderr and "alive" not in result.stdout
+    quiet = run("import transformers.trainer; print('alive')", HFT_ENABLE="ture")
+    # ...but a process that only imports the framework runs on, with one line of warning
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "alive"
+    assert [line for line in quiet.stderr.splitlines() if "hft_plugin" in line] == [
+        line for line in quiet.stderr.splitlines() if "HFT_ENABLE='ture'" in line]
+    assert len([line for line in quiet.stderr.splitlines() if line.startswith("hft_plugin:")]) == 1
+
+
+def test_the_variable_is_the_first_error_even_when_an_adapter_failed():
+    probe = textwrap.dedent("""
+        import sys, types, torch
+        import hft_plugin.bootstrap.startup as s
+        from hft_plugin.adapters.base import Adapter
+        fake = types.ModuleType("fake_adapters")
+        class FutureAdapter(Adapter):
+            name = "future"
+            instruments = ("torch >= 99",)
+        fake.FutureAdapter = FutureAdapter
+        sys.modules["fake_adapters"] = fake
+        s.ADAPTERS["future"] = ("json", "fake_adapters:FutureAdapter")
+        s.instrument("future")
+        try:
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        except Exception as exc:
+            print(type(exc).__name__, "|", exc)
+    """)
+    result = run(probe, HFT_ENABLE="1", HFT_ROUND="1_0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ConfigError | HFT_ROUND='1_0'"), result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("hft_plugin:")]
+    assert "HFT_ROUND='1_0'" in warnings[0] and "torch >= 99" in warnings[1]
