@@ -208,9 +208,19 @@ def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
             current = module._parameters.get(region.name)
             if current is not None and current is not region.param:
                 region.param = current
+        if _sharded(param) or any(_sharded(r.param) for r in regions):
+            if warn:  # at a forward: training would not update the tensor the model computes with
+                from .errors import IntegrationError
+
+                raise IntegrationError(sharded_message(f"{type(module).__name__}.{attr}"))
+            continue  # removing: the shards hold the values
         if all(_aliased(param, r) for r in regions):
             continue
         _repair(module, attr, param, regions, warn)
+
+
+def _sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")  # a DTensor
 
 
 @torch.no_grad()
