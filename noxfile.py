@@ -4,6 +4,8 @@
     nox -s oldest        # transformers/TRL oldest supported (lower ends of the `trl` extra)
     nox -s llamafactory  # LLaMA-Factory 0.9.5 with its own pins, CPU torch (.ci/llamafactory.sh)
     nox -s openrlhf      # OpenRLHF 0.11.2 imports, adapter driven on CPU (.ci/openrlhf.sh)
+    nox -s axolotl       # Axolotl 0.19.0 with its own pins, CPU torch (.ci/axolotl.sh)
+    nox -s swift         # ms-swift 4.6.0 with its own pins, CPU torch (.ci/swift.sh)
 
 Every environment keeps the CPU build of torch 2.13.0 (requirements/cpu-torch.txt as a constraint).
 """
@@ -49,3 +51,13 @@ def llamafactory(session: nox.Session) -> None:
 @nox.session(python=False)
 def openrlhf(session: nox.Session) -> None:
     session.run("bash", ".ci/openrlhf.sh", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def axolotl(session: nox.Session) -> None:
+    session.run("bash", ".ci/axolotl.sh", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def swift(session: nox.Session) -> None:
+    session.run("bash", ".ci/swift.sh", *session.posargs, external=True)

@@ -1,7 +1,8 @@
 """Preference tuning with TRL's DPOTrainer and Half Fine-Tuning.
 
 Only the policy (``trainer.model``) is half fine-tuned; the reference model TRL loads next to it
-is never touched. Runs on a CPU in about a minute with a tiny model (nothing downloads).
+is never trained (its values and flags stay as loaded; it shares the policy's frozen half instead
+of holding a second copy of it). Runs on a CPU in about a minute with a tiny model (nothing downloads).
 
     python examples/dpo.py [--family phi3] [--round 0] [--output-dir /tmp/hft-dpo]
 """

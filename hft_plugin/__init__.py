@@ -25,6 +25,7 @@ _EXPORTS = {
     "SelectionMismatchError": "errors",
     "ManifestError": "errors",
     "NothingToTrainError": "errors",
+    "ReferenceModelError": "errors",
     "IntegrationError": "errors",
     "OptimizerMismatchError": "errors",
     "Selection": "selection",
@@ -42,7 +43,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, SelectionMismatchError, UnsupportedModelError)
+                         OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
+                         UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -96,7 +96,6 @@ class HFTHandle:
         self._attachments: list[_Attachment] = []
         self._covered = False
         self._all_mask: GradientMask | None = None
-        self._on_remove: list[Callable[["HFTHandle"], None]] = []
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
@@ -249,9 +248,19 @@ class HFTHandle:
 
     # -- optimizers ----------------------------------------------------------------------------------
     def _names(self) -> tuple[dict[int, str], dict[int, str]]:
+        """(tensors an optimizer may own, by id -> name; all the model's tensors). Besides
+        :meth:`parameters`, a tensor the selection froze that was set to ``requires_grad=True``
+        by hand afterwards may be owned: the user's explicit choice (warned about in :meth:`attach`)."""
         trainable = {id(p): n for n, p in self._trainable}
         everything = {id(p): n for n, p in self._params.items()}
+        for name in self._unfrozen_by_hand():
+            trainable.setdefault(id(self._params[name]), name)
         return trainable, everything
+
+    def _unfrozen_by_hand(self) -> list[str]:
+        trains = set(self._trainable_names)
+        return [n for n in self._original_flags if n not in trains and n not in self._mechanisms
+                and self._params[n].requires_grad]
 
     def check_optimizer(self, optimizer, need_all: bool = True) -> None:
         """Raise :class:`~hft_plugin.errors.OptimizerMismatchError` unless ``optimizer`` owns exactly
@@ -282,6 +291,10 @@ class HFTHandle:
         inner = optimizers.unwrap(optimizer)
         trainable, everything = self._names()
         optimizers.check([inner], trainable, everything, need_all=False)
+        by_hand = [n for n in self._unfrozen_by_hand() if id(self._params[n]) in {id(p) for p in optimizers.owned(inner)}]
+        if by_hand:
+            logger.warning("hft_plugin: %d tensors this round freezes were set to requires_grad=True by hand (e.g. %s); "
+                           "the optimizer trains them as you asked.", len(by_hand), by_hand[0])
         self._detach(inner)
         attachment = _Attachment(inner)
         owned = {id(p) for p in optimizers.owned(inner)}
@@ -387,18 +400,13 @@ class HFTHandle:
                         region.param.data = param.data[region.index]
 
     # -- undoing -------------------------------------------------------------------------------------
-    def on_remove(self, callback: Callable[["HFTHandle"], None]) -> None:
-        """Call ``callback(handle)`` when the handle is removed, before any flag changes."""
-        self._on_remove.append(callback)
-
     def remove(self) -> None:
         """Restore every ``requires_grad`` flag, the modules' forwards and the experts
         implementation, unregister the regions (their tensors hold their values) and remove the
         optimizer hooks. A second call is harmless."""
         if self.removed:
             return
-        for callback in self._on_remove:
-            callback(self)
+        self._run_on_remove()
         for attachment in self._attachments:
             attachment.detach()
         self._attachments.clear()
@@ -420,6 +428,17 @@ class HFTHandle:
         self.removed = True
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
+
+    def on_remove(self, callback) -> None:
+        """Call ``callback()`` when this handle is removed, before any flag changes. A callback that
+        raises stops the removal with the model unchanged; calling ``remove()`` again retries it."""
+        self.__dict__.setdefault("_on_remove", []).append(callback)
+
+    def _run_on_remove(self) -> None:
+        callbacks = self.__dict__.get("_on_remove", [])
+        while callbacks:
+            callbacks[0]()
+            callbacks.pop(0)
 
     def __repr__(self) -> str:
         return (f"HFTHandle(round={self.selection.config.round}, trainable_tensors={len(self._trainable)}, "

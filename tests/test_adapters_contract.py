@@ -9,7 +9,8 @@ patch-then-import (the start-up hook armed before the framework is imported, the
 imported by arming it), patch twice (never double-wrapped), patch-unpatch-patch.
 
 Subclasses: TestTransformersContract here; LLaMA-Factory in test_llamafactory_contract.py (run in
-its own environment by .ci/llamafactory.sh); OpenRLHF in test_openrlhf.py.
+its own environment by .ci/llamafactory.sh); OpenRLHF in test_openrlhf.py; Axolotl and ms-swift in
+test_axolotl.py and test_swift.py (their own environments: .ci/axolotl.sh, .ci/swift.sh).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_on_remove_runs_before_the_flags_change():
     model = tiny_model("phi3")
     handle = apply_selection(model, select_half(model))
     seen = []
-    handle.on_remove(lambda h: seen.append(sum(p.requires_grad for p in h.model.parameters())))
+    handle.on_remove(lambda: seen.append(sum(p.requires_grad for p in model.parameters())))
     trainable_then = sum(p.requires_grad for p in model.parameters())
     handle.remove()
     assert seen == [trainable_then]
@@ -367,4 +367,21 @@ def test_tensors_outside_the_model_are_not_the_handles_business():
     before = head.weight.detach().clone()
     optimizer.step()
     assert not torch.equal(before, head.weight)
+    handle.remove()
+
+
+def test_a_tensor_unfrozen_by_hand_may_be_owned_with_a_warning(caplog):
+    """requires_grad=True set by hand after HFT froze a tensor is the user's choice: an optimizer may
+    own it (attach warns, naming it); frozen tensors still may not be owned."""
+    model = tiny_model("phi3")
+    selection = select_half(model)
+    handle = apply_selection(model, selection)
+    name = selection.plan().frozen[0]
+    model.get_parameter(name).requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        handle.attach(torch.optim.AdamW([*handle.parameters(), model.get_parameter(name)], lr=1e-2))
+    assert "by hand" in caplog.text and name in caplog.text
+    other = selection.plan().frozen[1]
+    with pytest.raises(HFTError, match="do not train in this round"):
+        handle.attach(torch.optim.AdamW([*handle.parameters(), model.get_parameter(other)], lr=1e-2))
     handle.remove()

@@ -50,6 +50,7 @@ from ..freeze import HFTHandle, apply_selection
 from ..optimizers import unfuse_strided, unwrap
 from ..report import stats_metrics
 from ..selection import Selection, select_half
+from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
 from .base import Adapter, patch, unpatch
 from .deepspeed import ZeroGradientMasks, check_zero_optimizer
 from .fsdp import check_fsdp, fsdp_plugin, is_fsdp2_module
@@ -114,6 +115,8 @@ class _Session:
         self._in_prepare = False
         self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
         self.requested: HFTConfig | None = None
+        self.share_reference = True
+        self.sharing: SharedReference | None = None
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
@@ -124,6 +127,7 @@ class _Session:
             self.handle.remove()  # the model as it was
             raise
         _SESSIONS[self.trainer] = self
+        self.sharing = _reference_sharing(self)
         for name, make in (
             ("train", self._wrap_train),
             ("_prepare_for_training", self._wrap_prepare),
@@ -209,7 +213,8 @@ class _Session:
             logger.warning("hft_plugin: HFT disabled, but the optimizer given to the Trainer owns only the half that "
                            "trained with HFT; give the Trainer a new optimizer to train the whole model.")
         if self.handle is not None:
-            self.handle.remove()
+            self.handle.remove()  # a shared reference gets its own copy back first
+        self.sharing = None
         if _SESSIONS.get(self.trainer) is self:
             del _SESSIONS[self.trainer]
 
@@ -217,7 +222,9 @@ class _Session:
     def _wrap_train(self, original: Callable) -> Callable:
         def train(resume_from_checkpoint=None, *args, **kwargs):
             # Checked before the trainer loads the checkpoint's weights into the model.
-            self.check_resume(_resolve_checkpoint(self.trainer, resume_from_checkpoint))
+            checkpoint = _resolve_checkpoint(self.trainer, resume_from_checkpoint)
+            self.check_resume(checkpoint)
+            _reference_before_load(self, checkpoint)
             return original(resume_from_checkpoint, *args, **kwargs)
         return train
 
@@ -299,6 +306,7 @@ class _Session:
             self.handle = self.apply(self.selection)
             self._attached_to = None
         self.check_resume(_resolve_checkpoint(trainer, resume))
+        self.sharing = _reference_sharing(self)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
         self.check_ranks_agree()
@@ -308,14 +316,17 @@ class _Session:
         self._wrap_clipping_if_masked()
         self.settle_optimizer()
         if trainer.is_world_process_zero():
-            logger.info("hft_plugin: training %s with Half Fine-Tuning\n%s\n%s", type(trainer).__name__,
-                        self.selection.summary(), self.handle.mechanism_summary())
+            logger.info("hft_plugin: training %s with Half Fine-Tuning\n%s\n%s%s", type(trainer).__name__,
+                        self.selection.summary(), self.handle.mechanism_summary(),
+                        f"\n{self.sharing.report.summary()}" if self.sharing else "")
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
 
     def after_prepare(self) -> None:
         trainer = self.trainer
+        if self.sharing is not None:
+            self.sharing.check()  # preparing may have moved or cast the policy's tensors
         if getattr(trainer, "is_deepspeed_enabled", False):
             check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None), self.handle)
             return
@@ -404,6 +415,37 @@ def _unwrapped(model):
     return unwrap_model(model)
 
 
+# -- the reference model shares the policy's frozen half (hft_plugin.sharing) ---------------------------
+def _sharing_declined(trainer, enabled: bool) -> str | None:
+    """Why this trainer's reference must keep its own copy, in one line, or None."""
+    if not enabled:
+        return "turned off (share_reference=False or HFT_SHARE_REFERENCE=0)"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return FSDP
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return unshareable_reason(trainer.model, trainer.ref_model) or (
+            "DeepSpeed owns the policy's tensors (it casts, moves and broadcasts them in place when training starts)")
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    if getattr(trainer.args, "sync_ref_model", False) or any(type(c).__name__ == "SyncRefModelCallback" for c in callbacks):
+        return "the trainer syncs the policy into the reference (sync_ref_model), which writes into its tensors"
+    return None
+
+
+def _reference_sharing(session: "_Session") -> SharedReference | None:
+    """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one) shares
+    the policy's frozen half, or keeps sharing it; checked each time a training run starts."""
+    reference = getattr(session.trainer, "ref_model", None)
+    if reference is None:
+        return None
+    declined = _sharing_declined(session.trainer, session.share_reference)
+    return keep_shared(session.sharing, session.handle, reference, declined=declined)
+
+
+def _reference_before_load(session: "_Session", checkpoint: str | None) -> None:
+    if checkpoint is not None and session.sharing is not None:
+        session.sharing.before_load(checkpoint)  # loading writes into the policy's (shared) tensors
+
+
 def _check_trainer(trainer) -> None:
     Trainer = _trainer_class()
     if not isinstance(trainer, Trainer):
@@ -428,7 +470,8 @@ def _check_trainer(trainer) -> None:
         )
 
 
-def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> HFTHandle:
+def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *,
+               share_reference: bool | None = None, **options: Any) -> HFTHandle:
     """Half fine-tune ``trainer.model``: freeze the half that does not train in this round.
 
     Works on ``transformers.Trainer`` and its subclasses (TRL's SFT, DPO, GRPO, Reward, KTO
@@ -442,6 +485,9 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         trainer: the trainer whose model (the policy) is half fine-tuned. Reference, reward and
             value models are never touched.
         config: an :class:`HFTConfig` or a dict of its options; ``options`` override it.
+        share_reference: let the trainer's reference model (``trainer.ref_model``: DPO, KTO, GRPO)
+            share the policy's frozen tensors instead of holding its own copy (see
+            :mod:`hft_plugin.sharing`). Default: ``HFT_SHARE_REFERENCE``, else True.
         **options: HFTConfig's options: ratio, strategy, round, seed, train_embeddings.
 
     Returns:
@@ -470,6 +516,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     """
     _check_trainer(trainer)
     cfg = _build_config(config, options)
+    share = share_option(share_reference)
     _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
     if existing is not None:
@@ -480,7 +527,9 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     selection = select_half(trainer.model, config=cfg)  # refuses PEFT, quantized, unreadable models
     # the session keeps the resolved options (round="next" is a number from here on), so a resumed
     # checkpoint is compared with the round that trains
-    return _Session(trainer, selection.config, selection).start()
+    session = _Session(trainer, selection.config, selection)
+    session.share_reference = share
+    return session.start()
 
 
 def disable_hft(trainer) -> bool:
@@ -557,7 +606,9 @@ def _auto_train(wrapped, instance, args, kwargs):
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        session.check_resume(_resolve_checkpoint(instance, resume))
+        checkpoint = _resolve_checkpoint(instance, resume)
+        session.check_resume(checkpoint)
+        _reference_before_load(session, checkpoint)
     return wrapped(*args, **kwargs)
 
 

@@ -52,8 +52,14 @@ HFT_CONFIG = "HFT_CONFIG"
 ``strategy``, ``round``, ``seed``, ``train_embeddings``). The single variables override it."""
 
 HFT_DISABLE_ADAPTERS = "HFT_DISABLE_ADAPTERS"
-"""Comma-separated adapter names (``transformers``, ``llamafactory``, ``openrlhf``) that the start-up
-hook must not activate, e.g. when a framework's own integration should be used instead."""
+"""Comma-separated adapter names (``transformers``, ``llamafactory``, ``openrlhf``, ``axolotl``,
+``swift``) that the start-up hook must not activate, e.g. when a framework's own integration should
+be used instead."""
+
+HFT_SHARE_REFERENCE = "HFT_SHARE_REFERENCE"
+"""Let a trainer's reference model (DPO, KTO, GRPO, ...) share the policy's frozen tensors instead of
+holding its own copy of them: a boolean. Default 1. An integration option, not a selection option:
+it changes no weight and goes into no manifest."""
 
 CONFIG_VARIABLES = {
     "ratio": HFT_RATIO,
@@ -64,7 +70,7 @@ CONFIG_VARIABLES = {
 }
 """Which variable sets which :class:`~hft_plugin.HFTConfig` field."""
 
-ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS)
+ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -182,6 +188,18 @@ def disabled_adapters(environ: Mapping[str, str] | None = None) -> frozenset[str
     environ = os.environ if environ is None else environ
     names = environ.get(HFT_DISABLE_ADAPTERS, "")
     return frozenset(n.strip().lower() for n in names.split(",") if n.strip())
+
+
+def share_reference(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``HFT_SHARE_REFERENCE`` lets the reference model share the policy's frozen half (unset:
+    yes). Raises ConfigError, naming the variable, on a value that is neither on nor off (empty too).
+
+        >>> share_reference({}), share_reference({"HFT_SHARE_REFERENCE": "0"})
+        (True, False)
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(HFT_SHARE_REFERENCE)
+    return True if text is None else parse_bool(HFT_SHARE_REFERENCE, text)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

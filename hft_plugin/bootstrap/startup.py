@@ -40,6 +40,8 @@ ADAPTERS: dict[str, tuple[str, str]] = {
     "transformers": ("transformers.trainer", "hft_plugin.adapters.transformers:TransformersAdapter"),
     "llamafactory": ("llamafactory.model.adapter", "hft_plugin.adapters.llamafactory:LlamaFactoryAdapter"),
     "openrlhf": ("openrlhf.utils.deepspeed.deepspeed", "hft_plugin.adapters.openrlhf:OpenRLHFAdapter"),
+    "axolotl": ("axolotl.integrations.base", "hft_plugin.adapters.axolotl:AxolotlAdapter"),
+    "swift": ("swift.pipelines.train.tuner", "hft_plugin.adapters.swift:SwiftAdapter"),
 }
 """Every adapter the hook knows, named by string so that start-up imports none of them."""
 
