@@ -351,7 +351,7 @@ def _owned(trainer) -> list:
         groups = getattr(engine_optimizer, attr, None)
         if groups:
             return [p for group in groups for p in group]
-    from hft_plugin.adapters.transformers import _unwrap_optimizer
+    from hft_plugin.optimizers import unwrap as _unwrap_optimizer
 
     return [p for group in _unwrap_optimizer(trainer.optimizer).param_groups for p in group["params"]]
 

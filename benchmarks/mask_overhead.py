@@ -1,6 +1,6 @@
-"""The hot path: what masking fused tensors costs per training step.
+"""The hot path: what keeping fused tensors' frozen slices still costs per training step.
 
-On a Phi-3-layout model (fused ``qkv_proj`` and ``gate_up_proj``), the same half trains four ways:
+On a Phi-3-layout model (fused ``qkv_proj`` and ``gate_up_proj``), the same half trains six ways:
 
 - ``none``:  the same flags, no mask (the frozen slices of fused tensors would move: timing only);
 - ``fused``: hft_plugin's GradientMask (one fused call per optimizer step, before clipping): zeroes
@@ -8,10 +8,12 @@ On a Phi-3-layout model (fused ``qkv_proj`` and ``gate_up_proj``), the same half
 - ``dense``: the first version of it: one ``torch._foreach_mul_`` of the whole gradients by dense
   masks stored in the parameters' dtype;
 - ``hooks``: a per-parameter autograd hook multiplying each fused gradient by its mask, every backward;
+- ``regions``: what hft_plugin does by default now: region parameters (the optimizer owns only the
+  trainable rows; the backward computes only their weight gradient), no mask;
 - ``unfused``: the same units on a Llama-layout model of the same sizes (q, k, v, gate, up as
   separate tensors), frozen whole with requires_grad=False: no mask is needed at all.
 
-Steps alternate between the four in one process (rotating the order), so all see the same machine.
+Steps alternate between all of them in one process (rotating the order), so all see the same machine.
 The cost of masking is also timed alone (mask applied to real gradients, many times), because on a
 shared machine a 1% difference between two step medians is within the noise.
 
@@ -37,7 +39,7 @@ sys.path.insert(0, HERE)
 
 from speed import machine  # noqa: E402
 
-MODES = ("none", "fused", "dense", "hooks", "unfused")
+MODES = ("none", "fused", "dense", "hooks", "regions", "unfused")
 
 
 def phi3_config(layers: int, hidden: int, intermediate: int, heads: int, vocab: int):
@@ -98,7 +100,8 @@ class Variant:
         if mode == "unfused":
             selection = twin_selection(selection, self.model)
         self.selection = selection
-        self.handle = apply_selection(self.model, selection)
+        # every variant but "regions" keeps partly trained tensors whole in the optimizer (the mask mechanism)
+        self.handle = apply_selection(self.model, selection, partial="auto" if mode == "regions" else "mask")
         self.params = self.handle.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.hooks = []
@@ -221,6 +224,8 @@ def write(result: dict, command: str) -> None:
         f"| fused | GradientMask, once per step (zeroes frozen blocks) | {st['fused'] * 1e3:,.1f} ms | {pr['fused']:.4f} |",
         f"| dense | first version: dense-mask multiply, once per step | {st['dense'] * 1e3:,.1f} ms | {pr['dense']:.4f} |",
         f"| hooks | autograd hook per parameter | {st['hooks'] * 1e3:,.1f} ms | {pr['hooks']:.4f} |",
+        f"| regions | region parameters (rows): no mask, no frozen weight gradient | {st['regions'] * 1e3:,.1f} ms "
+        f"| {pr['regions']:.4f} |",
         f"| unfused | Llama twin, whole tensors frozen | {st['unfused'] * 1e3:,.1f} ms | {pr['unfused']:.4f} |",
         "",
         "| masking alone, on real gradients | time | share of a `none` step |",

@@ -27,6 +27,7 @@ _EXPORTS = {
     "NothingToTrainError": "errors",
     "ReferenceModelError": "errors",
     "IntegrationError": "errors",
+    "OptimizerMismatchError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
@@ -42,8 +43,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         ReferenceModelError,
-                         SelectionMismatchError, UnsupportedModelError)
+                         OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
+                         UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

@@ -41,6 +41,12 @@ class IntegrationError(HFTError):
     """HFT could not be attached to a trainer or framework."""
 
 
+class OptimizerMismatchError(HFTError):
+    """An optimizer does not own exactly the trainable elements of the applied selection: it owns or
+    holds state for frozen ones (or another round's), lacks trainable ones, or would write outside a
+    strided region."""
+
+
 class ReferenceModelError(UnsupportedModelError):
     """The reference model cannot share the policy's tensors as given (it is the policy itself,
     it is PEFT-wrapped, or it is on the meta device)."""

@@ -1,8 +1,23 @@
 """Apply a Selection to a model, and undo it.
 
-Whole frozen tensors get ``requires_grad=False`` (no gradient, no optimizer state). Partly frozen
-tensors keep ``requires_grad`` and are masked by :mod:`hft_plugin.masking` once an optimizer is
-attached. Everything is recorded so :meth:`HFTHandle.remove` puts the model back as it was.
+Whole frozen tensors get ``requires_grad=False`` (no gradient, no optimizer state). A partly trained
+tensor (a fused ``qkv_proj``, a stacked expert tensor) uses one of three mechanisms, chosen per
+tensor when the selection is applied (:meth:`HFTHandle.mechanisms`):
+
+* ``rows``: the weight or bias of an ``nn.Linear`` or of transformers' ``Conv1D``. Its trainable
+  boxes become region parameters (:mod:`hft_plugin.regions`); the module's backward computes the
+  weight gradient of the trainable rows (columns) only.
+* ``experts``: a stacked experts tensor of a transformers experts module, through the "hft"
+  experts implementation (:mod:`hft_plugin.experts`); a frozen expert's weight gradient is never
+  formed.
+* ``mask``: everything else, every tensor already sharded when the selection is applied, and every
+  partly trained tensor with ``partial="mask"`` (DeepSpeed ZeRO keeps gradients in flat partitions;
+  FSDP2 shards each tensor: apply with ``partial="mask"`` before ``fully_shard``): the optimizer
+  owns the tensor whole and its frozen blocks' gradients are zeroed once per step
+  (:mod:`hft_plugin.masking`, on each rank's shard under FSDP2), and put back after the step where
+  a zero gradient is not enough.
+
+Everything is recorded so :meth:`HFTHandle.remove` puts the model back as it was.
 """
 
 from __future__ import annotations
@@ -14,13 +29,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import SelectionMismatchError
-from .layouts.base import param_shape, unwrap_model
+from . import experts, optimizers, regions
+from .errors import IntegrationError, SelectionMismatchError
+from .layouts.base import Box, param_shape, unwrap_model
 from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
 from .selection import Selection, check_fits, check_model, check_trains_something
-from .shards import local_trainable_mask
+from .shards import is_sharded, local_trainable_mask
 
 logger = logging.getLogger("hft_plugin")
+
+PARTIAL_MODES = ("auto", "mask")
 
 # model -> its active handle; weak, and not an attribute, so copies of a model carry no handle
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDictionary()
@@ -35,48 +53,117 @@ def _canonical(name: str) -> str:
     return name
 
 
+class _Attachment:
+    """One optimizer attached to a handle: its hooks, and the masks of the mask-mechanism tensors it owns."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = weakref.ref(optimizer)
+        self.hooks: list = []
+        self.mask: GradientMask | None = None
+        self.restore: FrozenRestore | None = None
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
 class HFTHandle:
     """A selection applied to a model.
 
-    ``parameters()`` is exactly what the optimizer should own; ``attach(optimizer)`` keeps the
-    frozen regions of fused tensors still; ``remove()`` restores the model's flags and hooks.
+    ``parameters()`` is exactly what the optimizer should own; ``attach(optimizer)`` checks that an
+    optimizer fits and keeps mask-mechanism tensors' frozen blocks still under it; ``remove()``
+    restores the model's flags, modules and experts implementation.
 
     The handle follows wrappers that put new parameter objects in place (FSDP2's ``fully_shard``
     replaces every parameter by a DTensor): each of these methods re-reads the model's parameters
     by name when they changed (:meth:`refresh_parameters`).
     """
 
-    def __init__(self, model: nn.Module, selection: Selection):
+    def __init__(self, model: nn.Module, selection: Selection, partial: str = "auto"):
         self.model = model
         self.selection = selection
+        self.partial = partial
         self._original_flags: dict[str, bool] = {}
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        self._masked: dict[str, tuple] = {}  # partly trained tensor -> its trainable boxes
-        self._hooks: list = []
-        self.mask: GradientMask | None = None
-        self.restore: FrozenRestore | None = None
+        self._masked: dict[str, tuple[Box, ...]] = {}  # mask mechanism: tensor -> its trainable boxes
+        self._partial: dict[str, tuple[Box, ...]] = {}  # every partly trained tensor -> its trainable boxes
+        self._mechanisms: dict[str, str] = {}
+        self._why_mask: dict[str, str] = {}
+        self._region_modules: list[nn.Module] = []
+        self._experts_configs: list = []
+        self._trainable_names: list[str] = []
+        self._attachments: list[_Attachment] = []
+        self._covered = False
+        self._all_mask: GradientMask | None = None
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
+    def _plan_mechanisms(self) -> dict[str, tuple[str, nn.Module | None, str]]:
+        """Per partly trained tensor: (mechanism, owning module, attribute). Changes nothing."""
+        plan = self.selection.plan()
+        owners = _owners(self.model)
+        chosen = {}
+        for name, boxes in plan.partial.items():
+            if not self._params[name].requires_grad:
+                continue  # frozen by the user: stays frozen whole
+            module, attr = owners.get(name, (None, ""))
+            mechanism, why = self._mechanism_for(name, boxes, module, attr, owners)
+            if why:
+                self._why_mask[name] = why
+            chosen[name] = (mechanism, module, attr)
+        return chosen
+
+    def _mechanism_for(self, name, boxes, module, attr, owners) -> tuple[str, str]:
+        if is_sharded(self._params[name]):
+            return "mask", "sharded (a DTensor, e.g. by fully_shard): masked on each rank's shard"
+        if self.partial == "mask":
+            return "mask", ""
+        if module is None or owners.get(("shared", name)):
+            return "mask", "the tensor is shared by several modules"
+        if experts.is_experts_module(module):
+            why = experts.unsupported_reason(module, attr)
+            if why is None and not all(any(d == 0 and stop - start == 1 for d, start, stop in box) for box in boxes):
+                why = "a region spans several experts"
+            return ("experts", "") if why is None else ("mask", why)
+        if regions.rows_module_kind(module) is not None and attr in ("weight", "bias"):
+            return "rows", ""
+        return "mask", f"a {type(module).__name__} module"
+
     def _apply(self) -> None:
         plan = self.selection.plan()
-        kept_frozen = []
         for name, param in self._params.items():
             self._original_flags[name] = param.requires_grad
+        chosen = self._plan_mechanisms()  # raises before anything changes
+        kept_frozen = [n for n in plan.trainable if not self._original_flags[n]]
+        kept_frozen += [n for n in plan.partial if not self._original_flags[n]]
         for name in plan.frozen:
             self._params[name].requires_grad_(False)
-        for name in plan.trainable:
-            if not self._original_flags[name]:
-                kept_frozen.append(name)
-        for name, boxes in plan.partial.items():
-            param = self._params[name]
-            if not self._original_flags[name]:
-                kept_frozen.append(name)
+        by_module: dict[int, tuple[nn.Module, str]] = {}
+        for name, (mechanism, module, attr) in chosen.items():
+            boxes = plan.partial[name]
+            self._partial[name] = boxes
+            self._mechanisms[name] = mechanism
+            if mechanism == "mask":
+                self._masked[name] = boxes
                 continue
-            self._masked[name] = boxes  # the trainable boxes; dense masks are built only when needed
+            regions.add_regions(module, attr, boxes, squeeze_leading=mechanism == "experts")
+            by_module[id(module)] = (module, mechanism)
+        for module, mechanism in by_module.values():
+            module.__dict__["_hft_root"] = weakref.ref(self.model)
+            self._region_modules.append(module)
+            if mechanism == "rows":
+                regions.install_rows(module)
+            else:
+                config = experts.install(module)
+                if all(c is not config for c in self._experts_configs):
+                    self._experts_configs.append(config)
+        self._params = dict(self.model.named_parameters())  # now with the region parameters
+        self._trainable_names = [n for n, p in self._params.items() if p.requires_grad]
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
+    # -- what trains ---------------------------------------------------------------------------------
     def refresh_parameters(self) -> bool:
         """Take the model's current parameter objects, by name, if a wrapper replaced them (FSDP2's
         ``fully_shard`` puts DTensor parameters in place). Returns whether anything changed.
@@ -98,93 +185,246 @@ class HFTHandle:
                 "wrapper renamed or removed them. Apply the selection to the model as it is now."
             )
         self._params = {name: current[_canonical(name)] for name in self._params}
-        if self._hooks:
+        if self._attachments:
             logger.warning("hft_plugin: the model's parameters were replaced (e.g. by fully_shard) after an optimizer "
                            "was attached; build the optimizer from handle.parameters() and attach it again.")
-            self._detach_hooks()
-            self.mask = self.restore = None
+            for attachment in self._attachments:
+                attachment.detach()
+            self._attachments.clear()
+        self._all_mask = None
         return True
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The parameters that train (whole or in part), in model order."""
+    @property
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         self.refresh_parameters()
-        for name, param in self._params.items():
-            if param.requires_grad:
-                yield name, param
+        return [(n, self._params[n]) for n in self._trainable_names]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """What trains, in model order: whole trainable tensors, region parameters (named
+        ``<tensor>_hft<i>``), and partly trained tensors of the mask mechanism."""
+        return iter(self._trainable)
 
     def parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters an optimizer should own."""
-        return [p for _, p in self.named_parameters()]
+        return [p for _, p in self._trainable]
+
+    def mechanisms(self) -> dict[str, str]:
+        """Per partly trained tensor, its mechanism: ``"rows"``, ``"experts"`` or ``"mask"``."""
+        return dict(self._mechanisms)
+
+    def mechanism_summary(self) -> str:
+        """One line naming how many partly trained tensors use each mechanism, and why any use the mask."""
+        if not self._mechanisms:
+            return "partly trained tensors: none (every tensor trains or is frozen whole)"
+        counts: dict[str, int] = {}
+        for mechanism in self._mechanisms.values():
+            counts[mechanism] = counts.get(mechanism, 0) + 1
+        text = "partly trained tensors: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+        if self._why_mask:
+            name, why = next(iter(self._why_mask.items()))
+            text += f" (mask for e.g. {name}: {why})"
+        return text
+
+    @property
+    def regions(self) -> dict[str, list[str]]:
+        """Per partly trained tensor of the rows and experts mechanisms, the names of its region parameters."""
+        prefix = {id(m): n for n, m in self.model.named_modules()}
+        out = {}
+        for module in self._region_modules:
+            for attr, items in regions.module_regions(module).items():
+                base = prefix[id(module)]
+                out[f"{base}.{attr}" if base else attr] = [f"{base}.{r.name}" if base else r.name for r in items]
+        return out
 
     @property
     def masked_parameters(self) -> dict[str, nn.Parameter]:
-        """The partly trained (fused) tensors, by name."""
+        """The partly trained tensors of the mask mechanism (the optimizer owns them whole), by name."""
         self.refresh_parameters()
         return {n: self._params[n] for n in self._masked}
 
     def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
         """A boolean mask of the trainable elements of the partly trained tensor ``name``."""
-        return region_mask(param_shape(self._params[name]), self._masked[name], device=device)
+        return region_mask(param_shape(self._params[name]), self._partial[name], device=device)
+
+    # -- optimizers ----------------------------------------------------------------------------------
+    def _names(self) -> tuple[dict[int, str], dict[int, str]]:
+        """(tensors an optimizer may own, by id -> name; all the model's tensors). Besides
+        :meth:`parameters`, a tensor the selection froze that was set to ``requires_grad=True``
+        by hand afterwards may be owned: the user's explicit choice (warned about in :meth:`attach`)."""
+        trainable = {id(p): n for n, p in self._trainable}
+        everything = {id(p): n for n, p in self._params.items()}
+        for name in self._unfrozen_by_hand():
+            trainable.setdefault(id(self._params[name]), name)
+        return trainable, everything
+
+    def _unfrozen_by_hand(self) -> list[str]:
+        trains = set(self._trainable_names)
+        return [n for n in self._original_flags if n not in trains and n not in self._mechanisms
+                and self._params[n].requires_grad]
+
+    def check_optimizer(self, optimizer, need_all: bool = True) -> None:
+        """Raise :class:`~hft_plugin.errors.OptimizerMismatchError` unless ``optimizer`` owns exactly
+        ``parameters()`` (``need_all=False``: a subset of them), holds state for nothing else, and
+        keeps strided regions out of fused kernels."""
+        trainable, everything = self._names()
+        optimizers.check([optimizer], trainable, everything, need_all)
 
     def attach(self, optimizer: torch.optim.Optimizer, restore: bool | None = None) -> "HFTHandle":
-        """Keep the frozen regions of partly trained tensors still under ``optimizer``.
+        """Check ``optimizer`` and keep the frozen elements still under it.
 
-        Masks their gradients once per step (one fused call, from a step pre-hook). ``restore``:
-        also put frozen elements back after each step; by default only where masking alone cannot
-        guarantee it (weight decay, or an optimizer that is not elementwise). Without masked
-        tensors this does nothing.
+        Refuses (:class:`~hft_plugin.errors.OptimizerMismatchError`, before anything changes) an
+        optimizer that owns or holds state for anything outside ``parameters()`` (a frozen tensor,
+        another round's region, a partly trained tensor whose regions train), or that would run a
+        fused kernel over a strided region. Several optimizers may be attached (e.g. Muon over the
+        layers' matrices and AdamW over the rest), each keeping its protection; before the first step
+        of any of them, together they must own all of ``parameters()``, else the same error.
+        Attaching the same optimizer again replaces its hooks.
+
+        For mask-mechanism tensors the optimizer owns, their frozen blocks' gradients are zeroed
+        once per step (a step pre-hook); ``restore``: also put frozen elements back after each step,
+        by default only where masking alone cannot keep them still (weight decay, or an optimizer
+        that is not elementwise).
         """
-        if not self._masked:
-            return self
-        self.refresh_parameters()
-        self._detach_hooks()  # one optimizer at a time: attaching again replaces the hooks
-        params = [self._params[n] for n in self._masked]
-        # Built on the host and dropped once the frozen blocks are found: no mask stays in memory.
-        # A sharded (DTensor) parameter is masked on this rank's shard.
-        masks = [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in self._masked]
-        self.mask = GradientMask(params, masks)
-        if restore is None:
-            restore = needs_restore(optimizer, params)
-        if restore:
-            logger.info("hft_plugin: %s with weight decay or mixing updates: restoring frozen slices after each step.",
-                        type(optimizer).__name__)
-            self.restore = FrozenRestore(params, masks)
-        else:
-            self.restore = None
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.mask.apply()))
-        if self.restore is not None:
-            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.restore.apply()))
+        if self.removed:
+            raise IntegrationError("This HFT handle was removed; apply a selection again and attach to its handle.")
+        self._check_not_replaced()
+        inner = optimizers.unwrap(optimizer)
+        trainable, everything = self._names()
+        optimizers.check([inner], trainable, everything, need_all=False)
+        by_hand = [n for n in self._unfrozen_by_hand() if id(self._params[n]) in {id(p) for p in optimizers.owned(inner)}]
+        if by_hand:
+            logger.warning("hft_plugin: %d tensors this round freezes were set to requires_grad=True by hand (e.g. %s); "
+                           "the optimizer trains them as you asked.", len(by_hand), by_hand[0])
+        self._detach(inner)
+        attachment = _Attachment(inner)
+        owned = {id(p) for p in optimizers.owned(inner)}
+        masked = [n for n in self._masked if id(self._params[n]) in owned]
+        if masked:
+            params = [self._params[n] for n in masked]
+            # Built on the host and dropped once the blocks are found; a sharded (DTensor) tensor is
+            # masked on this rank's shard.
+            masks = [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in masked]
+            attachment.mask = GradientMask(params, masks)
+            if restore is None:
+                restore = needs_restore(inner, params)
+            if restore:
+                logger.info("hft_plugin: %s with weight decay or mixing updates: restoring frozen slices after each step.",
+                            type(inner).__name__)
+                attachment.restore = FrozenRestore(params, masks)
+        attachment.hooks.append(inner.register_step_pre_hook(lambda *_: self._before_step(attachment)))
+        if attachment.restore is not None:
+            attachment.hooks.append(inner.register_step_post_hook(lambda *_: attachment.restore.apply()))
+        self._attachments.append(attachment)
+        self._covered = False
         return self
 
-    def _detach_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+    def _check_not_replaced(self) -> None:
+        """A tensor with region parameters must not have been sharded (FSDP2's fully_shard would
+        shard each region as a tensor of its own, no longer viewing its tensor)."""
+        self.refresh_parameters()
+        for name, mechanism in self._mechanisms.items():
+            if mechanism != "mask" and is_sharded(self._params[name]):
+                raise IntegrationError(regions.sharded_message(name))
+
+    def _before_step(self, attachment: _Attachment) -> None:
+        if not self._covered:
+            live = [a.optimizer() for a in self._attachments if a.optimizer() is not None]
+            trainable, everything = self._names()
+            optimizers.check(live, trainable, everything, need_all=True,
+                             what=f"The {len(live)} attached optimizers" if len(live) > 1 else "The attached optimizer")
+            self._warn_unreached()
+            self._covered = True
+        if attachment.mask is not None:
+            attachment.mask.apply()
+
+    def _warn_unreached(self) -> None:
+        for module in self._region_modules:
+            for attr, items in regions.module_regions(module).items():
+                current = [module._parameters.get(r.name) for r in items]
+                if all(p is None or p.grad is None for p in current) and any(p.grad is not None for _, p in self._trainable):
+                    logger.warning(
+                        "hft_plugin: the trainable regions of %s.%s got no gradient in the first step: is the module "
+                        "used without its forward (its weight read directly)?", type(module).__name__, attr)
+
+    def detach(self, optimizer) -> None:
+        """Remove ``optimizer``'s hooks (e.g. before replacing it); the others stay attached."""
+        self._detach(optimizers.unwrap(optimizer))
+
+    def _detach(self, optimizer) -> None:
+        for attachment in list(self._attachments):
+            if attachment.optimizer() is optimizer or attachment.optimizer() is None:
+                attachment.detach()
+                self._attachments.remove(attachment)
+
+    @property
+    def mask(self) -> GradientMask | None:
+        """The gradient mask of the last attached optimizer's mask-mechanism tensors, if any."""
+        return self._attachments[-1].mask if self._attachments else None
+
+    @property
+    def restore(self) -> FrozenRestore | None:
+        """The restore of the last attached optimizer's mask-mechanism tensors, if any."""
+        return self._attachments[-1].restore if self._attachments else None
 
     def mask_gradients(self) -> None:
-        """Mask the frozen regions' gradients now (e.g. before clipping). Idempotent."""
-        if self.mask is not None:
-            self.mask.apply()
+        """Zero the frozen blocks' gradients of every mask-mechanism tensor now (e.g. before
+        clipping). Idempotent; nothing to do without mask-mechanism tensors."""
+        if not self._masked:
+            return
+        self.refresh_parameters()
+        if self._all_mask is None:
+            names = list(self._masked)
+            self._all_mask = GradientMask([self._params[n] for n in names],
+                                          [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in names])
+        self._all_mask.apply()
 
     def refresh(self) -> None:
         """Take the current weights as the frozen values to restore (call after loading weights
         into a model whose optimizer is already attached, e.g. when resuming)."""
-        if self.restore is not None:
-            self.restore.refresh()
+        for attachment in self._attachments:
+            if attachment.restore is not None:
+                attachment.restore.refresh()
+
+    def cast_trainable_(self, dtype: torch.dtype) -> None:
+        """Cast every trainable tensor, and every partly trained tensor with its regions, to
+        ``dtype``, keeping the regions' storage shared (e.g. fp32 trainable weights of a bf16 model)."""
+        with torch.no_grad():
+            for _, param in self._trainable:
+                if not _is_region(param):
+                    param.data = param.data.to(dtype)
+            for module in self._region_modules:
+                for attr, items in regions.module_regions(module).items():
+                    param = module._parameters[attr]
+                    param.data = param.data.to(dtype)
+                    for region in items:
+                        region.param.data = param.data[region.index]
 
     # -- undoing -------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Restore every ``requires_grad`` flag and remove the optimizer hooks. A second call is harmless."""
+        """Restore every ``requires_grad`` flag, the modules' forwards and the experts
+        implementation, unregister the regions (their tensors hold their values) and remove the
+        optimizer hooks. A second call is harmless."""
         if self.removed:
             return
         self._run_on_remove()
-        self._detach_hooks()
+        for attachment in self._attachments:
+            attachment.detach()
+        self._attachments.clear()
         try:
             self.refresh_parameters()
         except SelectionMismatchError:  # renamed by a wrapper: restore what can still be reached
             pass
+        for module in self._region_modules:
+            regions.uninstall_rows(module)
+            experts.uninstall(module)
+            regions.remove_regions(module)
+            module.__dict__.pop("_hft_root", None)
+        for config in self._experts_configs:
+            experts.restore(config)
+        self._region_modules.clear()
         for name, flag in self._original_flags.items():
             self._params[name].requires_grad_(flag)
+        self._trainable_names = []
         self.removed = True
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
@@ -201,17 +441,57 @@ class HFTHandle:
             callbacks.pop(0)
 
     def __repr__(self) -> str:
-        trainable = sum(1 for _ in self.named_parameters())
-        return (f"HFTHandle(round={self.selection.config.round}, trainable_tensors={trainable}, "
-                f"masked_tensors={len(self._masked)}, removed={self.removed})")
+        return (f"HFTHandle(round={self.selection.config.round}, trainable_tensors={len(self._trainable)}, "
+                f"mechanisms={self.mechanisms() and sorted(set(self._mechanisms.values()))}, removed={self.removed})")
 
 
-def apply_selection(model: nn.Module, selection: Selection) -> HFTHandle:
+def _owners(model: nn.Module) -> dict:
+    """Parameter name -> (owning module, attribute); ("shared", name) -> True for a tensor that
+    several modules hold (tied)."""
+    owners: dict = {}
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    seen: dict[int, int] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            seen[id(param)] = seen.get(id(param), 0) + 1
+            name = canonical.get(id(param))
+            if name is not None and name not in owners and name == (f"{module_name}.{attr}" if module_name else attr):
+                owners[name] = (module, attr)
+    for name, (module, attr) in list(owners.items()):
+        if seen.get(id(module._parameters[attr]), 0) > 1:
+            owners[("shared", name)] = True
+    return owners
+
+
+def _is_region(param: torch.Tensor) -> bool:
+    return param._base is not None
+
+
+def _same(a: Selection, b: Selection) -> bool:
+    return (a.fingerprint == b.fingerprint and a.config == b.config and a.trainable_units == b.trainable_units)
+
+
+def apply_selection(model: nn.Module, selection: Selection, *, partial: str = "auto") -> HFTHandle:
     """Freeze the half of ``model`` that ``selection`` does not train.
 
     Checks everything first (the model can be trained, the selection was made for this model's
     structure) and changes nothing if a check fails. A model that already has a selection applied
-    has it removed first, so rounds can follow each other on one model object.
+    has it removed first, so rounds can follow each other on one model object; applying the same
+    selection again returns the handle already applied (its region parameters, so optimizers built
+    from its ``parameters()`` stay valid).
+
+    Args:
+        model: the model (DDP/DeepSpeed/compile wrappers are looked through).
+        selection: from :func:`~hft_plugin.select_half` on this model.
+        partial: how partly trained tensors train. ``"auto"``: region parameters (``rows`` for
+            ``nn.Linear``/``Conv1D``, ``experts`` for transformers' stacked experts) wherever they
+            apply, the gradient mask elsewhere. ``"mask"``: the gradient mask for all (needed where
+            gradients live in flat partitions, as under DeepSpeed ZeRO).
+
+    Raises:
+        UnsupportedModelError, SelectionMismatchError, NothingToTrainError: before anything changes.
 
     Example:
         >>> import torch
@@ -224,13 +504,17 @@ def apply_selection(model: nn.Module, selection: Selection) -> HFTHandle:
         >>> _ = handle.attach(optimizer)
         >>> handle.remove()
     """
+    if partial not in PARTIAL_MODES:
+        raise ValueError(f"partial={partial!r}; expected one of {PARTIAL_MODES}.")
     model = check_model(model)
-    check_fits(model, selection)
     previous = _ACTIVE.get(model)
+    if previous is not None and not previous.removed and previous.partial == partial and _same(previous.selection, selection):
+        return previous
+    check_fits(model, selection)
     check_trains_something(selection, previous._original_flags if previous is not None else model)
     if previous is not None:
         previous.remove()
-    handle = HFTHandle(model, selection)
+    handle = HFTHandle(model, selection, partial)
     handle._apply()
     _ACTIVE[model] = handle
     return handle

@@ -68,3 +68,28 @@ def test_speed_gpu_cpu_check(capsys):
     speed_gpu = pytest.importorskip("speed_gpu")
     assert speed_gpu.main(["--cpu-check", "--ratios", "0.5"]) == 0
     assert "| tiny | 0.5 |" in capsys.readouterr().out
+
+
+def test_speed_families_rows_and_goals():
+    speed_families = pytest.importorskip("speed_families")
+    rows = [speed_families.measure(f, steps=1, warmup=0, batch=1, seq=8, log=lambda *_: None) for f in ("phi3", "mixtral")]
+    for row in rows:
+        # the optimizer owns, and gradients cover, exactly the trainable elements
+        assert row["hft_optimizer_owns"] == pytest.approx(row["hft_share"])
+        assert row["hft_state_ratio"] == pytest.approx(row["hft_share"], abs=0.01)
+        assert row["hft_grad_ratio"] == pytest.approx(row["hft_share"], abs=0.01)
+    assert "rows x6" in rows[0]["hft_mechanisms"] and "experts" in rows[1]["hft_mechanisms"]
+    assert speed_families.table(rows).count("\n") == 3 and len(speed_families.goals(rows)) == 2
+
+
+def test_speed_gpu_families_cpu_check(capsys):
+    speed_gpu = pytest.importorskip("speed_gpu")
+    assert speed_gpu.main(["--families", "qwen3_moe", "--cpu-check"]) == 0
+    assert "| qwen3_moe |" in capsys.readouterr().out
+
+
+def test_optimizer_share_on_meta_models():
+    optimizer_share = pytest.importorskip("optimizer_share")
+    row = optimizer_share.probe("qwen3_moe")
+    assert row["mask_owns"] > 0.95 and row["auto_owns"] == pytest.approx(row["trainable_share"])
+    assert row["auto_mechanisms"] == {"experts": row["partial_tensors"]}

@@ -55,10 +55,15 @@ def assert_trained(results: list[dict], family: str, nproc: int, wrapper: str) -
         assert r["world_size"] == nproc and r["wrapper"] == wrapper and r["manifest"]
         assert r["frozen"] > 0 and r["trained"] > 0
         assert r["optimizer_tensors"] == r["trainable_tensors"]
-        if family == "phi3":
-            assert r["partial"] > 0  # fused tensors, trained in part
+        if family == "llama":
+            assert r["partial"] == 0 and r["mechanisms"] == []
         else:
-            assert r["partial"] == 0 and r["optimizer_numel"] == r["trainable_numel_expected"]
+            assert r["partial"] > 0  # fused tensors, trained in part
+        if wrapper == "DeepSpeedEngine":  # flat partitions: partly trained tensors keep the mask
+            assert r["mechanisms"] in ([], ["mask"])
+        else:  # DDP reduces region parameters' gradients: the optimizer owns exactly the trainable elements
+            assert r["mechanisms"] == {"llama": [], "phi3": ["rows"], "mixtral": ["experts"]}[family]
+            assert r["optimizer_numel"] == r["trainable_numel_expected"]
         # every rank ends with the same weights
         assert len(set(r["rank_digests"])) == 1 and len(r["rank_digests"]) == nproc
 
@@ -70,7 +75,7 @@ def test_ddp_two_processes(tmp_path):
         # a rank with another seed is refused on every rank, before any step
         assert r["raised"] == "SelectionMismatchError" and "rank 0" in r["message"] and "rank 1" in r["message"]
         assert r["weights_unchanged"]
-    for family in ("llama", "phi3"):
+    for family in ("llama", "phi3", "mixtral"):
         assert_trained(cases[f"ddp-{family}"], family, 2, "DistributedDataParallel")
 
 
@@ -88,3 +93,19 @@ def test_deepspeed_zero2_and_zero3(tmp_path, nproc):
     for r in cases["zero3-resume"]:
         assert r["manifest_in_checkpoint"] and r["resumed_step"] == 3 and r["frozen_equal_to_fresh_model"]
         assert "trained in HFT round 0, but this run is round 1" in r["other_round"]
+
+
+@pytest.mark.slow
+def test_fsdp2_plain_loop(tmp_path):
+    """fully_shard per layer, 2 gloo ranks, a plain loop: whole tensors frozen before sharding train
+    exactly; region parameters that fully_shard sharded are refused with the remedy (never frozen
+    slices that move); applied after sharding, fused tensors get the mask on each shard."""
+    cases = by_case(launch("fsdp2", 2, tmp_path))
+    for r in cases["fsdp2-llama"]:
+        assert r["frozen"] > 0 and r["trained"] > 0 and r["optimizer_owns_dtensors"]
+    for r in cases["fsdp2-phi3-before"]:
+        for where in ("attach", "forward"):
+            assert r[where] is not None and "IntegrationError" in r[where] and "partial='mask'" in r[where], r
+            assert r[where + "_unchanged"]
+    for r in cases["fsdp2-phi3-after"]:
+        assert r["mechanisms"] == ["mask"] and r["partial"] > 0

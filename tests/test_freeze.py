@@ -38,12 +38,13 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("partial", ["auto", "mask"])
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "mixtral"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_frozen_bits_identical_and_trainable_moved(family, optimizer):
+def test_frozen_bits_identical_and_trainable_moved(family, optimizer, partial):
     model = tiny_model(family)
     selection = select_half(model, round=1)
-    handle = apply_selection(model, selection)
+    handle = apply_selection(model, selection, partial=partial)
     opt = OPTIMIZERS[optimizer](handle.parameters())
     handle.attach(opt)
     before = snapshot(model)
@@ -57,7 +58,7 @@ def test_frozen_bits_identical_and_trainable_moved(family, optimizer):
 
 def test_masking_alone_is_used_where_it_is_exact_and_restore_where_it_is_not():
     model = tiny_model("phi3")
-    handle = apply_selection(model, select_half(model))
+    handle = apply_selection(model, select_half(model), partial="mask")
     handle.attach(torch.optim.AdamW(handle.parameters(), weight_decay=0.0))
     assert handle.restore is None
     handle.attach(torch.optim.AdamW(handle.parameters(), weight_decay=0.1))
@@ -66,10 +67,11 @@ def test_masking_alone_is_used_where_it_is_exact_and_restore_where_it_is_not():
 
 
 def test_without_the_mask_fused_slices_would_move():
-    """The masks carry the promise: the same run without attach() moves frozen slices."""
+    """Under the mask mechanism the masks carry the promise: the same run without attach() moves
+    frozen slices."""
     model = tiny_model("phi3")
     selection = select_half(model)
-    handle = apply_selection(model, selection)
+    handle = apply_selection(model, selection, partial="mask")
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     before = snapshot(model)
     train_steps(model, opt, steps=2)
@@ -109,7 +111,7 @@ def test_remove_restores_flags_and_rounds_follow_each_other():
 
 def test_mask_is_one_fused_call_per_step(monkeypatch):
     model = tiny_model("phi3")
-    handle = apply_selection(model, select_half(model))
+    handle = apply_selection(model, select_half(model), partial="mask")
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     handle.attach(opt)
     calls = []
@@ -137,7 +139,7 @@ def test_a_skipped_step_does_not_leave_the_next_one_unmasked():
     """A gradient scaler skips optimizer.step on overflow; the next step must still be masked."""
     model = tiny_model("phi3")
     selection = select_half(model)
-    handle = apply_selection(model, selection)
+    handle = apply_selection(model, selection, partial="mask")
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.0)
     handle.attach(opt)
     assert handle.restore is None  # masking alone carries the promise here
@@ -152,16 +154,18 @@ def test_a_skipped_step_does_not_leave_the_next_one_unmasked():
     assert_frozen_and_trained(selection, before, snapshot(model))
 
 
-def test_attaching_again_replaces_the_hooks():
+def test_attaching_again_replaces_the_hooks_and_a_second_optimizer_keeps_the_first_ones():
     model = tiny_model("phi3")
-    handle = apply_selection(model, select_half(model))
+    handle = apply_selection(model, select_half(model), partial="mask")
     first = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     handle.attach(first)
     handle.attach(first)
     assert len(first._optimizer_step_pre_hooks) == 1 and len(first._optimizer_step_post_hooks) == 1
     second = torch.optim.SGD(handle.parameters(), lr=1e-2)
     handle.attach(second)
-    assert len(first._optimizer_step_pre_hooks) == 0
+    assert len(first._optimizer_step_pre_hooks) == 1 and len(second._optimizer_step_pre_hooks) == 1
+    handle.detach(first)
+    assert len(first._optimizer_step_pre_hooks) == 0 and len(second._optimizer_step_pre_hooks) == 1
     handle.remove()
     assert len(second._optimizer_step_pre_hooks) == 0
 
@@ -170,7 +174,7 @@ def test_restore_follows_weights_loaded_after_attach():
     """Resuming loads weights after the optimizer exists: refresh() makes those the frozen values."""
     model = tiny_model("phi3")
     selection = select_half(model)
-    handle = apply_selection(model, selection)
+    handle = apply_selection(model, selection, partial="mask")
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
     handle.attach(opt)
     assert handle.restore is not None

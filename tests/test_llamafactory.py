@@ -52,13 +52,17 @@ def test_trainable_model_trains_one_half(adapter):
     assert counts["frozen"] > 0 and counts["trained"] > 0
 
 
-def test_frozen_half_is_not_upcast(adapter):
-    model = tiny_model("llama").to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_frozen_half_is_not_upcast(adapter, family):
+    model = tiny_model(family).to(torch.bfloat16)
     model = init_adapter(model)  # LLaMA-Factory upcasts trainable parameters to fp32 here
     dtypes = {p.requires_grad: set() for p in model.parameters()}
     for p in model.parameters():
         dtypes[p.requires_grad].add(p.dtype)
-    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+    assert dtypes == {True: {torch.float32}, False: {torch.float32, torch.bfloat16} if family == "phi3" else {torch.bfloat16}}
+    handle = active_handle(model)
+    for name, param in dict(model.named_parameters()).items():  # partly trained tensors are fp32 whole, the rest bf16
+        assert param.dtype == (torch.float32 if name in handle.mechanisms() or param.requires_grad else torch.bfloat16)
 
 
 def test_without_the_adapter_everything_trains_in_fp32():
@@ -99,7 +103,7 @@ def test_bad_variable_fails_before_the_model_changes(monkeypatch):
         adapter.uninstrument()
 
 
-def test_ppo_optimizer_gets_the_masks_of_fused_tensors(adapter):
+def test_ppo_optimizer_is_attached_and_fused_tensors_stay_exact(adapter):
     from llamafactory.train.ppo.trainer import CustomPPOTrainer
     from transformers import Seq2SeqTrainingArguments
     from trl import AutoModelForCausalLMWithValueHead
@@ -107,13 +111,13 @@ def test_ppo_optimizer_gets_the_masks_of_fused_tensors(adapter):
     ppo = {"stage": "ppo", "reward_model": "rm", "reward_model_type": "full"}
     model = init_adapter(tiny_model("phi3"), **ppo)  # qkv_proj and gate_up_proj are fused
     handle = active_handle(model)
-    assert handle.masked_parameters
+    assert set(handle.mechanisms().values()) == {"rows"}
     wrapped = AutoModelForCausalLMWithValueHead.from_pretrained(model)
     trainer = CustomPPOTrainer.__new__(CustomPPOTrainer)  # only its create_optimizer is exercised
     args = Seq2SeqTrainingArguments("/tmp/hft-lf-ppo", learning_rate=1e-2, weight_decay=0.1, report_to=[])
     _, finetuning_args = lf_args(**ppo)
     optimizer = trainer.create_optimizer(wrapped, args, finetuning_args)
-    assert handle.mask is not None  # attached
+    assert handle._attachments and handle._attachments[0].optimizer() is optimizer  # attached; the value head is not the handle's
     before = snapshot(model)
     train_steps(model, optimizer, steps=3)
     counts = assert_frozen_and_trained(handle.selection, before, snapshot(model))

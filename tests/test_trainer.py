@@ -107,32 +107,38 @@ def test_dpo_trainer_leaves_the_reference_model_alone(tmp_path, family):
 def test_enable_after_the_optimizer_exists_rebuilds_it_with_a_warning(tmp_path, caplog):
     trainer = plain_trainer(tmp_path)
     trainer.create_optimizer()
+    old = trainer.optimizer
     assert len(optimizer_params(trainer)) == len(list(trainer.model.parameters()))
     with caplog.at_level(logging.WARNING, logger="hft_plugin"):
         handle = enable_hft(trainer)
-    assert "already had an optimizer" in caplog.text
-    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in handle.parameters()}
+    assert "did not fit HFT round 0" in caplog.text and "builds a new optimizer and scheduler" in caplog.text
+    assert trainer.optimizer is None and trainer.lr_scheduler is None
     before = snapshot(trainer.model)
     trainer.train()
+    assert trainer.optimizer is not old
     check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
 
 
-def test_user_optimizer_and_scheduler_are_trimmed_in_place(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_user_optimizer_over_the_whole_model_is_refused(tmp_path, family):
+    """An optimizer given to the Trainer over model.parameters() owns the frozen half (and, for
+    fused tensors, lacks their trainable regions): refused, naming what is extra, with the model
+    as it was."""
     from transformers import Trainer, get_constant_schedule
 
-    model = tiny_model("llama")
+    from hft_plugin import OptimizerMismatchError
+
+    model = tiny_model(family)
+    state = flags(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    scheduler = get_constant_schedule(optimizer)
     tokenizer = tiny_tokenizer()
     trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
-                      data_collator=collate(tokenizer), optimizers=(optimizer, scheduler))
-    handle = enable_hft(trainer)
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
-    before = snapshot(model)
-    trainer.train()
-    check_training(handle.selection, before, snapshot(model), trainer, handle)
-    assert disable_hft(trainer)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    with pytest.raises(OptimizerMismatchError, match="do not train in this round") as caught:
+        enable_hft(trainer)
+    assert "optimizers=(...)" in str(caught.value)
+    assert flags(model) == state and [n for n, _ in model.named_parameters()] == list(state)
+    assert disable_hft(trainer) is False
 
 
 def test_second_call_warns_and_changes_nothing(tmp_path, caplog):
@@ -157,6 +163,100 @@ def test_disable_restores_everything(tmp_path):
     trainer.args.max_steps = 1
     trainer.train()  # a full fine-tune again: the optimizer owns every tensor
     assert len(optimizer_params(trainer)) == len(original)
+
+
+# -- the optimizer of a round owns exactly that round's trainable elements --------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_trainer_next_round_trains_the_new_half(tmp_path, family):
+    """enable_hft(round 0), train, disable_hft, enable_hft(round 1), train: round 1 gets an optimizer
+    (and scheduler) of its own, so every tensor of round 1's half moves and its frozen half stays."""
+    trainer = plain_trainer(tmp_path, family)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    first = optimizer_params(trainer)
+    disable_hft(trainer)
+    handle = enable_hft(trainer, round=1)
+    before = snapshot(trainer.model)
+    trainer.train()
+    counts = check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+    assert optimizer_state_params(trainer) == counts["trainable_tensors"]  # no state from round 0
+    assert {id(p) for p in optimizer_params(trainer)} != {id(p) for p in first}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_after_disable_the_whole_model_trains(tmp_path, family):
+    trainer = plain_trainer(tmp_path, family)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    disable_hft(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    still = [n for n in before if torch.equal(before[n], after[n])]
+    assert not still, f"{len(still)} of {len(before)} tensors never moved, e.g. {still[0]}"
+    assert {id(p) for p in optimizer_params(trainer)} == {id(p) for p in trainer.model.parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_optimizer_built_before_the_switch_is_refused(tmp_path, family):
+    """A new Trainer given an optimizer built over round 0's handle.parameters(), HFT at round 1: the
+    optimizer lacks round 1's trainable tensors (and owns frozen ones); refused, naming them, before
+    any weight changes."""
+    from transformers import Trainer, get_constant_schedule
+
+    from hft_plugin import HFTError, apply_selection, select_half
+
+    model = tiny_model(family)
+    round0 = apply_selection(model, select_half(model, round=0))
+    optimizer = torch.optim.AdamW(round0.parameters(), lr=1e-2, weight_decay=0.1)
+    tokenizer = tiny_tokenizer()
+    trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    weights = snapshot(model)
+    with pytest.raises(HFTError, match=r"handle\.parameters\(\)") as caught:
+        enable_hft(trainer, round=1)
+        trainer.train()
+    assert "missing" in str(caught.value) or "lacks" in str(caught.value)
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_optimizer_built_from_the_same_half_is_used(tmp_path, family):
+    """The user's optimizer over handle.parameters() of the same round fits: enable_hft keeps it."""
+    from transformers import Trainer, get_constant_schedule
+
+    from hft_plugin import apply_selection, select_half
+
+    model = tiny_model(family)
+    handle = apply_selection(model, select_half(model, round=1))
+    optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+    tokenizer = tiny_tokenizer()
+    trainer = Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(tokenizer),
+                      data_collator=collate(tokenizer), optimizers=(optimizer, get_constant_schedule(optimizer)))
+    handle = enable_hft(trainer, round=1)
+    before = snapshot(model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(model), trainer, handle)
+    assert optimizer_params(trainer)[0] is optimizer.param_groups[0]["params"][0]
+
+
+def test_gpt2_regions_under_the_default_fused_adamw(tmp_path):
+    """GPT-2's c_attn regions are column blocks (strided views): the Trainer's default fused AdamW
+    runs their groups unfused; a region of a bias lands in the no-decay group by its name."""
+    trainer = plain_trainer(tmp_path, "gpt2")
+    assert trainer.args.optim == "adamw_torch_fused"
+    handle = enable_hft(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in optimizer.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        if any(".c_attn.weight_hft" in n for n in group_names):
+            assert group["fused"] is False
+        if any(".c_attn.bias_hft" in n for n in group_names):
+            assert group["weight_decay"] == 0.0
 
 
 # -- bad input: typed errors, raised before anything changes ------------------------------------------
@@ -330,7 +430,8 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
             weights = snapshot(late.model)
             with pytest.raises(SelectionMismatchError, match="round 1, but this run is round 2"):
                 late.train(resume_from_checkpoint=True)
-            assert all(torch.equal(weights[n], p) for n, p in late.model.named_parameters())
+            params = dict(late.model.named_parameters())  # with HFT on: its region parameters too
+            assert all(torch.equal(weights[n], params[n]) for n in weights)
         finally:
             other.uninstrument()
         adapter.instrument()

@@ -58,10 +58,10 @@ def check_fsdp(plugin: Any, handle: Any) -> None:
             "{'version': 2}, the default of transformers 5) or FSDP1 with use_orig_params=True "
             "(fsdp_config={'use_orig_params': True})."
         )
-    masked = handle.masked_parameters if handle is not None else {}
-    if masked:
+    partial = list(handle.mechanisms()) if handle is not None else []  # masked or through region parameters
+    if partial:
         raise IntegrationError(
-            f"{len(masked)} fused tensors (e.g. {next(iter(masked))}) are trained in part; FSDP1 keeps their "
+            f"{len(partial)} fused tensors (e.g. {partial[0]}) are trained in part; FSDP1 keeps their "
             "gradients as flat slices of its flattened shards, where the frozen rows cannot be masked. Use FSDP2 "
             "(fsdp_config={'version': 2}, the default of transformers 5), or strategy='layer' (whole tensors only)."
         )

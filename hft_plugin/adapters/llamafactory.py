@@ -12,9 +12,10 @@ value head is added after this step and trains in full.
 ``finetuning_type`` must be ``full``: HFT with ``lora``, ``oft`` or ``freeze`` is an error, raised
 when the trainable model is set up (before any training), since HFT chooses the trained half itself.
 
-The optimizer side (masks of fused tensors, ``hft_selection.json`` in the output and in every
-checkpoint) is the transformers adapter's work for the Trainer-based stages; the PPO stage builds
-its optimizer itself, so ``CustomPPOTrainer.create_optimizer`` is wrapped here to attach the masks.
+The optimizer side (checking the optimizer against the trainable half, ``hft_selection.json`` in
+the output and in every checkpoint) is the transformers adapter's work for the Trainer-based
+stages; the PPO stage builds its optimizer itself, so ``CustomPPOTrainer.create_optimizer`` is
+wrapped here to attach it to the handle (which checks it, and masks tensors of the mask mechanism).
 
 Configure HFT through the ``HFT_*`` variables (LLaMA-Factory rejects unknown YAML keys).
 
@@ -98,9 +99,8 @@ class LlamaFactoryAdapter(Adapter):
         if cast:
             import torch
 
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.to(torch.float32)
+            # trainable tensors, and partly trained ones whole with their regions (which share their storage)
+            handle.cast_trainable_(torch.float32)
         stats = selection.stats()
         logger.warning(
             "hft_plugin: LLaMA-Factory %s stage, round %d: training %.1f%% of the layers' parameters (%s strategy).",

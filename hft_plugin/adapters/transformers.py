@@ -17,13 +17,15 @@ What happens where:
 * ``Trainer._prepare_for_training`` (the one method every optimizer path goes through: the
   trainer's own ``create_optimizer``, DeepSpeed's config optimizer through ``DummyOptim``,
   ZeRO-2/3) is wrapped: before it, a resumed checkpoint's selection is checked, the ranks compare
-  their selections, the summary is logged and the manifest written; after it, the masks of fused
-  tensors are attached to the optimizer.
-* Fused tensors (Phi-3's ``qkv_proj``, ``gate_up_proj``) are masked once per optimizer step
-  before gradient clipping. Under DeepSpeed ``param.grad`` is not where gradients live, so the
-  mask is a gradient hook on the parameter instead, applied before ZeRO reduces the gradient.
-  Under FSDP2 the handle follows the DTensor parameters that accelerate's ``fully_shard`` puts in
-  place, and masks each rank's shard (:mod:`hft_plugin.adapters.fsdp`).
+  their selections, an optimizer that does not fit the round is rebuilt (or, if it was passed to
+  the Trainer, refused), the summary is logged and the manifest written; after it, the optimizer
+  is checked and attached to the handle.
+* Partly trained fused tensors (Phi-3's ``qkv_proj``, MoE expert stacks) train through region
+  parameters (:mod:`hft_plugin.regions`): the Trainer's own ``create_optimizer`` puts them in its
+  weight-decay groups by name. Under DeepSpeed ZeRO (flat gradient partitions) they keep the
+  gradient mask instead, as a gradient hook applied before ZeRO reduces the gradient. Under FSDP2
+  they keep the mask too, on each rank's shard, and the handle follows the DTensor parameters that
+  accelerate's ``fully_shard`` puts in place (:mod:`hft_plugin.adapters.fsdp`).
 
 ``TransformersAdapter`` patches ``Trainer`` at class level so HFT reaches trainers a program
 builds itself (a CLI started with ``HFT_ENABLE=1``); it fails loudly rather than train the whole
@@ -45,6 +47,7 @@ from ..config import HFTConfig
 from ..distributed import check_ranks_agree
 from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError, UnsupportedModelError
 from ..freeze import HFTHandle, apply_selection
+from ..optimizers import unfuse_strided, unwrap
 from ..report import stats_metrics
 from ..selection import Selection, applied_counts, select_half
 from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
@@ -63,6 +66,8 @@ _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "DeepSpeedEngine", "FullySha
 _SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
 # trainers on which disable_hft was called: zero-code activation leaves them alone
 _OPTED_OUT: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# optimizers a trainer's create_optimizer built while HFT was on: HFT may drop and rebuild them
+_BUILT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _trainer_class():
@@ -81,18 +86,6 @@ def _build_config(config: "HFTConfig | Mapping[str, Any] | None", options: Mappi
     if isinstance(config, Mapping):
         return HFTConfig.from_dict({**config, **options})
     raise ConfigError(f"config={config!r} is not an HFTConfig or a dict of HFT options (ratio, round, ...).")
-
-
-def _unwrap_optimizer(optimizer):
-    """The torch optimizer under accelerate's AcceleratedOptimizer (and similar ``.optimizer`` shells)."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
 
 
 def _resolve_checkpoint(trainer, resume) -> str | None:
@@ -118,7 +111,6 @@ class _Session:
         self._input_grads_enabled = False
         self._attached_to: Any = None
         self._agreed_digest: str | None = None
-        self._pruned: list[tuple[Any, int, list]] = []
         self._report_metrics = False
         self._in_prepare = False
         self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
@@ -128,16 +120,14 @@ class _Session:
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
-        self.handle = apply_selection(self.trainer.model, self.selection)
+        self.handle = self.apply(self.selection)
+        try:
+            self.settle_optimizer()
+        except HFTError:
+            self.handle.remove()  # the model as it was
+            raise
         _SESSIONS[self.trainer] = self
         self.sharing = _reference_sharing(self)
-        if self.trainer.optimizer is not None:
-            removed = self.prune_optimizer(self.trainer.optimizer)
-            logger.warning(
-                "hft_plugin: the trainer already had an optimizer; it was rebuilt to own only the trainable "
-                "half (%d frozen tensors and their state removed). Call enable_hft before creating the "
-                "optimizer to avoid this.", removed,
-            )
         for name, make in (
             ("train", self._wrap_train),
             ("_prepare_for_training", self._wrap_prepare),
@@ -145,15 +135,62 @@ class _Session:
             ("save_model", self._wrap_save_model),
             ("log", self._wrap_log),
             ("create_model_card", self._wrap_model_card),
-            ("_clip_grad_norm", self._wrap_mask_first),
-            ("_get_grad_norm", self._wrap_mask_before_norm),
         ):
-            original = getattr(self.trainer, name, None)
-            if original is None:
-                continue
-            self._wrapped[name] = self.trainer.__dict__.get(name, _MISSING)
-            setattr(self.trainer, name, functools.wraps(original)(make(original)))
+            self._wrap(name, make)
+        self._wrap_clipping_if_masked()
         return self.handle
+
+    def apply(self, selection: Selection) -> HFTHandle:
+        """Apply ``selection``: region parameters, or, where gradients live in flat partitions
+        (DeepSpeed ZeRO) or in shards (FSDP), the gradient mask for partly trained tensors."""
+        sharded = getattr(self.trainer, "is_deepspeed_enabled", False) or getattr(self.trainer, "is_fsdp_enabled", False)
+        return apply_selection(self.trainer.model, selection, partial="mask" if sharded else "auto")
+
+    def _wrap(self, name: str, make: Callable) -> None:
+        original = getattr(self.trainer, name, None)
+        if original is None or name in self._wrapped:
+            return
+        self._wrapped[name] = self.trainer.__dict__.get(name, _MISSING)
+        setattr(self.trainer, name, functools.wraps(original)(make(original)))
+
+    def _wrap_clipping_if_masked(self) -> None:
+        # Region parameters need nothing at clipping time; mask-mechanism tensors are masked before
+        # the norm is taken (outside DeepSpeed, whose gradient hooks mask them earlier).
+        if self.handle.masked_parameters and not getattr(self.trainer, "is_deepspeed_enabled", False):
+            self._wrap("_clip_grad_norm", self._wrap_mask_first)
+            self._wrap("_get_grad_norm", self._wrap_mask_before_norm)
+
+    def settle_optimizer(self) -> None:
+        """The optimizer of a round owns exactly that round's trainable elements. A trainer's
+        optimizer that does not fit is dropped with its scheduler (the Trainer builds both again);
+        one passed to the Trainer (``optimizers=(opt, sched)``) is refused, naming what is missing
+        or extra."""
+        trainer = self.trainer
+        optimizer = trainer.optimizer
+        if optimizer is None or getattr(trainer, "is_deepspeed_enabled", False):
+            return
+        try:
+            self.handle.check_optimizer(optimizer)
+            return
+        except HFTError as exc:
+            supplied = unwrap(optimizer) not in _BUILT and trainer.callback_handler.optimizer is optimizer
+            if supplied:
+                raise type(exc)(
+                    f"{exc} The optimizer given to the Trainer (optimizers=(...)) cannot be used for HFT round "
+                    f"{self.selection.config.round}: pass one built from handle.parameters() of this round, or none "
+                    "(set trainer.optimizer = trainer.lr_scheduler = None) to let the Trainer build it."
+                ) from None
+            reason = str(exc).split(": it ", 1)[-1].split(". Build", 1)[0]  # "owns ..., and lacks ..."
+        self._drop_optimizer()
+        logger.warning("hft_plugin: the trainer's optimizer did not fit HFT round %d (it %s); the Trainer builds a new "
+                       "optimizer and scheduler for this round.", self.selection.config.round, reason)
+
+    def _drop_optimizer(self) -> None:
+        if self.handle is not None and self.trainer.optimizer is not None:
+            self.handle.detach(self.trainer.optimizer)
+        self.trainer.optimizer = None
+        self.trainer.lr_scheduler = None
+        self._attached_to = None
 
     def stop(self) -> None:
         for name, previous in self._wrapped.items():
@@ -168,10 +205,14 @@ class _Session:
             if model is not None and hasattr(model, "disable_input_require_grads"):
                 model.disable_input_require_grads()
             self._input_grads_enabled = False
-        for optimizer, index, params in reversed(self._pruned):
-            if index < len(optimizer.param_groups):
-                optimizer.param_groups[index]["params"] = params
-        self._pruned.clear()
+        optimizer = self.trainer.optimizer
+        if optimizer is not None and unwrap(optimizer) in _BUILT:
+            # It owns only this round's half: the next train() builds one for what trains then.
+            self._drop_optimizer()
+            logger.info("hft_plugin: HFT disabled; the next train() builds a new optimizer and scheduler.")
+        elif optimizer is not None and not getattr(self.trainer, "is_deepspeed_enabled", False):
+            logger.warning("hft_plugin: HFT disabled, but the optimizer given to the Trainer owns only the half that "
+                           "trained with HFT; give the Trainer a new optimizer to train the whole model.")
         if self.handle is not None:
             self.handle.remove()  # a shared reference gets its own copy back first
         self.sharing = None
@@ -196,9 +237,16 @@ class _Session:
     def _wrap_create_optimizer(self, original: Callable) -> Callable:
         def create_optimizer(*args, **kwargs):
             optimizer = original(*args, **kwargs)
-            if optimizer is not None and self.prune_optimizer(optimizer):
-                logger.warning("hft_plugin: %s put frozen tensors in the optimizer; they were removed.",
-                               type(self.trainer).__name__)
+            if optimizer is not None:
+                _BUILT.add(unwrap(optimizer))
+                if self.prune_optimizer(optimizer):
+                    logger.warning("hft_plugin: %s put frozen tensors in the optimizer; they were removed.",
+                                   type(self.trainer).__name__)
+                trainable = {id(p): n for n, p in self.handle.named_parameters()}
+                strided = unfuse_strided(optimizer, trainable)
+                if strided:
+                    logger.info("hft_plugin: %d trainable regions are strided views (e.g. %s); the optimizer groups "
+                                "holding them run without fused kernels.", len(strided), strided[0])
             return optimizer
         return create_optimizer
 
@@ -256,12 +304,12 @@ class _Session:
         if self.handle is None or self.handle.model is not _unwrapped(model):
             # model_init built a new model inside train(): select on it, same config.
             self.selection = select_half(model, config=self.config)
-            self.handle = apply_selection(model, self.selection)
+            self.handle = self.apply(self.selection)
             self._attached_to = None
             self._zero_masks.remove()
         elif self.handle.removed:
             # Another trainer applied its own round to this model object; put ours back.
-            self.handle = apply_selection(model, self.selection)
+            self.handle = self.apply(self.selection)
             self._attached_to = None
         self.check_resume(_resolve_checkpoint(trainer, resume))
         self.sharing = _reference_sharing(self)
@@ -271,9 +319,11 @@ class _Session:
         if getattr(trainer, "is_deepspeed_enabled", False):
             self._zero_masks.install(self.handle)
         self._enable_input_grads_if_needed()
-        if trainer.optimizer is not None:
-            self.prune_optimizer(trainer.optimizer)
-        _announce(trainer, self.selection, self.handle, self.sharing.report.summary() if self.sharing else "")
+        self._wrap_clipping_if_masked()
+        self.settle_optimizer()
+        _announce(trainer, self.selection, self.handle,
+                  "\n".join(filter(None, [self.handle.mechanism_summary(),
+                                           self.sharing.report.summary() if self.sharing else ""])))
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
@@ -285,12 +335,11 @@ class _Session:
         if getattr(trainer, "is_deepspeed_enabled", False):
             check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None), self.handle)
             return
-        optimizer = _unwrap_optimizer(trainer.optimizer)
+        optimizer = unwrap(trainer.optimizer)
         if optimizer is None:
             return
-        self.prune_optimizer(optimizer)
-        if self.handle.masked_parameters and self._attached_to is not optimizer:
-            self.handle.attach(optimizer)
+        if self._attached_to is not optimizer:
+            self.handle.attach(optimizer)  # refuses an optimizer that does not fit the round
             self._attached_to = optimizer
         else:
             # Weights may have been loaded since the last run (a resumed checkpoint): restore
@@ -318,7 +367,7 @@ class _Session:
         logger.warning("hft_plugin: %s trained another half than this installation selects for the same "
                        "options; resuming with the checkpoint's half.", checkpoint)
         self.selection = resumed
-        self.handle = apply_selection(self.trainer.model, resumed)
+        self.handle = self.apply(resumed)
         self._attached_to = None
 
     def check_ranks_agree(self) -> None:
@@ -328,17 +377,15 @@ class _Session:
     def prune_optimizer(self, optimizer) -> int:
         """Drop frozen tensors (and their state) from ``optimizer``'s groups, in place so a scheduler
         bound to it keeps working. Returns how many were removed."""
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap(optimizer)
         groups = getattr(optimizer, "param_groups", None)
         if not groups:
             return 0
         removed = 0
-        for index, group in enumerate(groups):
+        for group in groups:
             params = group["params"]
             kept = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
             if len(kept) != len(params):
-                # by index: accelerate's load_state_dict replaces the group dicts
-                self._pruned.append((optimizer, index, list(params)))
                 for p in params:
                     if isinstance(p, torch.Tensor) and not p.requires_grad:
                         optimizer.state.pop(p, None)
@@ -484,8 +531,11 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     """Half fine-tune ``trainer.model``: freeze the half that does not train in this round.
 
     Works on ``transformers.Trainer`` and its subclasses (TRL's SFT, DPO, GRPO, Reward, KTO
-    trainers). Call it before ``trainer.train()``; if the trainer already has an optimizer, the
-    frozen tensors are removed from it (with a warning). A second call warns and changes nothing.
+    trainers). Call it before ``trainer.train()``. The optimizer of a round owns exactly that
+    round's trainable elements: an optimizer the trainer already built that does not fit is
+    dropped with its scheduler and built again (with a warning); one given to the Trainer
+    (``optimizers=(opt, sched)``) that does not fit is refused. A second call warns and changes
+    nothing.
 
     Args:
         trainer: the trainer whose model (the policy) is half fine-tuned. Reference, reward and
@@ -502,6 +552,8 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     Raises:
         IntegrationError: not a Trainer, a model already wrapped by DDP/DeepSpeed/FSDP, or an FSDP1
             set-up that cannot train half a model (at ``train()``).
+        OptimizerMismatchError: the optimizer given to the Trainer owns frozen tensors or lacks
+            trainable ones (build it from ``handle.parameters()`` of this round).
         UnsupportedModelError: a PEFT-wrapped or quantized model.
         ConfigError: an unknown option (with the closest known one) or a bad value.
 
@@ -540,10 +592,13 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
 def disable_hft(trainer) -> bool:
     """Undo :func:`enable_hft`: every ``requires_grad`` flag back, hooks and wrappers removed.
 
-    An optimizer HFT trimmed gets its tensors back. Returns False (changing nothing) if HFT was
+    The optimizer and scheduler the trainer built under HFT own only that round's half: they are
+    dropped, so the next ``train()`` builds new ones and trains the whole model (an optimizer you
+    gave the Trainer is left to you, with a warning). Returns False (changing nothing) if HFT was
     not enabled on ``trainer``. Zero-code activation (``TransformersAdapter``) leaves a trainer
-    alone once ``disable_hft`` was called on it, so this also opts one trainer out of ``HFT_ENABLE``. A model already wrapped by DDP/DeepSpeed stays as it was wrapped:
-    build a new Trainer to train the whole model.
+    alone once ``disable_hft`` was called on it, so this also opts one trainer out of
+    ``HFT_ENABLE``. A model already wrapped by DDP/DeepSpeed stays as it was wrapped: build a new
+    Trainer to train the whole model.
     """
     try:
         _OPTED_OUT.add(trainer)

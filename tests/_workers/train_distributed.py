@@ -3,9 +3,11 @@ with HFT on every rank and writes what each rank saw to OUT/rank<N>.json.
 
     torchrun --nproc_per_node 2 tests/_workers/train_distributed.py ddp OUT
     torchrun --nproc_per_node 2 tests/_workers/train_distributed.py deepspeed OUT
+    torchrun --nproc_per_node 2 tests/_workers/train_distributed.py fsdp2 OUT
 
 One launch runs many cases, because each launch costs start-up time: ``ddp`` runs the rank
-disagreement check, then Llama and Phi-3 (fused tensors) under DDP; ``deepspeed`` runs ZeRO-2 and
+disagreement check, then Llama, Phi-3 (fused tensors: region parameters) and Mixtral (stacked
+experts: region parameters) under DDP; ``deepspeed`` runs ZeRO-2 and
 ZeRO-3, each with the trainer's optimizer (create_optimizer) and with a DeepSpeed config
 "optimizer" block (DummyOptim), on Llama and Phi-3, the refusal of weight decay on masked
 tensors, and a ZeRO-3 checkpoint resumed (same options) and refused (another round). A failing
@@ -75,6 +77,7 @@ def train_case(family: str, out: str, **arg_overrides) -> dict:
     counts["manifest"] = os.path.isfile(os.path.join(out, "hft_selection.json"))
     counts["wrapper"] = type(trainer.model_wrapped).__name__
     counts["world_size"] = trainer.args.world_size
+    counts["mechanisms"] = sorted(set(handle.mechanisms().values()))
     return counts
 
 
@@ -99,7 +102,7 @@ def ddp(out: str, results: list) -> None:
         return {"raised": None}
 
     run_case(results, "ddp-rank-mismatch", mismatch)
-    for family in ("llama", "phi3"):
+    for family in ("llama", "phi3", "mixtral"):  # whole tensors; fused rows; stacked experts
         run_case(results, f"ddp-{family}", lambda: train_case(family, f"{out}/ddp-{family}", ddp_backend="gloo"))
 
 
@@ -189,12 +192,100 @@ def deepspeed(out: str, results: list) -> None:
     run_case(results, "zero3-resume", resume)
 
 
+def fsdp2(out: str, results: list) -> None:
+    """A plain loop with FSDP2's fully_shard per layer (gloo, CPU): whole tensors frozen before
+    sharding train exactly; region parameters (the default for fused tensors) that fully_shard
+    sharded are refused, at attach and at the forward, saying to use partial="mask"; applied to an
+    already sharded model, fused tensors get the mask. (tests/test_fsdp.py covers the mask on
+    shards in depth.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from hft_plugin import HFTError, apply_selection, select_half
+    from hft_plugin.testing import assert_frozen_and_trained, tiny_model
+
+    torch.distributed.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+
+    def shard(model):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def full(model) -> dict:
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+    def steps(model, optimizer, n=2):
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(n):
+            ids = torch.randint(3, 96, (2, 16), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def whole_tensors():
+        model = tiny_model("llama")
+        selection = select_half(model)
+        handle = apply_selection(model, selection)
+        before = full(model)
+        shard(model)
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+        handle.attach(optimizer)
+        steps(model, optimizer)
+        counts = assert_frozen_and_trained(selection, before, full(model))
+        return {"frozen": counts["frozen"], "trained": counts["trained"],
+                "optimizer_owns_dtensors": all(isinstance(p, DTensor) for p in handle.parameters())}
+
+    def fused_applied_before_sharding():
+        found = {}
+        for where in ("attach", "forward"):
+            model = tiny_model("phi3")
+            selection = select_half(model)
+            handle = apply_selection(model, selection)
+            before = full(model)
+            shard(model)
+            try:
+                if where == "attach":
+                    optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+                    handle.attach(optimizer)
+                else:  # an optimizer over the model's trainable parameters, never attached
+                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+                steps(model, optimizer)
+                found[where] = None
+                try:
+                    assert_frozen_and_trained(selection, before, full(model))
+                    found[where + "_frozen_kept"] = True
+                except AssertionError as exc:
+                    found[where + "_frozen_kept"] = str(exc)
+            except HFTError as exc:
+                found[where] = f"{type(exc).__name__}: {exc}"
+                found[where + "_unchanged"] = all(torch.equal(before[n], v) for n, v in full(model).items() if n in before)
+        return found
+
+    def fused_applied_after_sharding():
+        model = tiny_model("phi3")
+        selection = select_half(model)
+        before = full(model)
+        shard(model)
+        handle = apply_selection(model, selection)
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
+        handle.attach(optimizer)
+        steps(model, optimizer)
+        counts = assert_frozen_and_trained(selection, before, full(model))
+        return {"mechanisms": sorted(set(handle.mechanisms().values())), "partial": counts["partial"]}
+
+    run_case(results, "fsdp2-llama", whole_tensors)
+    run_case(results, "fsdp2-phi3-before", fused_applied_before_sharding)
+    run_case(results, "fsdp2-phi3-after", fused_applied_after_sharding)
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "deepspeed":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     results: list = []
-    {"ddp": ddp, "deepspeed": deepspeed}[mode](out, results)
+    {"ddp": ddp, "deepspeed": deepspeed, "fsdp2": fsdp2}[mode](out, results)
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     if torch.distributed.is_initialized():

@@ -81,7 +81,7 @@ def plain_case(family: str, when: str, weight_decay: float = 0.1, dim: int = 0, 
         fully_shard(model, **kwargs)
 
     if when == "before":
-        handle = apply_selection(model, selection)
+        handle = apply_selection(model, selection, partial="mask")  # the FSDP2 recipe: masks, not region parameters
         shard()
     else:
         shard()
@@ -155,7 +155,7 @@ def trainer_case(family: str, out: str, dtype=torch.float32, **overrides) -> dic
     from transformers import Trainer
 
     from hft_plugin import enable_hft
-    from hft_plugin.adapters.transformers import _unwrap_optimizer
+    from hft_plugin.optimizers import unwrap as _unwrap_optimizer
     from hft_plugin.testing import assert_frozen_and_trained, tiny_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
