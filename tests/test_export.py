@@ -190,8 +190,10 @@ def test_axolotl_freeze_layers_except_trains_exactly_what_hft_trains(tmp_path):
         torch.manual_seed(0)  # GPT-2's dropout draws from the global generator
         train_steps(model, optimizer, steps=3, handle=handle)
         hft_after = snapshot(model)
+        # to float tolerance: HFT computes a fused tensor's trainable rows as their own parameter,
+        # Axolotl masks the full gradient, so sums are taken in a different order
         for name, tensor in results[key]["after"].items():
-            assert torch.equal(tensor, hft_after[name]), (key, name)
+            torch.testing.assert_close(tensor, hft_after[name], atol=1e-6, rtol=1e-5, msg=f"{key}: {name}")
 
 
 def test_spectrum_yaml_through_axolotl_and_a_plain_regex_loop(tmp_path):
