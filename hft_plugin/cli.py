@@ -1,12 +1,15 @@
 """The ``hft`` command: see which half trains, reset a tuned half, run a trainer with HFT on.
 
     hft plan MODEL [--round N | --rounds 0-3] [--strategy S] [--ratio R] [--seed N]
-                   [--train-embeddings | --freeze-embeddings] [--json] [--plot FILE.png]
+                   [--train-embeddings | --freeze-embeddings] [--plot FILE.png]
+                   [--format table|json|axolotl|spectrum [--expressible-only]]
     hft half-reset ...          (see ``hft half-reset --help``)
     hft run [options] -- COMMAND ...   (the same as ``hft-run``)
 
-``hft plan`` builds the model from its config on the meta device: no weights are read, so it is
-instant even for a 70B model. Every error is one line on stderr and exit code 2.
+``hft plan`` reads only the model's config (a local folder, a config.json, a .gguf file's metadata,
+or a Hub model id through the Hugging Face cache) and builds the model on the meta device: no
+weights are read, so it is instant even for a 70B model. Every error says what to do, on stderr with
+exit code 2: one line, except an export that cannot express some tensors (one line per tensor).
 
 Example:
     >>> import json, os, tempfile
@@ -21,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
 import os
@@ -36,20 +40,53 @@ class CommandError(Exception):
 
 # -- hft plan ----------------------------------------------------------------------------------------
 
-def load_config(path: str) -> Any:
-    """The transformers config of a model directory or a config.json file, read offline."""
-    if not os.path.exists(path):
-        raise CommandError(f"no such file or directory: {path}")
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise CommandError(f"{path} has no config.json; pass a model directory that has one, or the config.json itself")
+_SOURCES = "a local model folder, a config.json, a .gguf file, or a Hub model id such as Qwen/Qwen3-8B"
+
+
+def load_config(source: str) -> Any:
+    """The transformers config of ``source``, reading nothing but the config.
+
+    ``source`` is a local folder (its config.json, or else its one .gguf file), a config.json, a
+    .gguf file (the config is read from its metadata by transformers' GGUF support), or a Hub model
+    id (``AutoConfig.from_pretrained``: config.json only, through the Hugging Face cache, offline
+    when ``HF_HUB_OFFLINE=1``). Raises CommandError with the fix when it cannot.
+    """
+    if os.path.isdir(source):
+        if os.path.isfile(os.path.join(source, "config.json")):
+            return _json_config(os.path.join(source, "config.json"))
+        ggufs = sorted(glob.glob(os.path.join(glob.escape(source), "*.gguf")))
+        if len(ggufs) == 1:
+            return _gguf_config(ggufs[0])
+        if ggufs:
+            names = ", ".join(os.path.basename(g) for g in ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+            raise CommandError(f"{source} has no config.json and {len(ggufs)} .gguf files ({names}); pass one of "
+                               f"them, e.g. hft plan {ggufs[0]}")
+        raise CommandError(f"{source} has no config.json and no .gguf file; pass {_SOURCES}")
+    if os.path.isfile(source):
+        try:
+            with open(source, "rb") as f:
+                magic = f.read(4)
+        except OSError as error:
+            raise CommandError(f"cannot read {source} ({error.strerror or error})") from None
+        return _gguf_config(source) if magic == b"GGUF" else _json_config(source)
+    if _is_hub_id(source):
+        return _hub_config(source)
+    raise CommandError(f"no such file or directory: {source}; pass {_SOURCES}")
+
+
+def _json_config(file: str) -> Any:
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CommandError(f"{file} is not a readable JSON model config ({error})") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{file} is neither a JSON model config nor a GGUF file; pass a config.json, a .gguf "
+                           "file, a model folder or a Hub model id") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise CommandError(f"{file} is not a readable JSON model config ({error}); pass a model's config.json, "
+                           "its folder, a .gguf file or a Hub model id") from None
     if not isinstance(data, dict) or not data.get("model_type"):
-        raise CommandError(f"{file} has no \"model_type\"; is it a transformers model config?")
+        raise CommandError(f"{file} has no \"model_type\", so it is not a transformers model config; pass a model's "
+                           "config.json, its folder, a .gguf file or a Hub model id")
     from transformers import CONFIG_MAPPING, __version__ as transformers_version
 
     model_type = data["model_type"]
@@ -63,6 +100,83 @@ def load_config(path: str) -> Any:
         return CONFIG_MAPPING[model_type].from_dict(data)
     except Exception as error:  # a config class rejects its own values: say which file
         raise CommandError(f"cannot read {file} as a {model_type} config: {_first_line(error)}") from None
+
+
+def _gguf_config(file: str) -> Any:
+    """The config transformers' GGUF loader reads from the file's metadata (no tensor is loaded)."""
+    try:
+        import gguf  # noqa: F401 - transformers reads GGUF files with it
+    except ImportError:
+        raise CommandError(f"reading the config of {file} needs the gguf package: pip install gguf "
+                           "(or pass the model's config.json)") from None
+    from transformers import AutoConfig, __version__ as transformers_version
+
+    folder, name = os.path.split(os.path.abspath(file))
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as error:  # an architecture transformers' GGUF support does not map, a damaged file
+        raise CommandError(f"transformers {transformers_version} cannot read a model config from {file} "
+                           f"({_first_line(error)}); pass the model's config.json instead") from None
+
+
+def _is_hub_id(source: str) -> bool:
+    if source.startswith((".", "/", "~")) or source.endswith((".json", ".gguf")) or os.sep != "/" and os.sep in source:
+        return False
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(source)
+    except Exception:
+        return False
+    return True
+
+
+def _hub_config(repo_id: str) -> Any:
+    """The config of a Hub model through transformers' own loading and the Hugging Face cache."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(repo_id)
+    except Exception as error:
+        raise CommandError(_hub_error(repo_id, error)) from None
+
+
+def _hub_error(repo_id: str, error: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    local = "or pass a local folder, config.json or .gguf file"
+    download = f"{_download_command()} {repo_id} config.json"
+    if any(isinstance(c, GatedRepoError) for c in causes):
+        return (f"{repo_id} is a gated model on the Hub: accept its terms on its Hub page, log in with "
+                f"`hf auth login` (or set HF_TOKEN), then run again; {local}")
+    if any(isinstance(c, RepositoryNotFoundError) for c in causes):
+        return (f"{repo_id} is not a local path and was not found on the Hub: check the id (private models "
+                f"need `hf auth login` or HF_TOKEN), {local}")
+    if any(isinstance(c, LocalEntryNotFoundError) for c in causes):
+        if constants.HF_HUB_OFFLINE:
+            return (f"{repo_id} is not a local path and its config is not in the Hugging Face cache "
+                    f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: run `{download}`, "
+                    f"or set HF_HUB_OFFLINE=0, {local}")
+        return (f"{repo_id} is not a local path, its config is not in the Hugging Face cache, and the Hub "
+                f"({constants.ENDPOINT}) cannot be reached: run `{download}` where it can (or set HF_ENDPOINT to a "
+                f"mirror), {local}")
+    return f"cannot read the config of {repo_id} from the Hub ({_first_line(error)}); {local}"
+
+
+def _download_command() -> str:
+    """``hf download`` from huggingface_hub 1.0 on; ``huggingface-cli download`` before."""
+    try:
+        from huggingface_hub import __version__ as hub_version
+        from packaging.version import Version
+
+        return "hf download" if Version(hub_version) >= Version("1.0") else "huggingface-cli download"
+    except Exception:
+        return "hf download"
 
 
 def build_meta_model(config: Any):
@@ -134,7 +248,12 @@ def run_plan(args: argparse.Namespace) -> int:
                                             train_embeddings=args.train_embeddings))
         for r in rounds
     ]
-    if args.json:
+    fmt = "json" if args.json else args.format
+    if fmt in EXPORT_FORMATS:
+        if len(selections) > 1:
+            raise CommandError(f"--format {fmt} prints one round's selection; pass --round N instead of --rounds")
+        print(_export_text(selections[0], fmt, args), end="")
+    elif fmt == "json":
         payload = [s.to_dict() for s in selections]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=1))
     else:
@@ -153,8 +272,32 @@ def run_plan(args: argparse.Namespace) -> int:
             raise CommandError("--plot needs matplotlib: pip install matplotlib (or hft-plugin[bench])") from None
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write the plot {args.plot}: {_first_line(error)}") from None
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        print(f"wrote {args.plot}", file=sys.stderr if fmt != "table" else sys.stdout)
     return 0
+
+
+EXPORT_FORMATS = ("axolotl", "spectrum")
+
+
+def _export_text(selection, fmt: str, args: argparse.Namespace) -> str:
+    """The selection in Axolotl's or Spectrum's ``unfrozen_parameters`` YAML (see hft_plugin.export)."""
+    from . import __version__
+    from .export import ExportError, export
+
+    c, s = selection.config, selection.stats()
+    command = (f"hft plan {args.model} --round {c.round} --strategy {c.strategy} --ratio {c.ratio:g} --seed {c.seed}"
+               f"{'' if c.train_embeddings else ' --freeze-embeddings'} --format {fmt}")
+    header = [
+        f"Half Fine-Tuning, round {c.round}: {command} (hft-plugin {__version__})",
+        f"{s['trainable_params']:,} of {s['total_params']:,} parameters train ({s['overall_ratio']:.2%}); of the "
+        f"transformer layers' parameters {s['trainable_ratio']:.2%} (the HFT ratio); layout {selection.layout_name}, "
+        f"fingerprint {selection.fingerprint}",
+    ]
+    result = export(selection, fmt)
+    try:
+        return result.render(header, expressible_only=args.expressible_only)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
 
 
 def _add_plan(subparsers) -> None:
@@ -164,7 +307,9 @@ def _add_plan(subparsers) -> None:
                     "layer and role, which half trains in a round, with the shares per role.",
         epilog="example: hft plan ./SmolLM2-135M --rounds 0-3 --plot rounds.png",
     )
-    plan.add_argument("model", metavar="MODEL", help="a local model directory with a config.json, or a config.json")
+    plan.add_argument("model", metavar="MODEL",
+                      help="a local model folder (with a config.json or a .gguf file), a config.json, a .gguf file, "
+                           "or a Hub model id (its config only, through the Hugging Face cache)")
     rounds = plan.add_mutually_exclusive_group()
     rounds.add_argument("--round", type=_count, default=0, help="the fine-tuning round (default 0)")
     rounds.add_argument("--rounds", type=parse_rounds, metavar="RANGE",
@@ -177,7 +322,14 @@ def _add_plan(subparsers) -> None:
                             help="train embeddings, lm_head and final norm (default, as the paper)")
     embeddings.add_argument("--freeze-embeddings", dest="train_embeddings", action="store_false",
                             help="freeze everything outside the transformer layers")
-    plan.add_argument("--json", action="store_true", help="print the selection as JSON (a list for several rounds)")
+    plan.add_argument("--format", choices=("table", "json", *EXPORT_FORMATS), default="table",
+                      help="table (default); json: the selection as hft_selection.json (a list for several rounds); "
+                           "axolotl: Axolotl's unfrozen_parameters (anchored regexes, [start:end] row ranges); "
+                           "spectrum: Spectrum's unfrozen_parameters YAML (whole tensors only)")
+    plan.add_argument("--json", action="store_true", help="the same as --format json")
+    plan.add_argument("--expressible-only", action="store_true",
+                      help="with --format axolotl/spectrum: print what the format can express even when some tensors "
+                           "cannot be (they are listed and stay frozen whole in that tool); without it, exit 2")
     plan.add_argument("--plot", metavar="FILE.png", help="also draw the map as a heatmap into this file")
     plan.set_defaults(func=run_plan)
 

@@ -50,6 +50,15 @@ class Selection:
         0.5
         >>> print(selection.summary())  # doctest: +ELLIPSIS
         HFT selection: strategy=category ratio=0.5 round=0 seed=0 layout=llama (named) ...
+        trainable params: 90,432 || all params: 164,416 || trainable%: 55.0019
+        50.00% of the transformer layers' parameters train (the HFT ratio counts only the layers); the 16,448 parameters outside them (embeddings, lm_head, final norm) all train, so 55.00% of all parameters do.
+        part                        trainable          total    share
+        all parameters                 90,432        164,416   55.00%
+        layers (HFT ratio)             73,984        147,968   50.00%
+          attention                    24,576         49,152   50.00%
+          mlp                          49,152         98,304   50.00%
+          norm                            256            512   50.00%
+        outside layers                 16,448         16,448  100.00%
     """
 
     config: HFTConfig
@@ -103,7 +112,13 @@ class Selection:
         return sum(u.numel for u, t in self.units() if t) / total if total else 0.0
 
     def stats(self) -> dict[str, Any]:
-        """Shares per role, over the layers, and overall (outside-layer parameters included)."""
+        """What trains, in parameters (elements): overall first, then the layers, then per role.
+
+        ``overall_ratio`` (``trainable_params / total_params``) is the figure PEFT calls
+        ``trainable%``; ``trainable_ratio`` is the HFT ratio, counted over the transformer layers
+        only (``layer_trainable_params / layer_params``); the parameters outside the layers
+        (embeddings, lm_head, final norm) train whole unless ``train_embeddings=False``.
+        """
         per_group: dict[str, list[int]] = {}
         for unit, trains in self.units():
             counts = per_group.setdefault(unit.group, [0, 0])
@@ -115,35 +130,60 @@ class Selection:
         outside_trainable = outside_total if self.config.train_embeddings else 0
         total = layer_total + outside_total
         return {
-            "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
-            "layer_params": layer_total,
-            "layer_trainable_params": layer_trainable,
-            "outside_params": outside_total,
-            "outside_trainable_params": outside_trainable,
-            "total_params": total,
-            "trainable_params": layer_trainable + outside_trainable,
             "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
+            "trainable_params": layer_trainable + outside_trainable,
+            "total_params": total,
+            "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
+            "layer_trainable_params": layer_trainable,
+            "layer_params": layer_total,
             "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
                        for g, c in sorted(per_group.items(), key=lambda kv: _group_order(kv[0]))},
+            "outside_trainable_params": outside_trainable,
+            "outside_params": outside_total,
             "num_layers": len(self.layout.layers),
         }
 
-    def summary(self) -> str:
-        """A table like PEFT's ``print_trainable_parameters``, per role."""
-        s = self.stats()
+    def summary(self, stats: dict[str, Any] | None = None) -> str:
+        """What trains, as text: the overall share first, in PEFT's ``print_trainable_parameters``
+        form (the figure to compare with LoRA's ``trainable%``), one line on how it relates to the
+        layers' share (the HFT ratio), then a table: all parameters, the layers, each role, and
+        the parameters outside the layers.
+
+        Args:
+            stats: the numbers to show, with the keys of :meth:`stats` (default: ``self.stats()``,
+                the plan); e.g. counts taken after applying, where tensors frozen by hand stay frozen.
+        """
+        s = self.stats() if stats is None else stats
         c = self.config
+        outside = s["outside_params"]
+        outside_trains = s["outside_trainable_params"]
+        if not outside:
+            why = "no parameters lie outside the layers"
+        else:
+            state = ("all train" if outside_trains == outside else "are frozen" if not outside_trains
+                     else f"train in part ({outside_trains:,})")
+            why = f"the {outside:,} parameters outside them (embeddings, lm_head, final norm) {state}"
         lines = [
             f"HFT selection: strategy={c.strategy} ratio={c.ratio:g} round={c.round} seed={c.seed} "
             f"layout={self.layout.name} layers={s['num_layers']} fingerprint={self.fingerprint}",
+            f"trainable params: {s['trainable_params']:,} || all params: {s['total_params']:,} || "
+            f"trainable%: {100 * s['overall_ratio']:.4f}",
+            f"{s['trainable_ratio']:.2%} of the transformer layers' parameters train (the HFT ratio counts only "
+            f"the layers); {why}, so {s['overall_ratio']:.2%} of all parameters do.",
             f"{'part':<22}{'trainable':>15}{'total':>15}{'share':>9}",
+            f"{'all parameters':<22}{s['trainable_params']:>15,}{s['total_params']:>15,}{s['overall_ratio']:>9.2%}",
+            f"{'layers (HFT ratio)':<22}{s['layer_trainable_params']:>15,}{s['layer_params']:>15,}"
+            f"{s['trainable_ratio']:>9.2%}",
         ]
         for group, g in s["groups"].items():
-            lines.append(f"{group:<22}{g['trainable']:>15,}{g['total']:>15,}{g['ratio']:>9.2%}")
-        lines.append(f"{'layers (HFT ratio)':<22}{s['layer_trainable_params']:>15,}{s['layer_params']:>15,}{s['trainable_ratio']:>9.2%}")
-        outside = "outside layers" + ("" if c.train_embeddings else " (frozen)")
-        lines.append(f"{outside:<22}{s['outside_trainable_params']:>15,}{s['outside_params']:>15,}"
-                     f"{(s['outside_trainable_params'] / s['outside_params'] if s['outside_params'] else 0):>9.2%}")
-        lines.append(f"{'all parameters':<22}{s['trainable_params']:>15,}{s['total_params']:>15,}{s['overall_ratio']:>9.2%}")
+            lines.append(f"{'  ' + group:<22}{g['trainable']:>15,}{g['total']:>15,}{g['ratio']:>9.2%}")
+        lines.append(f"{'outside layers':<22}{outside_trains:>15,}{outside:>15,}"
+                     f"{(outside_trains / outside if outside else 0):>9.2%}")
+        frozen_by_user = s.get("frozen_by_user") or ()
+        if frozen_by_user:
+            n = len(frozen_by_user)
+            lines.append(f"{n} tensor{'s' if n > 1 else ''} this round would train {'were' if n > 1 else 'was'} frozen "
+                         f"before HFT and {'stay' if n > 1 else 'stays'} frozen (e.g. {frozen_by_user[0]}).")
         return "\n".join(lines)
 
     # -- saving --------------------------------------------------------------------------------------

@@ -42,37 +42,53 @@ def load_weights(directory: Path) -> dict:
     return load_file(str(directory / "model.safetensors"))
 
 
-def run_cli(command: list[str], cwd: Path, **variables) -> subprocess.CompletedProcess:
+def run_cli(command: list[str], cwd: Path, expect: int = 0, **variables) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HFT_")}
     environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    OMP_NUM_THREADS="1", **variables)
     result = subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (result.returncode == 0) == (expect == 0), result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
-def trl_sft(tmp_path: Path, model_dir: Path, data_dir: Path, out: str, **variables) -> Path:
+def trl_sft(tmp_path: Path, model_dir: Path, data_dir: Path, out: str, *options: str, expect: int = 0,
+            **variables) -> tuple[Path, subprocess.CompletedProcess]:
     trl = shutil.which("trl")
     assert trl, "the trl CLI is not on PATH"
-    run_cli([trl, "sft", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
-             "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "2",
-             "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu",
-             "--logging_steps", "1"], tmp_path, **variables)
-    return tmp_path / out
+    done = run_cli([trl, "sft", "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir),
+                    "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "2",
+                    "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+                    "--logging_steps", "1", *options], tmp_path, expect=expect, **variables)
+    return tmp_path / out, done
 
 
 def test_trl_sft_cli_trains_one_half(tmp_path):
     model_dir, data_dir = write_tiny_run(tmp_path)
-    out = trl_sft(tmp_path, model_dir, data_dir, "out-hft", HFT_ENABLE="1", HFT_ROUND="1")
+    out, done = trl_sft(tmp_path, model_dir, data_dir, "out-hft", "--log_level", "info", HFT_ENABLE="1",
+                        HFT_ROUND="1")
     selection = Selection.load(str(out / MANIFEST_NAME))
     assert selection.config.round == 1
     counts = assert_frozen_and_trained(selection, load_weights(model_dir), load_weights(out))
     assert counts["frozen"] > 0 and counts["trained"] > 0
+    # the summary block, once, overall share first; the hft/* metrics still in the logged metrics
+    output = done.stdout + done.stderr
+    assert output.count("hft_plugin: SFTTrainer trains with Half Fine-Tuning") == 1, output[-3000:]
+    block = output[output.index("hft_plugin: SFTTrainer trains"):].splitlines()
+    assert "round=1" in block[1] and block[2].startswith("trainable params: ")
+    assert "'hft/overall_ratio'" in output
+
+
+def test_trl_sft_cli_with_peft_says_hft_and_lora_are_alternatives(tmp_path):
+    pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    model_dir, data_dir = write_tiny_run(tmp_path)
+    _, done = trl_sft(tmp_path, model_dir, data_dir, "out-peft", "--use_peft", expect=1, HFT_ENABLE="1")
+    assert "HFT and LoRA are alternatives: drop peft_config (in `trl sft`, drop --use_peft)" in done.stderr
+    assert "unset HFT_ENABLE" in done.stderr
 
 
 def test_trl_sft_cli_without_hft_enable_is_untouched(tmp_path):
     model_dir, data_dir = write_tiny_run(tmp_path)
-    out = trl_sft(tmp_path, model_dir, data_dir, "out-full")
+    out, _ = trl_sft(tmp_path, model_dir, data_dir, "out-full")
     assert not (out / MANIFEST_NAME).exists()
     before, after = load_weights(model_dir), load_weights(out)
     import torch

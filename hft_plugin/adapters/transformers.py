@@ -45,11 +45,11 @@ import torch
 from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
-from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError
+from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError, UnsupportedModelError
 from ..freeze import HFTHandle, apply_selection
 from ..optimizers import unfuse_strided, unwrap
 from ..report import stats_metrics
-from ..selection import Selection, select_half
+from ..selection import Selection, applied_counts, select_half
 from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
 from .base import Adapter, patch, unpatch
 from .deepspeed import ZeroGradientMasks, check_zero_optimizer
@@ -134,6 +134,7 @@ class _Session:
             ("create_optimizer", self._wrap_create_optimizer),
             ("save_model", self._wrap_save_model),
             ("log", self._wrap_log),
+            ("create_model_card", self._wrap_model_card),
         ):
             self._wrap(name, make)
         self._wrap_clipping_if_masked()
@@ -265,6 +266,11 @@ class _Session:
             return original(logs, *args, **kwargs)
         return log
 
+    def _wrap_model_card(self, original: Callable) -> Callable:
+        def create_model_card(*args, **kwargs):
+            return _write_model_card(self.trainer, self.selection, self.handle, original, args, kwargs)
+        return create_model_card
+
     def _wrap_mask_first(self, original: Callable) -> Callable:
         def with_mask(*args, **kwargs):
             self.mask_gradients()
@@ -315,10 +321,9 @@ class _Session:
         self._enable_input_grads_if_needed()
         self._wrap_clipping_if_masked()
         self.settle_optimizer()
-        if trainer.is_world_process_zero():
-            logger.info("hft_plugin: training %s with Half Fine-Tuning\n%s\n%s%s", type(trainer).__name__,
-                        self.selection.summary(), self.handle.mechanism_summary(),
-                        f"\n{self.sharing.report.summary()}" if self.sharing else "")
+        _announce(trainer, self.selection, self.handle,
+                  "\n".join(filter(None, [self.handle.mechanism_summary(),
+                                           self.sharing.report.summary() if self.sharing else ""])))
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
@@ -413,6 +418,57 @@ def _unwrapped(model):
     from ..layouts.base import unwrap_model
 
     return unwrap_model(model)
+
+
+def _announce(trainer, selection: Selection, handle: HFTHandle, more: str = "") -> None:
+    """The summary block at train start, once, on the main process, counting what actually trains
+    (tensors frozen by hand stay frozen). Logged at WARNING, the level transformers and TRL use for
+    what a user must see at their default verbosity: with logging left unconfigured Python's
+    last-resort handler prints it to stderr, and a program that configures logging gets it in its
+    own handlers (``logging.getLogger("hft_plugin")`` silences it)."""
+    if trainer.is_world_process_zero():
+        counts = applied_counts(selection, handle.model)
+        logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s%s", type(trainer).__name__,
+                       selection.summary(counts), f"\n{more}" if more else "")
+
+
+def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", original: Callable, args: tuple,
+                      kwargs: dict):
+    """The trainer's own ``create_model_card`` with an ``hft`` tag, then an HFT section appended to
+    the README.md it wrote in the output dir (main process only, as the card itself)."""
+    import inspect
+
+    from ..export import model_card_section, with_model_card_section
+
+    signature = inspect.signature(original)
+    if "tags" in signature.parameters:  # TRL's and transformers' create_model_card both take tags
+        bound = signature.bind_partial(*args, **kwargs)
+        tags = bound.arguments.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        bound.arguments["tags"] = tags + ["hft"] * ("hft" not in tags)
+        args, kwargs = bound.args, bound.kwargs
+    result = original(*args, **kwargs)
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if trainer.is_world_process_zero() and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        with open(path, "w", encoding="utf-8") as f:
+            counts = applied_counts(selection, handle.model) if handle is not None else None
+            f.write(with_model_card_section(card, model_card_section(selection, counts)))
+    return result
+
+
+def _refuse_peft(trainer) -> None:
+    """A trainer given ``peft_config`` wraps its model in PEFT adapters: say that the two are
+    alternatives, before anything changes."""
+    model = _unwrapped(trainer.model)
+    if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
+        raise UnsupportedModelError(
+            f"{type(trainer).__name__}'s model is a {type(model).__name__} (PEFT adapters, e.g. LoRA from the "
+            "trainer's peft_config). HFT and LoRA are alternatives: drop peft_config (in `trl sft`, drop --use_peft) "
+            "and HFT trains half of the base model's own weights; to keep trained adapters, merge them first "
+            "(model.merge_and_unload())."
+        )
 
 
 # -- the reference model shares the policy's frozen half (hft_plugin.sharing) ---------------------------
@@ -515,6 +571,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         True
     """
     _check_trainer(trainer)
+    _refuse_peft(trainer)
     cfg = _build_config(config, options)
     share = share_option(share_reference)
     _OPTED_OUT.discard(trainer)
