@@ -242,3 +242,25 @@ def plot_grids(grids: Sequence[Grid], path: str, title: str | None = None) -> st
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def stats_metrics(selection: "Selection") -> dict[str, float]:
+    """The selection's numbers as flat ``hft/...`` metrics, for TensorBoard or W&B.
+
+        >>> from hft_plugin.testing import tiny_model
+        >>> from hft_plugin import select_half
+        >>> stats_metrics(select_half(tiny_model("llama")))["hft/trainable_ratio"]
+        0.5
+    """
+    stats = selection.stats()
+    metrics = {
+        "hft/round": float(selection.config.round),
+        "hft/ratio": float(selection.config.ratio),
+        "hft/trainable_ratio": float(stats["trainable_ratio"]),
+        "hft/overall_ratio": float(stats["overall_ratio"]),
+        "hft/trainable_params": float(stats["trainable_params"]),
+        "hft/total_params": float(stats["total_params"]),
+    }
+    for group, values in stats["groups"].items():
+        metrics[f"hft/{group}_ratio"] = float(values["ratio"])
+    return metrics

@@ -31,8 +31,6 @@ model when HFT was asked for and cannot be applied.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import weakref
@@ -40,12 +38,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
+from ..distributed import check_ranks_agree
 from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError
 from ..freeze import HFTHandle, apply_selection
-from ..masking import frozen_boxes
-from ..selection import MANIFEST_NAME, Selection, select_half
+from ..report import stats_metrics
+from ..selection import Selection, select_half
 from .base import Adapter, patch, unpatch
+from .deepspeed import ZeroGradientMasks, check_zero_optimizer
 
 logger = logging.getLogger("hft_plugin")
 
@@ -53,12 +54,6 @@ logger = logging.getLogger("hft_plugin")
 # is silently wrong (DDP does not reduce newly trainable gradients, ZeRO keeps updating newly
 # frozen ones), so HFT must be enabled before they exist.
 _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
-
-# Optimizers under which a zero gradient with zero state moves nothing (when weight decay is 0),
-# by the class names DeepSpeed builds from a config "optimizer" block.
-_DEEPSPEED_ELEMENTWISE = frozenset({
-    "Adam", "AdamW", "DeepSpeedCPUAdam", "FusedAdam", "SGD", "Adagrad", "DeepSpeedCPUAdagrad",
-})
 
 # trainer -> its session; weak so a dropped trainer takes its session with it
 _SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
@@ -106,29 +101,6 @@ def _resolve_checkpoint(trainer, resume) -> str | None:
     return str(resume)
 
 
-def selection_digest(selection: Selection) -> str:
-    """A short hash of what trains: the model's fingerprint, the config and the trainable units."""
-    payload = json.dumps([selection.fingerprint, selection.config.to_dict(), sorted(selection.trainable_units),
-                          {k: [list(map(list, b)) for b in v] for k, v in sorted(selection.plan().partial.items())}])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def stats_metrics(selection: Selection) -> dict[str, float]:
-    """The selection's numbers as flat ``hft/...`` metrics, for TensorBoard or W&B."""
-    stats = selection.stats()
-    metrics = {
-        "hft/round": float(selection.config.round),
-        "hft/ratio": float(selection.config.ratio),
-        "hft/trainable_ratio": float(stats["trainable_ratio"]),
-        "hft/overall_ratio": float(stats["overall_ratio"]),
-        "hft/trainable_params": float(stats["trainable_params"]),
-        "hft/total_params": float(stats["total_params"]),
-    }
-    for group, values in stats["groups"].items():
-        metrics[f"hft/{group}_ratio"] = float(values["ratio"])
-    return metrics
-
-
 class _Session:
     """HFT on one trainer: the selection, the handle, and the wrappers on the trainer instance."""
 
@@ -138,7 +110,7 @@ class _Session:
         self.selection = selection
         self.handle: HFTHandle | None = None
         self._wrapped: dict[str, Any] = {}
-        self._grad_hooks: list = []
+        self._zero_masks = ZeroGradientMasks()
         self._input_grads_enabled = False
         self._attached_to: Any = None
         self._agreed_digest: str | None = None
@@ -180,7 +152,7 @@ class _Session:
             else:
                 setattr(self.trainer, name, previous)
         self._wrapped.clear()
-        self._remove_grad_hooks()
+        self._zero_masks.remove()
         if self._input_grads_enabled:
             model = self.handle.model if self.handle is not None else None
             if model is not None and hasattr(model, "disable_input_require_grads"):
@@ -268,7 +240,7 @@ class _Session:
             self.selection = select_half(model, config=self.config)
             self.handle = apply_selection(model, self.selection)
             self._attached_to = None
-            self._remove_grad_hooks()
+            self._zero_masks.remove()
         elif self.handle.removed:
             # Another trainer applied its own round to this model object; put ours back.
             self.handle = apply_selection(model, self.selection)
@@ -282,7 +254,7 @@ class _Session:
             )
         self.check_ranks_agree()
         if getattr(trainer, "is_deepspeed_enabled", False):
-            self._install_grad_hooks()
+            self._zero_masks.install(self.handle)
         self._enable_input_grads_if_needed()
         if trainer.optimizer is not None:
             self.prune_optimizer(trainer.optimizer)
@@ -295,7 +267,7 @@ class _Session:
     def after_prepare(self) -> None:
         trainer = self.trainer
         if getattr(trainer, "is_deepspeed_enabled", False):
-            self._check_deepspeed_optimizer()
+            check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None), self.handle)
             return
         optimizer = _unwrap_optimizer(trainer.optimizer)
         if optimizer is None:
@@ -315,66 +287,27 @@ class _Session:
 
     # -- the checks ----------------------------------------------------------------------------------
     def check_resume(self, checkpoint: str | None) -> None:
-        """Refuse a checkpoint written by another model, round or HFT configuration."""
+        """Refuse a checkpoint written by another model, round or HFT configuration (before its
+        weights are loaded); resume with the checkpoint's half if it drew another one."""
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, MANIFEST_NAME)
-        if not os.path.isfile(path):
+        resumed = check_checkpoint(checkpoint, self.selection)
+        if resumed is self.selection:
+            return
+        if self.trainer.optimizer is not None:
             raise SelectionMismatchError(
-                f"{checkpoint} has no {MANIFEST_NAME}: it was not written by an HFT run, so its optimizer "
-                "state covers other parameters. To start HFT from its weights, load them as the model "
-                "(from_pretrained) and train without resume_from_checkpoint."
+                f"{checkpoint} trained another half than this installation selects for the same options, and "
+                "this trainer's optimizer already exists. Create a new Trainer, enable HFT, and resume."
             )
-        saved = Selection.load(path)
-        if saved.fingerprint != self.selection.fingerprint:
-            raise SelectionMismatchError(
-                f"{checkpoint} was trained on another model (fingerprint {saved.fingerprint}, this model "
-                f"{self.selection.fingerprint}). Resume with the model it was trained on."
-            )
-        if saved.config.round != self.config.round:
-            raise SelectionMismatchError(
-                f"{checkpoint} was trained in HFT round {saved.config.round}, but this run is round "
-                f"{self.config.round}. To continue that round pass round={saved.config.round}; to start round "
-                f"{self.config.round} from its weights, load them as the model and train without resume_from_checkpoint."
-            )
-        if saved.config != self.config:
-            diff = {k: (v, getattr(self.config, k)) for k, v in saved.config.to_dict().items()
-                    if getattr(self.config, k) != v}
-            raise SelectionMismatchError(
-                f"{checkpoint} was trained with other HFT options: "
-                + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
-                + ". Resume with the checkpoint's options."
-            )
-        if saved.trainable_units != self.selection.trainable_units:
-            if self.trainer.optimizer is not None:
-                raise SelectionMismatchError(
-                    f"{checkpoint} trained another half than this installation selects for the same options, and "
-                    "this trainer's optimizer already exists. Create a new Trainer, enable HFT, and resume."
-                )
-            logger.warning("hft_plugin: %s trained another half than this installation selects for the same "
-                           "options; resuming with the checkpoint's half.", checkpoint)
-            self.selection = saved
-            self.handle = apply_selection(self.trainer.model, saved)
-            self._attached_to = None
+        logger.warning("hft_plugin: %s trained another half than this installation selects for the same "
+                       "options; resuming with the checkpoint's half.", checkpoint)
+        self.selection = resumed
+        self.handle = apply_selection(self.trainer.model, resumed)
+        self._attached_to = None
 
     def check_ranks_agree(self) -> None:
         """Every rank must train the same half: compare a digest once per selection."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        digest = selection_digest(self.selection)
-        if digest == self._agreed_digest:
-            return
-        world = torch.distributed.get_world_size()
-        digests: list = [None] * world
-        torch.distributed.all_gather_object(digests, (digest, self.config.to_dict()))
-        if len({d for d, _ in digests}) > 1:
-            rank = torch.distributed.get_rank()
-            lines = "; ".join(f"rank {r}: {d} {c}" for r, (d, c) in enumerate(digests))
-            raise SelectionMismatchError(
-                f"The ranks selected different halves (this is rank {rank}): {lines}. Give every rank the same "
-                "HFT options (ratio, strategy, round, seed) and the same model."
-            )
-        self._agreed_digest = digest
+        self._agreed_digest = check_ranks_agree(self.selection, self._agreed_digest)
 
     def prune_optimizer(self, optimizer) -> int:
         """Drop frozen tensors (and their state) from ``optimizer``'s groups, in place so a scheduler
@@ -397,47 +330,6 @@ class _Session:
                 group["params"] = kept
         return removed
 
-    def _check_deepspeed_optimizer(self) -> None:
-        """Under ZeRO the frozen half must be outside the optimizer; masked tensors need an
-        elementwise optimizer without weight decay, since restoring them would need the fp32 master copy."""
-        engine_optimizer = getattr(self.trainer.model_wrapped, "optimizer", None)
-        groups = getattr(engine_optimizer, "bit16_groups", None) or getattr(engine_optimizer, "fp16_groups", None)
-        if groups is None:
-            return
-        trainable = {id(p) for p in self.handle.parameters()}
-        frozen = [p for group in groups for p in group if id(p) not in trainable]
-        if frozen:
-            raise IntegrationError(
-                f"DeepSpeed's optimizer owns {len(frozen)} frozen tensors: the model was handed to DeepSpeed before "
-                "HFT froze it. Call enable_hft before trainer.train() on a fresh Trainer."
-            )
-        masked = {id(p) for p in self.handle.masked_parameters.values()}
-        if not masked:
-            return
-        basic = getattr(engine_optimizer, "optimizer", None)
-        name = type(basic).__name__
-        bad = [i for i, group in enumerate(groups) if any(id(p) in masked for p in group)
-               and (basic.param_groups[i].get("weight_decay") or 0) != 0]
-        if name not in _DEEPSPEED_ELEMENTWISE or bad:
-            raise IntegrationError(
-                f"This model has fused tensors trained in part (e.g. {next(iter(self.handle.masked_parameters))}); "
-                f"under DeepSpeed their frozen slices stay still only with an elementwise optimizer and "
-                f"weight_decay=0, but the optimizer is {name} with weight decay "
-                f"{[basic.param_groups[i].get('weight_decay') for i in bad] or 0}. Set weight_decay=0 (in "
-                "TrainingArguments and in the DeepSpeed optimizer block), or use strategy='layer' (no masks)."
-            )
-
-    def _install_grad_hooks(self) -> None:
-        if self._grad_hooks or not self.handle.masked_parameters:
-            return
-        for name, param in self.handle.masked_parameters.items():
-            self._grad_hooks.append(param.register_hook(_GradHook(self.handle.trainable_mask(name))))
-
-    def _remove_grad_hooks(self) -> None:
-        for hook in self._grad_hooks:
-            hook.remove()
-        self._grad_hooks.clear()
-
     def _enable_input_grads_if_needed(self) -> None:
         """Reentrant checkpointing gives layer weights no gradient when nothing before them requires
         grad; with frozen embeddings that is every layer, so make the embeddings' output require it."""
@@ -454,24 +346,6 @@ class _Session:
             return  # the trainer (e.g. for PEFT) or the user already did it
         model.enable_input_require_grads()
         self._input_grads_enabled = True
-
-
-class _GradHook:
-    """Masks one fused tensor's gradient before it is accumulated (and, under ZeRO, reduced):
-    zeroes views of its frozen blocks, keeping a dense mask only for a scattered region."""
-
-    def __init__(self, trainable_mask: torch.Tensor):
-        self.boxes = frozen_boxes(trainable_mask)
-        self.mask = trainable_mask if self.boxes is None else None
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.boxes is None:
-            if self.mask.dtype != grad.dtype or self.mask.device != grad.device:
-                self.mask = self.mask.to(device=grad.device, dtype=grad.dtype)
-            return grad * self.mask
-        grad = grad.clone()  # a hook must not write into the gradient autograd hands it
-        torch._foreach_zero_([grad[box] for box in self.boxes])
-        return grad
 
 
 _MISSING = object()
