@@ -174,6 +174,16 @@ def test_seeds_are_paired_across_methods(bench):
     assert fft_point["probe_em_ci"][1] - fft_point["probe_em_ci"][0] > 0.15  # each curve alone is that uncertain
 
 
+def test_under_no_difference_the_verdict_is_rarely_wrong(bench):
+    # 60 simulated 5-seed experiments in which HFT's curve is FFT's: a 95% interval should call
+    # "above" or "below" in about 5% of them (the expanded interval: 2 of these 60)
+    wrong = 0
+    for k in range(60):
+        result = bench.analyse(synthetic_runs(0.0, noise=0.03, seeds=5, rng_seed=1000 + k), resamples=400, rng_seed=k)
+        wrong += result["verdicts"]["hft-category"] != "indistinguishable"
+    assert wrong <= 5
+
+
 def test_equal_learning_rate_differences(bench):
     result = bench.analyse(synthetic_runs(0.05, hft_lr_factor=2.0, seeds=3), resamples=200)
     by_lr = {round(e["lr"], 12): e for e in result["equal_lr"]}
