@@ -40,8 +40,6 @@ import os
 import weakref
 from typing import Any, Callable, Mapping
 
-import torch
-
 from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
