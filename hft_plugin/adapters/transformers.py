@@ -100,7 +100,9 @@ class _Session:
     """HFT on one trainer: the selection, the handle, and the wrappers on the trainer instance."""
 
     def __init__(self, trainer, config: HFTConfig, selection: Selection):
-        self.trainer = trainer
+        # weak: _SESSIONS is keyed by the trainer, and the trainer keeps its session alive through
+        # the wrapped methods; a strong reference would keep every trainer (and model) forever
+        self._trainer = weakref.ref(trainer)
         self.config = config
         self.selection = selection
         self.handle: HFTHandle | None = None
@@ -115,6 +117,10 @@ class _Session:
         self.requested: HFTConfig | None = None
         self.share_reference = True
         self.sharing: SharedReference | None = None
+
+    @property
+    def trainer(self):
+        return self._trainer()
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
