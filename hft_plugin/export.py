@@ -269,3 +269,16 @@ def with_model_card_section(card: str, section: str) -> str:
         following = card.find("\n## ", start + len(MODEL_CARD_HEADING))
         card = card[:start] + (card[following + 1:] if following != -1 else "")
     return card.rstrip("\n") + "\n\n" + section
+
+
+def add_model_card_section(path: str, selection: "Selection", stats: dict | None = None) -> None:
+    """Append (or replace) the HFT section of the model card at ``path`` (a README.md a trainer
+    wrote); a missing file is left missing."""
+    import os
+
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(with_model_card_section(card, model_card_section(selection, stats)))

@@ -78,10 +78,15 @@ class HFTHandle:
     The handle follows wrappers that put new parameter objects in place (FSDP2's ``fully_shard``
     replaces every parameter by a DTensor): each of these methods re-reads the model's parameters
     by name when they changed (:meth:`refresh_parameters`).
+
+    The model owns its handle (:func:`active_handle` finds it) and the handle refers to the model
+    weakly: a model a program drops is freed, applied or not.
     """
 
     def __init__(self, model: nn.Module, selection: Selection, partial: str = "auto"):
-        self.model = model
+        # weak: the registry of applied handles is keyed by the model, and a strong reference here
+        # would keep every model HFT was applied to alive until the process ends
+        self._model = weakref.ref(model)
         self.selection = selection
         self.partial = partial
         self._original_flags: dict[str, bool] = {}
@@ -203,6 +208,23 @@ class HFTHandle:
         """What trains, in model order: whole trainable tensors, region parameters (named
         ``<tensor>_hft<i>``), and partly trained tensors of the mask mechanism."""
         return iter(self._trainable)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the selection was applied to.
+
+        The handle holds it weakly, so that a model a program drops is freed with what HFT put on
+        it; keep your own reference to the model as long as you use the handle.
+
+        Raises:
+            ReferenceError: the model no longer exists (nothing referenced it but this handle).
+        """
+        model = self._model()
+        if model is None:
+            raise ReferenceError("the model this HFT handle was applied to no longer exists: nothing but the handle "
+                                 "referenced it. Keep a reference to the model (model = ...; "
+                                 "handle = apply_selection(model, selection)) while you use the handle.")
+        return model
 
     def parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters an optimizer should own."""
@@ -405,6 +427,12 @@ class HFTHandle:
         implementation, unregister the regions (their tensors hold their values) and remove the
         optimizer hooks. A second call is harmless."""
         if self.removed:
+            return
+        if self._model() is None:  # the model is gone: nothing left to restore
+            for attachment in self._attachments:
+                attachment.detach()
+            self._attachments.clear()
+            self.removed = True
             return
         self._run_on_remove()
         for attachment in self._attachments:

@@ -37,6 +37,29 @@ def unwrap(optimizer):
     return optimizer
 
 
+def drop_frozen(optimizer) -> int:
+    """Remove tensors that do not require grad (and their state) from ``optimizer``'s groups, in
+    place so a scheduler bound to it keeps working. Returns how many were removed.
+
+        >>> import torch
+        >>> frozen, trained = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
+        >>> optimizer = torch.optim.SGD([frozen, trained], lr=0.1)
+        >>> drop_frozen(optimizer), len(optimizer.param_groups[0]["params"])
+        (1, 1)
+    """
+    optimizer = unwrap(optimizer)
+    removed = 0
+    for group in getattr(optimizer, "param_groups", None) or []:
+        params = group["params"]
+        kept = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
+        for p in params:
+            if isinstance(p, torch.Tensor) and not p.requires_grad:
+                optimizer.state.pop(p, None)
+                removed += 1
+        group["params"] = kept
+    return removed
+
+
 def owned(optimizer) -> list[torch.Tensor]:
     """The tensors ``optimizer``'s parameter groups hold."""
     groups = getattr(unwrap(optimizer), "param_groups", None) or []

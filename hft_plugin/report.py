@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 from .layouts.base import GROUPS
 
 if TYPE_CHECKING:
+    from .freeze import HFTHandle
     from .selection import Selection
 
 # Short column names for the roles every decoder layer has under some name.
@@ -264,3 +265,21 @@ def stats_metrics(selection: "Selection") -> dict[str, float]:
     for group, values in stats["groups"].items():
         metrics[f"hft/{group}_ratio"] = float(values["ratio"])
     return metrics
+
+
+def train_start_summary(selection: "Selection", handle: "HFTHandle", *more: str) -> str:
+    """The block every adapter logs when training starts: the selection's summary counting what
+    actually trains once applied (tensors frozen by hand stay frozen; overall share first, as
+    PEFT's ``trainable%``), how each partly trained tensor trains, then ``more`` lines.
+
+        >>> from hft_plugin.testing import tiny_model
+        >>> from hft_plugin import apply_selection, select_half
+        >>> model = tiny_model("llama")
+        >>> handle = apply_selection(model, select_half(model))
+        >>> print(train_start_summary(handle.selection, handle).splitlines()[1])
+        trainable params: 86,336 || all params: 160,320 || trainable%: 53.8523
+    """
+    from .selection import applied_counts
+
+    lines = [selection.summary(applied_counts(selection, handle.model)), handle.mechanism_summary(), *more]
+    return "\n".join(line for line in lines if line)

@@ -184,3 +184,21 @@ def test_restore_follows_weights_loaded_after_attach():
     loaded = snapshot(model)
     train_steps(model, opt, steps=2, handle=handle)
     assert_frozen_and_trained(selection, loaded, snapshot(model))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "mixtral"])
+def test_a_model_dropped_while_applied_is_collected(family):
+    # the registry of applied handles must not keep every model HFT touched alive until exit
+    import gc
+    import weakref
+
+    model = tiny_model(family)
+    handle = apply_selection(model, select_half(model))
+    optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-3)
+    handle.attach(optimizer)
+    gone = weakref.ref(model)
+    del model, optimizer
+    gc.collect()
+    assert gone() is None
+    handle.remove()  # nothing left to restore: harmless
+    assert handle.removed

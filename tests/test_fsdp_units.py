@@ -66,7 +66,8 @@ def test_flattened_storage_is_refused_with_the_tensor_named():
 
 
 def test_fsdp1_checks():
-    handle = apply_selection(tiny_model("phi3"), select_half(tiny_model("phi3")))
+    phi3 = tiny_model("phi3")  # kept: a handle holds its model weakly
+    handle = apply_selection(phi3, select_half(phi3))
     try:
         check_fsdp(None, handle)  # no FSDP
         check_fsdp(SimpleNamespace(fsdp_version=2, use_orig_params=False), handle)  # FSDP2 has no flat params
@@ -76,9 +77,10 @@ def test_fsdp1_checks():
             check_fsdp(SimpleNamespace(fsdp_version=1, use_orig_params=True), handle)
     finally:
         handle.remove()
-    llama = apply_selection(tiny_model("llama"), select_half(tiny_model("llama")))
-    check_fsdp(SimpleNamespace(fsdp_version=1, use_orig_params=True), llama)  # whole tensors: fine
-    llama.remove()
+    llama = tiny_model("llama")
+    handle = apply_selection(llama, select_half(llama))
+    check_fsdp(SimpleNamespace(fsdp_version=1, use_orig_params=True), handle)  # whole tensors: fine
+    handle.remove()
 
 
 def _replace_parameters(model):

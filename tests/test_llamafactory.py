@@ -129,3 +129,18 @@ class TestLlamaFactoryContract(AdapterContract):
     trigger = "llamafactory.model.adapter"
     targets = tuple(("llamafactory.model.adapter", f) for f in
                     ("_setup_full_tuning", "_setup_freeze_tuning", "_setup_lora_tuning"))
+
+
+def test_round_next_is_logged_as_the_round_that_trains_with_the_overall_share(caplog):
+    # a model not loaded from a folder has no manifest: round="next" trains round 0, and the log says so
+    adapter = LlamaFactoryAdapter(config=HFTConfig(round="next"))
+    adapter.instrument()
+    try:
+        with caplog.at_level("WARNING", logger="hft_plugin"):
+            init_adapter(tiny_model("llama"))
+    finally:
+        for handle in adapter.handles:
+            handle.remove()
+        adapter.uninstrument()
+    assert "sft stage, round 0" in caplog.text and "round next" not in caplog.text
+    assert "trainable%:" in caplog.text  # the overall share first, as at every train start

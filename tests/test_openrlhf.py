@@ -194,3 +194,20 @@ class TestOpenRLHFContract(AdapterContract):
     def prepare(self):
         _stub_flash_attn()
         super().prepare()
+
+
+def test_round_next_is_logged_as_the_round_that_trains_with_the_overall_share(ds, strategy, caplog):
+    # a model not loaded from a folder has no manifest: round="next" trains round 0, and the log says so
+    from openrlhf.models import Actor
+
+    adapter = OpenRLHFAdapter(config=HFTConfig(round="next"))
+    adapter.instrument()
+    try:
+        with caplog.at_level("WARNING", logger="hft_plugin"):
+            strategy.prepare((Actor(tiny_model("llama")), CFG))
+    finally:
+        for handle in adapter.handles:
+            handle.remove()
+        adapter.uninstrument()
+    assert "round 0" in caplog.text and "round next" not in caplog.text
+    assert "trainable%:" in caplog.text  # the overall share first, as at every train start

@@ -317,3 +317,16 @@ def test_the_benchmark_runs_at_tiny_size_and_proves_the_same_result():
     import reference_sharing
 
     assert reference_sharing.main(["--model", "tiny", "--steps", "1", "--no-write"]) == 0
+
+
+def test_a_dpo_trainer_dropped_after_training_is_collected_with_both_models(tmp_path):
+    import gc
+    import weakref
+
+    trainer = dpo_trainer(tmp_path, max_steps=1)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    gone = weakref.ref(trainer), weakref.ref(trainer.model), weakref.ref(trainer.ref_model)
+    del trainer
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]

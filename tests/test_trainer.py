@@ -480,3 +480,17 @@ def test_docstring_examples():
         pass
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_trainer_dropped_after_training_is_collected_with_its_model(tmp_path):
+    # one process that trains several models (a sweep, a round per task) must not keep them all
+    import gc
+    import weakref
+
+    trainer = plain_trainer(tmp_path)
+    enable_hft(trainer, round=0)
+    trainer.train()
+    gone = weakref.ref(trainer), weakref.ref(trainer.model)
+    del trainer
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]

@@ -101,11 +101,11 @@ class LlamaFactoryAdapter(Adapter):
 
             # trainable tensors, and partly trained ones whole with their regions (which share their storage)
             handle.cast_trainable_(torch.float32)
-        stats = selection.stats()
-        logger.warning(
-            "hft_plugin: LLaMA-Factory %s stage, round %d: training %.1f%% of the layers' parameters (%s strategy).",
-            getattr(finetuning_args, "stage", "?"), config.round, 100 * stats["trainable_ratio"], config.strategy,
-        )
+        from ..report import train_start_summary
+
+        logger.warning("hft_plugin: LLaMA-Factory %s stage, round %d, trains with Half Fine-Tuning\n%s",
+                       getattr(finetuning_args, "stage", "?"), selection.config.round,
+                       train_start_summary(selection, handle))
         return None
 
     def _refuse_other_tuning(self, wrapped, instance, args, kwargs):

@@ -84,11 +84,10 @@ class OpenRLHFAdapter(Adapter):
             self.handles.remove(handle)
             raise
         if getattr(instance, "is_rank_0", lambda: True)():
-            stats = selection.stats()
-            logger.warning(
-                "hft_plugin: OpenRLHF %s, round %d: training %.1f%% of the layers' parameters (%s strategy).",
-                type(model).__name__, config.round, 100 * stats["trainable_ratio"], config.strategy,
-            )
+            from ..report import train_start_summary
+
+            logger.warning("hft_plugin: OpenRLHF %s, round %d, trains with Half Fine-Tuning\n%s", type(model).__name__,
+                           selection.config.round, train_start_summary(selection, handle))
         return result
 
     def _save(self, wrapped, instance, args, kwargs):

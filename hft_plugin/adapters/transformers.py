@@ -40,15 +40,13 @@ import os
 import weakref
 from typing import Any, Callable, Mapping
 
-import torch
-
 from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
 from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError, UnsupportedModelError
 from ..freeze import HFTHandle, apply_selection
-from ..optimizers import unfuse_strided, unwrap
-from ..report import stats_metrics
+from ..optimizers import drop_frozen, unfuse_strided, unwrap
+from ..report import stats_metrics, train_start_summary
 from ..selection import Selection, applied_counts, select_half
 from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
 from .base import Adapter, patch, unpatch
@@ -102,7 +100,9 @@ class _Session:
     """HFT on one trainer: the selection, the handle, and the wrappers on the trainer instance."""
 
     def __init__(self, trainer, config: HFTConfig, selection: Selection):
-        self.trainer = trainer
+        # weak: _SESSIONS is keyed by the trainer, and the trainer keeps its session alive through
+        # the wrapped methods; a strong reference would keep every trainer (and model) forever
+        self._trainer = weakref.ref(trainer)
         self.config = config
         self.selection = selection
         self.handle: HFTHandle | None = None
@@ -117,6 +117,10 @@ class _Session:
         self.requested: HFTConfig | None = None
         self.share_reference = True
         self.sharing: SharedReference | None = None
+
+    @property
+    def trainer(self):
+        return self._trainer()
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
@@ -239,7 +243,7 @@ class _Session:
             optimizer = original(*args, **kwargs)
             if optimizer is not None:
                 _BUILT.add(unwrap(optimizer))
-                if self.prune_optimizer(optimizer):
+                if drop_frozen(optimizer):
                     logger.warning("hft_plugin: %s put frozen tensors in the optimizer; they were removed.",
                                    type(self.trainer).__name__)
                 trainable = {id(p): n for n, p in self.handle.named_parameters()}
@@ -321,9 +325,12 @@ class _Session:
         self._enable_input_grads_if_needed()
         self._wrap_clipping_if_masked()
         self.settle_optimizer()
-        _announce(trainer, self.selection, self.handle,
-                  "\n".join(filter(None, [self.handle.mechanism_summary(),
-                                           self.sharing.report.summary() if self.sharing else ""])))
+        if trainer.is_world_process_zero():
+            # WARNING, the level transformers and TRL use for what a user must see at their default
+            # verbosity: with logging unconfigured, Python's last-resort handler prints it to stderr.
+            logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__,
+                           train_start_summary(self.selection, self.handle,
+                                               self.sharing.report.summary() if self.sharing else ""))
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
@@ -374,25 +381,6 @@ class _Session:
         """Every rank must train the same half: compare a digest once per selection."""
         self._agreed_digest = check_ranks_agree(self.selection, self._agreed_digest)
 
-    def prune_optimizer(self, optimizer) -> int:
-        """Drop frozen tensors (and their state) from ``optimizer``'s groups, in place so a scheduler
-        bound to it keeps working. Returns how many were removed."""
-        optimizer = unwrap(optimizer)
-        groups = getattr(optimizer, "param_groups", None)
-        if not groups:
-            return 0
-        removed = 0
-        for group in groups:
-            params = group["params"]
-            kept = [p for p in params if not isinstance(p, torch.Tensor) or p.requires_grad]
-            if len(kept) != len(params):
-                for p in params:
-                    if isinstance(p, torch.Tensor) and not p.requires_grad:
-                        optimizer.state.pop(p, None)
-                        removed += 1
-                group["params"] = kept
-        return removed
-
     def _enable_input_grads_if_needed(self) -> None:
         """Reentrant checkpointing gives layer weights no gradient when nothing before them requires
         grad; with frozen embeddings that is every layer, so make the embeddings' output require it."""
@@ -420,25 +408,13 @@ def _unwrapped(model):
     return unwrap_model(model)
 
 
-def _announce(trainer, selection: Selection, handle: HFTHandle, more: str = "") -> None:
-    """The summary block at train start, once, on the main process, counting what actually trains
-    (tensors frozen by hand stay frozen). Logged at WARNING, the level transformers and TRL use for
-    what a user must see at their default verbosity: with logging left unconfigured Python's
-    last-resort handler prints it to stderr, and a program that configures logging gets it in its
-    own handlers (``logging.getLogger("hft_plugin")`` silences it)."""
-    if trainer.is_world_process_zero():
-        counts = applied_counts(selection, handle.model)
-        logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s%s", type(trainer).__name__,
-                       selection.summary(counts), f"\n{more}" if more else "")
-
-
 def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", original: Callable, args: tuple,
                       kwargs: dict):
     """The trainer's own ``create_model_card`` with an ``hft`` tag, then an HFT section appended to
     the README.md it wrote in the output dir (main process only, as the card itself)."""
     import inspect
 
-    from ..export import model_card_section, with_model_card_section
+    from ..export import add_model_card_section
 
     signature = inspect.signature(original)
     if "tags" in signature.parameters:  # TRL's and transformers' create_model_card both take tags
@@ -448,13 +424,9 @@ def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None",
         bound.arguments["tags"] = tags + ["hft"] * ("hft" not in tags)
         args, kwargs = bound.args, bound.kwargs
     result = original(*args, **kwargs)
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    if trainer.is_world_process_zero() and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        with open(path, "w", encoding="utf-8") as f:
-            counts = applied_counts(selection, handle.model) if handle is not None else None
-            f.write(with_model_card_section(card, model_card_section(selection, counts)))
+    if trainer.is_world_process_zero():
+        counts = applied_counts(selection, handle.model) if handle is not None else None
+        add_model_card_section(os.path.join(trainer.args.output_dir, "README.md"), selection, counts)
     return result
 
 
