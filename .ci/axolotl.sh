@@ -12,50 +12,12 @@
 #   bash .ci/axolotl.sh --setup-only # build if needed, print the venv's python
 #   HFT_AXOLOTL_VENV=/path bash .ci/axolotl.sh
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NAME=axolotl
 VENV="${HFT_AXOLOTL_VENV:-$HOME/.cache/hft-plugin/venv-axolotl-0.19.0}"
-PY_BASE="${PYTHON:-python3.11}"
-command -v "$PY_BASE" >/dev/null || PY_BASE=python3
-REQ="$ROOT/requirements/axolotl-0.19.0.txt"
-CON="$ROOT/requirements/cpu-torch.txt"
-STAMP="$VENV/.hft-stamp"
-want="$(cat "$REQ" "$CON" | sha256sum | cut -c1-16)"
+REQ="$(dirname "${BASH_SOURCE[0]}")/../requirements/axolotl-0.19.0.txt"
+TOOL=axolotl==0.19.0
+TESTS="tests/test_axolotl*.py"
 
-if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
-    echo "axolotl env: building $VENV"
-    rm -rf "$VENV"
-    mkdir -p "$(dirname "$VENV")"
-    "$PY_BASE" -m venv "$VENV"
-    PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-    "${PIP[@]}" -c "$CON" torch==2.13.0
-    "${PIP[@]}" -c "$CON" -r "$REQ"
-    "${PIP[@]}" --no-deps axolotl==0.19.0
-    # The plugin itself, editable, without touching the pinned packages above.
-    "${PIP[@]}" --no-deps -e "$ROOT"
-    torch_version="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-    if [[ "$torch_version" != 2.13.0+cpu ]]; then
-        echo "axolotl env: torch is $torch_version, expected 2.13.0+cpu" >&2
-        exit 1
-    fi
-    if "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | grep -i '^nvidia-'; then
-        echo "axolotl env: CUDA packages were installed (above)" >&2
-        exit 1
-    fi
-    echo "$want" > "$STAMP"
-else
-    # Reused venv: make sure the editable install points at this checkout (CI clones elsewhere)
-    # and that its copy of the start-up .pth is this checkout's.
-    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null \
-        || ! cmp -s "$site/hft-plugin.pth" "$ROOT/hft_plugin/bootstrap/hft-plugin.pth"; then
-        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
-    fi
-fi
-
-if [[ "${1:-}" == "--setup-only" ]]; then
-    echo "$VENV/bin/python"
-    exit 0
-fi
-cd "$ROOT"
-export PATH="$VENV/bin:$PATH"
-exec "$VENV/bin/python" -m pytest tests/test_axolotl*.py -q -p no:cacheprovider "$@"
+# shellcheck source=cell.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cell.sh"
+cell_main "$@"

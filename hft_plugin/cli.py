@@ -31,6 +31,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from .bootstrap.env import flag_type, parse_int, parse_ratio
+
 PROG = "hft"
 
 
@@ -213,26 +215,6 @@ def parse_rounds(text: str) -> list[int]:
     return rounds
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share in (0, 1), e.g. 0.5") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1); pass a share of the layers, e.g. 0.5")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; rounds and seeds count from 0")
-    return value
-
-
 def run_plan(args: argparse.Namespace) -> int:
     from .config import HFTConfig
     from .report import layer_grid, plot_grids, render_table
@@ -311,12 +293,12 @@ def _add_plan(subparsers) -> None:
                       help="a local model folder (with a config.json or a .gguf file), a config.json, a .gguf file, "
                            "or a Hub model id (its config only, through the Hugging Face cache)")
     rounds = plan.add_mutually_exclusive_group()
-    rounds.add_argument("--round", type=_count, default=0, help="the fine-tuning round (default 0)")
+    rounds.add_argument("--round", type=flag_type(parse_int, "--round"), default=0, help="the fine-tuning round (default 0)")
     rounds.add_argument("--rounds", type=parse_rounds, metavar="RANGE",
                         help="several rounds, e.g. 0-3 or 0,2,5: one table each, one picture side by side")
     plan.add_argument("--strategy", default="category", help="category (default, the paper's), layer, model, or a plugin's")
-    plan.add_argument("--ratio", type=_ratio, default=0.5, help="trainable share of the layers' parameters (default 0.5)")
-    plan.add_argument("--seed", type=_count, default=0, help="seeds the draw (default 0)")
+    plan.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), default=0.5, help="trainable share of the layers' parameters (default 0.5)")
+    plan.add_argument("--seed", type=flag_type(parse_int, "--seed"), default=0, help="seeds the draw (default 0)")
     embeddings = plan.add_mutually_exclusive_group()
     embeddings.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
                             help="train embeddings, lm_head and final norm (default, as the paper)")

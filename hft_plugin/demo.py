@@ -87,8 +87,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'':<22}{'first loss':>12}{'last loss':>12}{'AdamW state':>16}")
     print(f"{'full fine-tuning':<22}{full_losses[0]:>12.3f}{full_losses[-1]:>12.3f}{full_state:>16,}")
     print(f"{'half fine-tuning':<22}{half_losses[0]:>12.3f}{half_losses[-1]:>12.3f}{half_state:>16,}")
-    print("(AdamW state: elements of its moment tensors; a fused tensor trained in part keeps state for all of it. "
-          "This model is too small for step times to show HFT's saving: see benchmarks/speed.py.)\n")
+    print("(AdamW state: elements of its two moment tensors, so twice the parameters each run trains; a fused "
+          "tensor trained in part has state for its trained rows only. This model is too small for step times to "
+          "show HFT's saving: see benchmarks/speed.py.)\n")
 
     try:
         counts = assert_frozen_and_trained(selection, snapshot(base), snapshot(half))

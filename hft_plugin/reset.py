@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
+from .bootstrap.env import flag_type, parse_int, parse_ratio
 from .errors import ConfigError, HFTError, SelectionMismatchError
 
 __all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "Interrupted", "RESET_MANIFEST_NAME"]
@@ -657,31 +658,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuned", required=True, metavar="DIR", help="the fully fine-tuned model")
     parser.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory for the result")
     parser.add_argument("--strategy", help="how the half is chosen (default: category, or the tuned run's)")
-    parser.add_argument("--ratio", type=_share, help="the share of the layers that keeps its tuned values (default: 0.5)")
-    parser.add_argument("--seed", type=_count, help="seeds the choice of the half (default: 0)")
-    parser.add_argument("--round", type=_count, help="the HFT round whose frozen half is reset (default: 0)")
+    parser.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), help="the share of the layers that keeps its tuned values (default: 0.5)")
+    parser.add_argument("--seed", type=flag_type(parse_int, "--seed"), help="seeds the choice of the half (default: 0)")
+    parser.add_argument("--round", type=flag_type(parse_int, "--round"), help="the HFT round whose frozen half is reset (default: 0)")
     parser.add_argument("--reset-embeddings", action="store_const", const=True, default=None,
                         help="also reset embeddings, lm_head and final norm (by default they keep their tuned values)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
     parser.epilog = ("If TUNED has an hft_selection.json (it was trained with HFT), the options left out are that "
                      "run's, and an option that contradicts it is an error.")
-
-
-def _count(text: str) -> int:
-    if not text.strip().isdigit() or not text.strip().isascii():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (plain digits)")
-    return int(text)
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a share in (0, 1), e.g. 0.5") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1); pass a share of the layers, e.g. 0.5")
-    return value
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -150,3 +150,14 @@ def test_python_dash_m(model_dir):
     done = subprocess.run([sys.executable, "-m", "hft_plugin", "plan", "/no/such/model"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().startswith("hft plan: error: no such file or directory: /no/such/model;")
+
+
+@pytest.mark.parametrize("option, value", [("--round", "1_0"), ("--round", "+1"), ("--seed", "1_0"), ("--seed", "٣"),
+                                           ("--ratio", "0_5"), ("--ratio", "inf")])
+def test_flags_are_parsed_as_strictly_as_the_variables(model_dir, tmp_path, capsys, option, value):
+    # int("1_0") is 10 and float("0_5") is 0.5: `hft plan --round 1_0` planned round 10, as HFT_ROUND=1_0 once did
+    code, out, err = _run(capsys, "plan", model_dir, option, value)
+    assert code == 2 and out == "" and f"{option}={value!r}" in err
+    code, _, err = _run(capsys, "half-reset", "--base", model_dir, "--tuned", model_dir, "--out", str(tmp_path / "out"),
+                        option, value)
+    assert code == 2 and f"{option}={value!r}" in err and not (tmp_path / "out").exists()

@@ -274,7 +274,7 @@ def test_a_reference_on_the_meta_device_is_refused():
 
     from hft_plugin.testing import tiny_config
 
-    _, _, handle = setup()
+    policy, _, handle = setup()  # the policy is kept: a handle refers to its model weakly
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(tiny_config("llama"))
     with pytest.raises(ReferenceModelError, match="meta device"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 HFT_ENABLE = "HFT_ENABLE"
 """``1``/``true``/``yes``/``on`` switches HFT on in every process that inherits it; ``0``/``false``/
@@ -98,7 +98,8 @@ def parse_bool(variable: str, text: str) -> bool:
     raise _error(f"{variable}={text!r} {what}; accepted values: {_BOOLEANS} (any case), or unset it for the default.")
 
 
-def _parse_int(variable: str, text: str) -> int:
+def parse_int(variable: str, text: str) -> int:
+    """A whole number >= 0 in plain ASCII digits (spaces around ignored); else ConfigError naming ``variable``."""
     value = text.strip()
     if not _DIGITS.fullmatch(value):  # int() would also take "1_0", "+1", "٣"
         raise _error(f"{variable}={text!r} is not a whole number; write plain decimal digits, e.g. {variable}=1.")
@@ -115,7 +116,8 @@ def _parse_round(variable: str, text: str) -> int | str:
     return int(value)
 
 
-def _parse_ratio(variable: str, text: str) -> float:
+def parse_ratio(variable: str, text: str) -> float:
+    """A plain decimal in (0, 1); else ConfigError naming ``variable``."""
     value = text.strip()
     if not _DECIMAL.fullmatch(value):  # float() would also take "0_5", "inf", "nan"
         raise _error(f"{variable}={text!r} is not a number; set it to a decimal in (0, 1), e.g. {variable}=0.5.")
@@ -123,6 +125,30 @@ def _parse_ratio(variable: str, text: str) -> float:
     if not 0.0 < ratio < 1.0:
         raise _error(f"{variable}={text!r} is outside (0, 1); it is the trainable share, e.g. {variable}=0.5.")
     return ratio
+
+
+def flag_type(parse: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reads a command-line flag by the rules of its ``HFT_*`` variable
+    (``parse`` is one of this module's parsers), so ``--round 1_0`` is refused as ``HFT_ROUND=1_0``
+    is, where ``int()`` would read 10.
+
+        >>> import argparse
+        >>> flag_type(parse_int, "--seed")("3")
+        3
+        >>> flag_type(parse_int, "--seed")("1_0")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: --seed='1_0' is not a whole number; write plain decimal digits, e.g. --seed=1.
+    """
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(flag, text)
+        except ValueError as error:  # ConfigError is a ValueError
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = flag.lstrip("-")  # argparse names the type in "invalid ... value"
+    return convert
 
 
 def _parse_strategy(variable: str, text: str) -> str:
@@ -149,10 +175,10 @@ def check_strategy(name: str, source: str) -> None:
 
 
 PARSERS = {  # field -> parser(name to report, text); the name is the variable, or the flag a user typed
-    "ratio": _parse_ratio,
+    "ratio": parse_ratio,
     "strategy": _parse_strategy,
     "round": _parse_round,
-    "seed": _parse_int,
+    "seed": parse_int,
     "train_embeddings": parse_bool,
 }
 
