@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -425,6 +426,8 @@ def settings_key(settings: dict) -> str:
 
 def _job_file(job: tuple[int, str, float]) -> str:
     seed, method, lr = job
+    if method == "base":  # "base2": base jobs before version 2 could score the previous run's model
+        method = "base2"
     return f"{method}_lr{lr:.6g}_seed{seed}.json"
 
 
@@ -518,6 +521,7 @@ def work(model, tokenizer, jobs, cache: RunCache, settings: dict, *, claims: str
                 data_seed, data = seed, seed_data(tokenizer, seed, settings)
             t0, c0 = time.perf_counter(), time.process_time()
             if method == "base":
+                model.load_state_dict(base_state)  # the previous job left its trained weights
                 record = {"method": "base", "lr": 0.0, "seed": seed,
                           "task_em": {name: mean(score(model, d[2], settings["eval_batch"])[0]) for name, d in zip(TASKS, data)}}
             else:
@@ -1180,7 +1184,7 @@ def main(argv=None, *, loaded=None) -> dict:
     worker_files = [cache.read(f) for f in sorted(os.listdir(folder)) if f.startswith("worker-")]
     loads = [r["load_avg"] for r in records.values() if r.get("load_avg") is not None]
     meta = {
-        "command": "python benchmarks/forgetting.py " + " ".join(a for a in argv),
+        "command": shlex.join(["python", "benchmarks/forgetting.py", *argv]),
         "model_name": model_name, "params": info["params"], "device": info["device"], "device_name": info["device_name"],
         "seeds": seeds, "grids": grids, "methods": list(grids), "tasks": list(TASKS),
         "steps": args.steps, "batch_size": args.batch_size, "n_eval": args.eval_size, "optimizer": OPTIMIZER,

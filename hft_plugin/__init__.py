@@ -1,8 +1,9 @@
 """hft-plugin: Half Fine-Tuning for the trainers people already use.
 
 Half Fine-Tuning (Hui et al., ACL 2025) trains a chosen half of an LLM's parameters in each
-fine-tuning round and freezes the rest, choosing a new half each round; it forgets less than full
-fine-tuning and trains faster.
+fine-tuning round and freezes the rest, choosing a new half each round. The paper reports less
+forgetting than full fine-tuning; what this project measured is in docs/forgetting.md and
+docs/performance.md.
 
     >>> from hft_plugin import select_half, apply_selection, HFTConfig, HFTError
 

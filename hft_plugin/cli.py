@@ -355,7 +355,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Half Fine-Tuning: train half of an LLM each round, forget less.",
+        prog=PROG, description="Half Fine-Tuning: train a chosen half of an LLM each round, the other half frozen.",
         epilog="Run 'hft COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"hft-plugin {__version__}")

@@ -314,6 +314,24 @@ def test_the_cache_resumes_and_claims_share_the_work(bench, tmp_path):
     assert sorted(os.listdir(cache.folder)) == sorted([bench._job_file(j) for j in jobs] + ["model.json"])
 
 
+def test_a_base_job_after_other_runs_scores_the_base_model(bench, tmp_path, monkeypatch):
+    # seed 1's base job comes after seed 0's runs in one worker: it must score the model as given,
+    # not the one the previous run trained
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = {"steps": 2, "batch_size": 2, "eval_size": 4, "probe_size": 3, "eval_batch": 8, "device": "cpu"}
+    scored, score = [], bench.score
+
+    def watched(m, *args, **kwargs):
+        scored.append(all(torch.equal(v, given[k]) for k, v in m.state_dict().items()))
+        return score(m, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "score", watched)
+    cache = bench.RunCache(str(tmp_path / "cache"))
+    bench.work(model, tokenizer, [(0, "fft", 1e-1), (1, "base", 0.0)], cache, settings, log=lambda s: None)
+    assert scored[-len(bench.TASKS):] == [True] * len(bench.TASKS)  # the base job's scores: the given weights
+
+
 @pytest.mark.slow
 def test_pipeline_on_a_tiny_model(bench, tmp_path):
     model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
