@@ -1,6 +1,6 @@
 """The ``hft`` command: see which half trains, reset a tuned half, run a trainer with HFT on.
 
-    hft plan MODEL [--round N | --rounds 0-3] [--strategy S] [--ratio R] [--seed N]
+    hft plan MODEL [--round N|next | --rounds 0-3] [--strategy S] [--ratio R] [--seed N]
                    [--train-embeddings | --freeze-embeddings] [--plot FILE.png]
                    [--format table|json|axolotl|spectrum [--expressible-only]]
     hft half-reset ...          (see ``hft half-reset --help``)
@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_ratio
+from .bootstrap.env import flag_type, parse_int, parse_ratio, parse_round
 
 PROG = "hft"
 
@@ -220,16 +220,19 @@ def run_plan(args: argparse.Namespace) -> int:
     from .report import layer_grid, plot_grids, render_table
     from .selection import select_half, strategy_names
 
-    if args.strategy not in strategy_names():
+    if args.strategy is not None and args.strategy not in strategy_names():
         raise CommandError(f"unknown strategy {args.strategy!r}; known: {', '.join(strategy_names())}")
     config = load_config(args.model)
     model = build_meta_model(config)
-    rounds = args.rounds or [args.round]
-    selections = [
-        select_half(model, config=HFTConfig(ratio=args.ratio, strategy=args.strategy, round=r, seed=args.seed,
-                                            train_embeddings=args.train_embeddings))
-        for r in rounds
-    ]
+    # The folder the model would be loaded from, where round="next" reads the previous manifest.
+    folder = args.model if os.path.isdir(args.model) else os.path.dirname(os.path.abspath(args.model))
+    if os.path.exists(args.model):
+        model.config._name_or_path = folder
+    # Only the options given on the command line: with --round next the others are the previous
+    # round's, from the folder's hft_selection.json (as round="next" does in training).
+    options = {k: v for k in ("ratio", "strategy", "seed", "train_embeddings") if (v := getattr(args, k)) is not None}
+    selections = [select_half(model, config=HFTConfig.from_dict({**options, "round": r}))
+                  for r in args.rounds or [args.round]]
     fmt = "json" if args.json else args.format
     if fmt in EXPORT_FORMATS:
         if len(selections) > 1:
@@ -293,14 +296,16 @@ def _add_plan(subparsers) -> None:
                       help="a local model folder (with a config.json or a .gguf file), a config.json, a .gguf file, "
                            "or a Hub model id (its config only, through the Hugging Face cache)")
     rounds = plan.add_mutually_exclusive_group()
-    rounds.add_argument("--round", type=flag_type(parse_int, "--round"), default=0, help="the fine-tuning round (default 0)")
+    rounds.add_argument("--round", type=flag_type(parse_round, "--round"), default=0,
+                        help="the fine-tuning round (default 0), or next: the round after the one in MODEL's "
+                             "hft_selection.json, with its strategy, ratio and seed unless given here")
     rounds.add_argument("--rounds", type=parse_rounds, metavar="RANGE",
                         help="several rounds, e.g. 0-3 or 0,2,5: one table each, one picture side by side")
-    plan.add_argument("--strategy", default="category", help="category (default, the paper's), layer, model, or a plugin's")
-    plan.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), default=0.5, help="trainable share of the layers' parameters (default 0.5)")
-    plan.add_argument("--seed", type=flag_type(parse_int, "--seed"), default=0, help="seeds the draw (default 0)")
+    plan.add_argument("--strategy", help="category (default, the paper's), layer, model, or a plugin's")
+    plan.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), help="trainable share of the layers' parameters (default 0.5)")
+    plan.add_argument("--seed", type=flag_type(parse_int, "--seed"), help="seeds the draw (default 0)")
     embeddings = plan.add_mutually_exclusive_group()
-    embeddings.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=True,
+    embeddings.add_argument("--train-embeddings", dest="train_embeddings", action="store_true", default=None,
                             help="train embeddings, lm_head and final norm (default, as the paper)")
     embeddings.add_argument("--freeze-embeddings", dest="train_embeddings", action="store_false",
                             help="freeze everything outside the transformer layers")

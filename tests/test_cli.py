@@ -161,3 +161,20 @@ def test_flags_are_parsed_as_strictly_as_the_variables(model_dir, tmp_path, caps
     code, _, err = _run(capsys, "half-reset", "--base", model_dir, "--tuned", model_dir, "--out", str(tmp_path / "out"),
                         option, value)
     assert code == 2 and f"{option}={value!r}" in err and not (tmp_path / "out").exists()
+
+
+def test_round_next_plans_the_round_after_the_folders_manifest(tmp_path, capsys, caplog):
+    # as round="next" and HFT_ROUND=next do: the folder's hft_selection.json says round 2 with the
+    # layer strategy and seed 7, so "next" is round 3 with those options unless a flag sets one
+    folder = tmp_path / "round2"
+    tiny_config("llama").save_pretrained(folder)
+    select_half(tiny_model("llama"), round=2, strategy="layer", seed=7).save(str(folder))
+    code, out, _ = _run(capsys, "plan", str(folder), "--round", "next", "--format", "json")
+    plan = json.loads(out)["config"]
+    assert code == 0 and (plan["round"], plan["strategy"], plan["seed"]) == (3, "layer", 7)
+    code, out, _ = _run(capsys, "plan", str(folder), "--round", "next", "--seed", "1", "--format", "json")
+    assert code == 0 and (json.loads(out)["config"]["round"], json.loads(out)["config"]["seed"]) == (3, 1)
+    # a folder without a manifest (a base model) starts at round 0, saying so
+    tiny_config("llama").save_pretrained(tmp_path / "base")
+    code, out, _ = _run(capsys, "plan", str(tmp_path / "base"), "--round", "next", "--format", "json")
+    assert code == 0 and json.loads(out)["config"]["round"] == 0 and "starting at round 0" in caplog.text

@@ -106,7 +106,8 @@ def parse_int(variable: str, text: str) -> int:
     return int(value)
 
 
-def _parse_round(variable: str, text: str) -> int | str:
+def parse_round(variable: str, text: str) -> int | str:
+    """A round: plain ASCII digits, or ``next``; else ConfigError naming ``variable``."""
     value = text.strip()
     if value.lower() == "next":
         return "next"
@@ -177,7 +178,7 @@ def check_strategy(name: str, source: str) -> None:
 PARSERS = {  # field -> parser(name to report, text); the name is the variable, or the flag a user typed
     "ratio": parse_ratio,
     "strategy": _parse_strategy,
-    "round": _parse_round,
+    "round": parse_round,
     "seed": parse_int,
     "train_embeddings": parse_bool,
 }
