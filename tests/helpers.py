@@ -7,6 +7,22 @@ import torch
 from hft_plugin.testing import assert_frozen_and_trained, snapshot  # noqa: F401 - re-exported for the tests
 
 
+class MixingSGD(torch.optim.Optimizer):
+    """Every element moves by its gradient plus the tensor's mean gradient: an update that mixes the
+    elements of a tensor, like the orthogonalising optimizers (Muon). Masking gradients alone cannot
+    keep frozen elements still under it."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad + p.grad.mean() + 1e-3, alpha=-group["lr"])
+
+
 def train_steps(model, optimizer, steps: int = 4, seed: int = 0, vocab: int = 96, handle=None) -> None:
     gen = torch.Generator().manual_seed(seed)
     model.train()

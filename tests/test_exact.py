@@ -18,26 +18,10 @@ from hft_plugin import HFTError, apply_selection, select_half
 from hft_plugin.testing import tiny_model
 
 from .hand_frozen import HandFrozen, box_index
-from .helpers import assert_frozen_and_trained, snapshot
+from .helpers import MixingSGD, assert_frozen_and_trained, snapshot
 
 FAMILIES = ["llama", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen3_moe"]
 FUSED = ["phi3", "gpt_neox", "mixtral", "gpt2"]
-
-
-class MixingSGD(torch.optim.Optimizer):
-    """Every element moves by its gradient plus the tensor's mean gradient: an update that mixes the
-    elements of a tensor, like the orthogonalising optimizers (Muon)."""
-
-    def __init__(self, params, lr=1e-2):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad + p.grad.mean() + 1e-3, alpha=-group["lr"])
-
 
 OPTIMIZERS = {
     "adamw_weight_decay": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),

@@ -10,22 +10,7 @@ from hft_plugin import apply_selection, select_half
 from hft_plugin.freeze import active_handle
 from hft_plugin.testing import tiny_model
 
-from .helpers import assert_frozen_and_trained, snapshot, train_steps
-
-
-class MixingSGD(torch.optim.Optimizer):
-    """An update that mixes elements (every element moves by the mean gradient), like the
-    orthogonalising optimizers: masking alone cannot keep frozen elements still under it."""
-
-    def __init__(self, params, lr=1e-2):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(p.grad + p.grad.mean() + 1e-3, alpha=-group["lr"])
+from .helpers import MixingSGD, assert_frozen_and_trained, snapshot, train_steps
 
 
 OPTIMIZERS = {
