@@ -45,9 +45,10 @@ cell_main() {
         fi
         echo "$want" > "$stamp"
     else
-        # the editable install and its copy of the start-up .pth must be this checkout's
+        # the editable install and its copy of the start-up .pth must be this checkout's (-P: not the
+        # current directory's hft_plugin, which a check run from the checkout would find first)
         site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-        if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$root/'))" 2>/dev/null \
+        if ! "$VENV/bin/python" -P -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$root/'))" 2>/dev/null \
             || ! cmp -s "$site/hft-plugin.pth" "$root/hft_plugin/bootstrap/hft-plugin.pth"; then
             "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root"
         fi

@@ -27,7 +27,7 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$REQ"
     echo "$want" > "$STAMP"
 fi
-if ! "$VENV/bin/python" -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null; then
+if ! "$VENV/bin/python" -P -c "import hft_plugin, sys; sys.exit(not hft_plugin.__file__.startswith('$ROOT/'))" 2>/dev/null; then
     echo "openrlhf env: hft_plugin is not installed from $ROOT in the base environment ($BASE_SITE): pip install -e ." >&2
     exit 1
 fi
