@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -23,21 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(mode: str, nproc: int, out) -> list[dict]:
-    from tests.test_distributed import free_port
+    from tests.test_distributed import launch as launch_ranks
 
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("HFT_SHARE_REFERENCE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), mode, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = []
-    for rank in range(nproc):
-        with open(out / f"rank{rank}.json") as f:
-            for case in json.load(f):
-                assert case["ok"], f"{case['case']}: {case.get('error')}\n{case.get('trace')}"
-                results.append(case)
+    results = [case for rank in launch_ranks(mode, nproc, out, worker=os.path.abspath(__file__)) for case in rank]
+    for case in results:
+        assert case["ok"], f"{case['case']}: {case.get('error')}\n{case.get('trace')}"
     return results
 
 
