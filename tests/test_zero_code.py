@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from hft_plugin import ConfigError, IntegrationError, select_half
+from hft_plugin import ConfigError, IntegrationError, enable_hft, select_half
 from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
 from hft_plugin.testing import tiny_model
 
@@ -199,3 +199,31 @@ def test_the_variable_is_the_first_error_even_when_an_adapter_failed():
     assert result.stdout.startswith("ConfigError | HFT_ROUND='1_0'"), result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("hft_plugin:")]
     assert "HFT_ROUND='1_0'" in warnings[0] and "torch >= 99" in warnings[1]
+
+
+@pytest.mark.parametrize("zero_code", [False, True])
+def test_a_resumed_train_reads_the_checkpoints_manifest_once(tmp_path, monkeypatch, zero_code):
+    # enable_hft's wrapper, the class-level patch of zero-code activation and the prepare step all
+    # reach the resume check: one train() call reads the checkpoint's manifest once
+    from hft_plugin.adapters import transformers as adapter_module
+    from hft_plugin.checkpoints import check_checkpoint
+
+    first = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    enable_hft(first, round=1)
+    first.train()
+    reads = []
+    monkeypatch.setattr(adapter_module, "check_checkpoint",
+                        lambda *a, **k: reads.append(a[0]) or check_checkpoint(*a, **k))
+    adapter = TransformersAdapter(round=1) if zero_code else None
+    if adapter is not None:
+        adapter.instrument()
+    try:
+        resumed = plain_trainer(tmp_path, max_steps=3, save_strategy="no")
+        enable_hft(resumed, round=1)
+        resumed.train(resume_from_checkpoint=True)
+        assert resumed.state.global_step == 3 and len(reads) == 1
+        resumed.train(resume_from_checkpoint=True)  # a second call checks again
+        assert len(reads) == 2
+    finally:
+        if adapter is not None:
+            adapter.uninstrument()

@@ -113,6 +113,9 @@ class _Session:
         self._agreed_digest: str | None = None
         self._report_metrics = False
         self._in_prepare = False
+        # (checkpoint, selection) checked in the train() call under way: the instance wrapper, the
+        # class-level patch of zero-code activation and the prepare step each reach the same checks
+        self._checked: tuple[str | None, Selection] | None = None
         self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
         self.requested: HFTConfig | None = None
         self.share_reference = True
@@ -226,12 +229,22 @@ class _Session:
     # -- the wrappers --------------------------------------------------------------------------------
     def _wrap_train(self, original: Callable) -> Callable:
         def train(resume_from_checkpoint=None, *args, **kwargs):
-            # Checked before the trainer loads the checkpoint's weights into the model.
-            checkpoint = _resolve_checkpoint(self.trainer, resume_from_checkpoint)
-            self.check_resume(checkpoint)
-            _reference_before_load(self, checkpoint)
-            return original(resume_from_checkpoint, *args, **kwargs)
+            self._checked = None
+            try:
+                self.before_train(_resolve_checkpoint(self.trainer, resume_from_checkpoint))
+                return original(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self._checked = None
         return train
+
+    def before_train(self, checkpoint: str | None) -> None:
+        """Before the trainer loads ``checkpoint``'s weights into the model: refuse a checkpoint of
+        another selection, and unshare what loading would change. Once per train() call."""
+        if self._checked is not None and self._checked[0] == checkpoint and self._checked[1] is self.selection:
+            return
+        self.check_resume(checkpoint)
+        _reference_before_load(self, checkpoint)
+        self._checked = (checkpoint, self.selection)
 
     def _wrap_prepare(self, original: Callable) -> Callable:
         def _prepare_for_training(*args, **kwargs):
@@ -315,7 +328,9 @@ class _Session:
             # Another trainer applied its own round to this model object; put ours back.
             self.handle = self.apply(self.selection)
             self._attached_to = None
-        self.check_resume(_resolve_checkpoint(trainer, resume))
+        checkpoint = _resolve_checkpoint(trainer, resume)
+        if self._checked is None or self._checked[0] != checkpoint or self._checked[1] is not self.selection:
+            self.check_resume(checkpoint)  # e.g. model_init built a new model and selection inside train()
         self.sharing = _reference_sharing(self)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
@@ -635,9 +650,11 @@ def _auto_train(wrapped, instance, args, kwargs):
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        checkpoint = _resolve_checkpoint(instance, resume)
-        session.check_resume(checkpoint)
-        _reference_before_load(session, checkpoint)
+        session.before_train(_resolve_checkpoint(instance, resume))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            session._checked = None
     return wrapped(*args, **kwargs)
 
 
