@@ -290,6 +290,11 @@ class HFTHandle:
         trainable, everything = self._names()
         optimizers.check([optimizer], trainable, everything, need_all)
 
+    def optimizer_fit(self, optimizer, need_all: bool = True) -> "optimizers.Fit":
+        """How ``optimizer`` compares with :meth:`parameters` (what :meth:`check_optimizer` raises on)."""
+        trainable, everything = self._names()
+        return optimizers.compare([optimizer], trainable, everything, need_all)
+
     def attach(self, optimizer: torch.optim.Optimizer, restore: bool | None = None) -> "HFTHandle":
         """Check ``optimizer`` and keep the frozen elements still under it.
 

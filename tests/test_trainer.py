@@ -494,3 +494,16 @@ def test_a_trainer_dropped_after_training_is_collected_with_its_model(tmp_path):
     del trainer
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
+
+
+def test_enable_twice_with_the_same_options_says_nothing_was_ignored(tmp_path, caplog):
+    # round="next" resolves to a number: the second call asked for the same, not for other options
+    trainer = plain_trainer(tmp_path)
+    enable_hft(trainer, round="next")
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        enable_hft(trainer, round="next")
+    assert "already enabled" in caplog.text and "ignored" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        enable_hft(trainer, round=3)
+    assert "were ignored" in caplog.text
