@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from .helpers import flags
 from ._workers.common import (check_training, collate, dpo_dataset, lm_dataset, optimizer_params,
                              optimizer_state_params, sft_dataset, snapshot, train_args)
 from hft_plugin import (ConfigError, IntegrationError, SelectionMismatchError, UnsupportedModelError,
@@ -19,10 +20,6 @@ from hft_plugin.selection import MANIFEST_NAME
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "phi3"]  # separate projections; fused qkv_proj / gate_up_proj (masks)
-
-
-def flags(model):
-    return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def plain_trainer(tmp_path, family="llama", model=None, **overrides):

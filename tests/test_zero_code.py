@@ -9,15 +9,16 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from hft_plugin import ConfigError, IntegrationError, enable_hft, select_half
 from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
 from hft_plugin.testing import tiny_model
 
 from ._workers.common import check_training
-from .helpers import snapshot
+from .helpers import flags, snapshot
 from .test_bootstrap_startup import ROOT, clean_env
-from .test_trainer import flags, plain_trainer
+from .test_trainer import plain_trainer
 
 # A program that runs several tasks, as a user writes it: the variables change between tasks.
 TASKS = textwrap.dedent("""
@@ -112,7 +113,7 @@ def test_a_malformed_variable_stops_train_before_any_change(tmp_path, adapter, m
         trainer.train()
     assert not isinstance(info.value, IntegrationError)
     assert trainer.optimizer is None and flags(trainer.model) == state
-    assert all((weights[n] == p).all() for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
 
 
 def test_explicit_adapter_options_win_over_the_variables(tmp_path, monkeypatch):
@@ -131,6 +132,7 @@ def test_explicit_adapter_options_win_over_the_variables(tmp_path, monkeypatch):
 TRAIN_ONCE = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
+    import torch
     from transformers import Trainer
     from hft_plugin.testing import tiny_model, tiny_tokenizer, snapshot
     from tests._workers.common import collate, lm_dataset, train_args
@@ -143,7 +145,7 @@ TRAIN_ONCE = textwrap.dedent("""
         print("trained")
     except Exception as exc:
         print(type(exc).__name__, "|", exc)
-        print("unchanged" if all((before[n] == p).all() for n, p in model.named_parameters()) else "CHANGED")
+        print("unchanged" if all(torch.equal(before[n], p) for n, p in model.named_parameters()) else "CHANGED")
 """)
 
 
