@@ -436,7 +436,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
         if config.round in ran:
             logger.warning(
                 "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
-                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next).",
+                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next), or "
+                "--round next to hft plan.",
                 os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
     return config, history
 
