@@ -26,6 +26,7 @@ expert-parallel modules keep the gradient-mask mechanism (:mod:`hft_plugin.maski
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable
 
@@ -135,6 +136,7 @@ def install(module: nn.Module) -> Any:
 
 def uninstall(module: nn.Module) -> None:
     module.__dict__.pop(_STATE, None)
+    module.__dict__.pop("_hft_experts_base", None)
 
 
 def restore(config: Any) -> None:
@@ -261,10 +263,20 @@ class ExpertsLinearFunction(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, None, None, *grads)
 
 
-def _grouped_linear(x, weight, offsets, bias, transposed: bool):
+@functools.lru_cache(maxsize=None)
+def _transformers_moe(name: str) -> Callable | None:
+    """A helper of transformers' MoE integration, or None where this transformers lacks it; looked up
+    once, not at every projection of every forward and backward."""
     try:
-        from transformers.integrations.moe import _grouped_linear as grouped_linear
-    except ImportError:  # a transformers without it: the same computation, one matmul per expert
+        import transformers.integrations.moe as moe
+    except ImportError:
+        return None
+    return getattr(moe, name, None)
+
+
+def _grouped_linear(x, weight, offsets, bias, transposed: bool):
+    grouped_linear = _transformers_moe("_grouped_linear")
+    if grouped_linear is None:  # a transformers without it: the same computation, one matmul per expert
         out = _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
         if bias is not None:
             out.add_(bias)
@@ -275,10 +287,7 @@ def _grouped_linear(x, weight, offsets, bias, transposed: bool):
 def _grouped_mm(x, weight, offsets):
     """x (S, K) sorted by expert times weight (E, K, N), expert by expert: transformers' dispatcher
     (``torch.nn.functional.grouped_mm`` where it can), else one matmul per expert."""
-    try:
-        from transformers.integrations.moe import _grouped_mm as grouped_mm
-    except ImportError:
-        grouped_mm = None
+    grouped_mm = _transformers_moe("_grouped_mm")
     if grouped_mm is not None:
         return grouped_mm(x, weight, offsets)
     out = torch.zeros(x.size(0), weight.size(2), device=x.device, dtype=weight.dtype)

@@ -104,9 +104,8 @@ class HFTHandle:
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
-    def _plan_mechanisms(self) -> dict[str, tuple[str, nn.Module | None, str]]:
-        """Per partly trained tensor: (mechanism, owning module, attribute). Changes nothing."""
-        plan = self.selection.plan()
+    def _plan_mechanisms(self, plan) -> dict[str, tuple[str, nn.Module | None, str]]:
+        """Per partly trained tensor of ``plan``: (mechanism, owning module, attribute). Changes nothing."""
         owners = _owners(self.model)
         chosen = {}
         for name, boxes in plan.partial.items():
@@ -139,7 +138,7 @@ class HFTHandle:
         plan = self.selection.plan()
         for name, param in self._params.items():
             self._original_flags[name] = param.requires_grad
-        chosen = self._plan_mechanisms()  # raises before anything changes
+        chosen = self._plan_mechanisms(plan)  # raises before anything changes
         kept_frozen = [n for n in plan.trainable if not self._original_flags[n]]
         kept_frozen += [n for n in plan.partial if not self._original_flags[n]]
         for name in plan.frozen:
@@ -291,6 +290,11 @@ class HFTHandle:
         trainable, everything = self._names()
         optimizers.check([optimizer], trainable, everything, need_all)
 
+    def optimizer_fit(self, optimizer, need_all: bool = True) -> "optimizers.Fit":
+        """How ``optimizer`` compares with :meth:`parameters` (what :meth:`check_optimizer` raises on)."""
+        trainable, everything = self._names()
+        return optimizers.compare([optimizer], trainable, everything, need_all)
+
     def attach(self, optimizer: torch.optim.Optimizer, restore: bool | None = None) -> "HFTHandle":
         """Check ``optimizer`` and keep the frozen elements still under it.
 
@@ -313,13 +317,13 @@ class HFTHandle:
         inner = optimizers.unwrap(optimizer)
         trainable, everything = self._names()
         optimizers.check([inner], trainable, everything, need_all=False)
-        by_hand = [n for n in self._unfrozen_by_hand() if id(self._params[n]) in {id(p) for p in optimizers.owned(inner)}]
+        owned = {id(p) for p in optimizers.owned(inner)}
+        by_hand = [n for n in self._unfrozen_by_hand() if id(self._params[n]) in owned]
         if by_hand:
             logger.warning("hft_plugin: %d tensors this round freezes were set to requires_grad=True by hand (e.g. %s); "
                            "the optimizer trains them as you asked.", len(by_hand), by_hand[0])
         self._detach(inner)
         attachment = _Attachment(inner)
-        owned = {id(p) for p in optimizers.owned(inner)}
         masked = [n for n in self._masked if id(self._params[n]) in owned]
         if masked:
             params = [self._params[n] for n in masked]
@@ -360,10 +364,12 @@ class HFTHandle:
             attachment.mask.apply()
 
     def _warn_unreached(self) -> None:
+        if not any(p.grad is not None for _, p in self._trainable):
+            return  # no gradient anywhere yet: nothing to tell apart
         for module in self._region_modules:
             for attr, items in regions.module_regions(module).items():
                 current = [module._parameters.get(r.name) for r in items]
-                if all(p is None or p.grad is None for p in current) and any(p.grad is not None for _, p in self._trainable):
+                if all(p is None or p.grad is None for p in current):
                     logger.warning(
                         "hft_plugin: the trainable regions of %s.%s got no gradient in the first step: is the module "
                         "used without its forward (its weight read directly)?", type(module).__name__, attr)

@@ -76,9 +76,13 @@ class Fit:
     missing: list[str]
     strided_fused: list[str]
 
-    def message(self, what: str = "This optimizer", plural: bool = False) -> str:
-        own, hold, lack, verb, it = ("own", "hold", "lack", "do", "together they") if plural else \
-            ("owns", "holds", "lacks", "does", "it")
+    def __bool__(self) -> bool:
+        """True when the optimizer fits."""
+        return not (self.extra or self.stale_state or self.missing or self.strided_fused)
+
+    def problems(self, plural: bool = False) -> str:
+        """What is owned, held or lacking, in one clause ("owns 14 tensors that ..., and lacks ...")."""
+        own, hold, lack = ("own", "hold", "lack") if plural else ("owns", "holds", "lacks")
         parts = []
         if self.extra:
             parts.append(f"{own} {len(self.extra)} tensors that do not train in this round (e.g. {self.extra[0]})")
@@ -86,7 +90,12 @@ class Fit:
             parts.append(f"{hold} state for {len(self.stale_state)} of them (e.g. {self.stale_state[0]})")
         if self.missing:
             parts.append(f"{lack} {len(self.missing)} trainable tensors (missing, e.g. {self.missing[0]})")
-        text = f"{what} {verb} not fit the applied selection: {it} " + ", and ".join(parts) + ". " + REMEDY if parts else ""
+        return ", and ".join(parts)
+
+    def message(self, what: str = "This optimizer", plural: bool = False) -> str:
+        verb, it = ("do", "together they") if plural else ("does", "it")
+        problems = self.problems(plural)
+        text = f"{what} {verb} not fit the applied selection: {it} {problems}. {REMEDY}" if problems else ""
         if self.strided_fused:
             text += (f"{' ' if text else ''}{len(self.strided_fused)} trainable regions are strided views (e.g. "
                      f"{self.strided_fused[0]}), which a fused optimizer kernel (fused=True) would write outside of: "
@@ -136,7 +145,7 @@ def check(optimizers: Iterable, trainable: dict[int, str], names: dict[int, str]
     """Raise :class:`OptimizerMismatchError` unless ``optimizers`` fit ``trainable``."""
     optimizers = list(optimizers)
     fit = compare(optimizers, trainable, names, need_all)
-    if fit.extra or fit.stale_state or fit.missing or fit.strided_fused:
+    if not fit:
         raise OptimizerMismatchError(fit.message(what, plural=len(optimizers) > 1))
 
 

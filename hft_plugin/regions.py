@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .layouts.base import Box
+from .shards import is_sharded
 
 logger = logging.getLogger("hft_plugin")
 
@@ -193,10 +194,11 @@ def ensure_aliased(module: nn.Module) -> None:
         ensure_aliased_state(module, state, warn=True)
 
 
-def _aliased(param: torch.Tensor, region: Region) -> bool:
-    r = region.param
-    return (r.dtype == param.dtype and r.device == param.device
-            and r.untyped_storage().data_ptr() == param.untyped_storage().data_ptr())
+def _all_aliased(param: torch.Tensor, regions: list[Region]) -> bool:
+    """Every region parameter views ``param``'s storage, with its dtype and device."""
+    storage, dtype, device = param.untyped_storage().data_ptr(), param.dtype, param.device
+    return all(r.param.dtype == dtype and r.param.device == device and r.param.untyped_storage().data_ptr() == storage
+               for r in regions)
 
 
 def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
@@ -208,19 +210,15 @@ def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
             current = module._parameters.get(region.name)
             if current is not None and current is not region.param:
                 region.param = current
-        if _sharded(param) or any(_sharded(r.param) for r in regions):
+        if is_sharded(param) or any(is_sharded(r.param) for r in regions):
             if warn:  # at a forward: training would not update the tensor the model computes with
                 from .errors import IntegrationError
 
                 raise IntegrationError(sharded_message(f"{type(module).__name__}.{attr}"))
             continue  # removing: the shards hold the values
-        if all(_aliased(param, r) for r in regions):
+        if _all_aliased(param, regions):
             continue
         _repair(module, attr, param, regions, warn)
-
-
-def _sharded(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")  # a DTensor
 
 
 @torch.no_grad()
@@ -316,16 +314,8 @@ class RowsFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         spec: RowsSpec = ctx.spec
         enabled, dtype = ctx.autocast
-        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled) if enabled else _nullcontext():
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext():
             return _rows_backward(ctx, spec, x, weight, bias, grad_out)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _rows_backward(ctx, spec: RowsSpec, x, weight, bias, grad_out):

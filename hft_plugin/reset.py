@@ -150,7 +150,9 @@ def _reset_config(saved, given: Mapping[str, Any], where: str | None, flags: boo
     chosen = {k: v for k, v in given.items() if v is not None}
     if saved is None:
         return HFTConfig.from_dict(chosen)
-    manifest = os.path.join(where or ".", "hft_selection.json")
+    from .selection import MANIFEST_NAME
+
+    manifest = os.path.join(where or ".", MANIFEST_NAME)
     clashes = [(k, v, getattr(saved.config, k)) for k, v in chosen.items() if getattr(saved.config, k) != v]
     if clashes:
         def shown(key, value):

@@ -19,7 +19,8 @@ from torch import nn
 from .config import NEXT_ROUND, HFTConfig
 from .errors import (ConfigError, LayoutError, ManifestError, NothingToTrainError, SelectionMismatchError,
                      UnsupportedModelError)
-from .layouts.base import GROUPS, Box, Layout, Part, Unit, fingerprint_shapes, gc_paused, param_shape, unwrap_model
+from .layouts.base import (GROUPS, Box, Layout, Part, Unit, fingerprint_shapes, gc_paused, is_peft, param_shape,
+                           unwrap_model)
 from .manifest import FORMAT_VERSION, selection_from_json
 
 logger = logging.getLogger("hft_plugin")
@@ -278,7 +279,7 @@ def check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"select_half needs a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_model(model)
-    if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
+    if is_peft(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} is PEFT-wrapped. HFT trains half of the original weights, not "
             "adapters: pass the base model, or merge the adapters first (model.merge_and_unload())."
@@ -435,7 +436,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
         if config.round in ran:
             logger.warning(
                 "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
-                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next).",
+                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next), or "
+                "--round next to hft plan.",
                 os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
     return config, history
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ReferenceModelError
-from .layouts.base import unwrap_model
+from .layouts.base import is_peft, unwrap_model
 
 if TYPE_CHECKING:
     from .freeze import HFTHandle
@@ -305,7 +305,7 @@ def _check_input(handle: "HFTHandle", reference) -> nn.Module:
             f"The reference model is the policy itself ({type(policy).__name__} object): it would train with the "
             "policy. Load the reference separately (e.g. from the same checkpoint), or pass none."
         )
-    if hasattr(inner, "peft_config") or type(inner).__name__.startswith("Peft"):
+    if is_peft(inner):
         raise ReferenceModelError(
             f"The reference model is PEFT-wrapped ({type(inner).__name__}); its tensors are not the policy's "
             "under the same names. Pass the base model (merge_and_unload()), or keep the reference as it is."

@@ -6,6 +6,25 @@ import torch
 
 from hft_plugin.testing import assert_frozen_and_trained, snapshot  # noqa: F401 - re-exported for the tests
 
+# A fixed batch to read a model's outputs with (the same bits in every test that compares logits).
+PROBE = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def flags(model) -> dict[str, bool]:
+    """Each parameter's ``requires_grad``, by name."""
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def logits(model) -> torch.Tensor:
+    """The model's logits on :data:`PROBE`, without a graph."""
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits
+
+
+def storage(p: torch.Tensor) -> int:
+    """Where a tensor's storage starts: equal for two tensors that share their bytes."""
+    return p.untyped_storage().data_ptr()
+
 
 class MixingSGD(torch.optim.Optimizer):
     """Every element moves by its gradient plus the tensor's mean gradient: an update that mixes the

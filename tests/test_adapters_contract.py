@@ -144,9 +144,13 @@ class AdapterContract:
             assert requirement.replace(" ", "") in normalized, (requirement, extra)
 
     # -- fresh interpreters -----------------------------------------------------------------------------
+    def order_script(self, import_first: bool) -> str:
+        """The fresh interpreter's script: instrument before or after the framework is imported."""
+        return _ORDER_SCRIPT.format(prelude=textwrap.dedent(self.prelude), targets=list(self.targets),
+                                    trigger=self.trigger, name=self.adapter_class.name, import_first=import_first)
+
     def run_orders(self, import_first: bool) -> dict:
-        script = _ORDER_SCRIPT.format(prelude=textwrap.dedent(self.prelude), targets=list(self.targets),
-                                      trigger=self.trigger, name=self.adapter_class.name, import_first=import_first)
+        script = self.order_script(import_first)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("HFT_")}
         result = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
                                 timeout=600, cwd=str(ROOT))

@@ -5,10 +5,6 @@ bash .ci/axolotl.sh."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,7 +17,7 @@ from axolotl.utils.dict import DictDefault  # noqa: E402
 from hft_plugin import IntegrationError  # noqa: E402
 from hft_plugin.adapters.axolotl import PLUGIN_KEY, AxolotlAdapter, conflicting_options  # noqa: E402
 
-from .test_adapters_contract import ROOT, AdapterContract  # noqa: E402
+from .test_adapters_contract import AdapterContract  # noqa: E402
 
 FULL = {"base_model": "tiny", "learning_rate": 1e-3, "micro_batch_size": 2}
 
@@ -129,14 +125,8 @@ class TestAxolotlContract(AdapterContract):
     def originals(self) -> list:
         return [manager().plugins.get(PLUGIN_KEY)]
 
-    def run_orders(self, import_first: bool) -> dict:
-        script = textwrap.dedent(_ORDER_SCRIPT).replace("IMPORT_FIRST", str(import_first))
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("HFT_")}
-        result = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True,
-                                timeout=600, cwd=str(ROOT))
-        assert result.returncode == 0, result.stderr[-4000:]
-        line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-        return json.loads(line[len("RESULT "):])
+    def order_script(self, import_first: bool) -> str:
+        return textwrap.dedent(_ORDER_SCRIPT).replace("IMPORT_FIRST", str(import_first))
 
     def check_orders(self, out: dict) -> None:
         assert out["after_import"] == [1, True]

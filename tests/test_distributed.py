@@ -26,11 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode: str, nproc: int, out) -> list[list[dict]]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+def launch(mode: str, nproc: int, out, worker: str = WORKER) -> list[list[dict]]:
+    """Run ``worker`` under torchrun on ``nproc`` CPU ranks; each rank's results, as it wrote them.
+    The workers configure HFT themselves: no HFT_* variable of this process reaches them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFT_")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, mode, str(out)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), worker, mode, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = []

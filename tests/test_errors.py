@@ -10,9 +10,7 @@ from hft_plugin import (ConfigError, HFTConfig, HFTError, LayoutError, Selection
                         UnsupportedModelError, apply_selection, select_half)
 from hft_plugin.testing import tiny_model
 
-
-def flags(model):
-    return {n: p.requires_grad for n, p in model.named_parameters()}
+from .helpers import flags
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -185,15 +185,28 @@ def test_axolotl_freeze_layers_except_trains_exactly_what_hft_trains(tmp_path):
         assert_frozen_and_trained(selection, results[key]["before"], results[key]["after"])
         model = tiny_model(family)
         handle = apply_selection(model, selection)
+        hft_before = snapshot(model)
+        assert set(hft_before) == set(results[key]["before"]), key
+        for name, tensor in results[key]["before"].items():
+            assert torch.equal(tensor, hft_before[name]), (key, name)  # both runs start from the same weights
         optimizer = torch.optim.SGD(handle.parameters(), lr=0.05)
         handle.attach(optimizer)
         torch.manual_seed(0)  # GPT-2's dropout draws from the global generator
         train_steps(model, optimizer, steps=3, handle=handle)
         hft_after = snapshot(model)
-        # to float tolerance: HFT computes a fused tensor's trainable rows as their own parameter,
-        # Axolotl masks the full gradient, so sums are taken in a different order
+        assert_frozen_and_trained(selection, hft_before, hft_after)  # HFT's own run keeps its promise too
+        plan = selection.plan()
+        frozen = set(plan.frozen)
+        assert set(results[key]["after"]) == set(hft_after), key
         for name, tensor in results[key]["after"].items():
-            torch.testing.assert_close(tensor, hft_after[name], atol=1e-6, rtol=1e-5, msg=f"{key}: {name}")
+            if not plan.partial or name in frozen:
+                # no fused tensor trains in part (every sum taken in the same order), or the tensor is
+                # frozen: bit for bit
+                assert torch.equal(tensor, hft_after[name]), (key, name)
+            else:
+                # to float tolerance: HFT computes a fused tensor's trainable rows as their own
+                # parameter, Axolotl masks the full gradient, so sums are taken in a different order
+                torch.testing.assert_close(tensor, hft_after[name], atol=1e-6, rtol=1e-5, msg=f"{key}: {name}")
 
 
 def test_spectrum_yaml_through_axolotl_and_a_plain_regex_loop(tmp_path):

@@ -6,31 +6,19 @@ full tensors and checks frozen bits, trained tensors and what the optimizer owns
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from .test_distributed import ROOT, by_case, free_port
+from .test_distributed import by_case
+from .test_distributed import launch as launch_ranks
 
 WORKER = os.path.join(os.path.dirname(__file__), "_workers", "train_fsdp.py")
 NPROC = 2
 
 
 def launch(mode: str, out) -> dict[str, list[dict]]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, mode, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ranks = []
-    for rank in range(NPROC):
-        with open(out / f"rank{rank}.json") as f:
-            ranks.append(json.load(f))
-    return by_case(ranks)
+    return by_case(launch_ranks(mode, NPROC, out, worker=WORKER))
 
 
 def assert_sharded_training(results: list[dict], family: str) -> None:

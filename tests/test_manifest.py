@@ -14,9 +14,7 @@ from hft_plugin.layouts.base import fingerprint_shapes
 from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model
 
-
-def flags(model):
-    return {n: p.requires_grad for n, p in model.named_parameters()}
+from .helpers import flags
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ import logging
 import pytest
 import torch
 
-from hft_plugin import (ConfigError, HFTConfig, NothingToTrainError, UnsupportedModelError, apply_selection,
-                        enable_hft, select_half)
+from hft_plugin import (ConfigError, HFTConfig, ManifestError, NothingToTrainError, SelectionMismatchError,
+                        UnsupportedModelError, apply_selection, enable_hft, select_half)
 from hft_plugin.selection import MANIFEST_NAME, Selection, applied_counts, resolve_round
 from hft_plugin.testing import tiny_model
 
 from ._workers.common import check_training
-from .helpers import snapshot
-from .test_trainer import flags, plain_trainer
+from .helpers import flags, snapshot
+from .test_trainer import plain_trainer
 
 
 def load(folder):
@@ -97,7 +97,7 @@ def test_next_with_a_damaged_folder_manifest_is_refused(tmp_path):
     folder = tmp_path / "bad"
     tiny_model("llama").save_pretrained(folder)
     (folder / MANIFEST_NAME).write_text("{")
-    with pytest.raises(Exception, match=f"{MANIFEST_NAME}.*not valid JSON"):
+    with pytest.raises(ManifestError, match=f"{MANIFEST_NAME}.*not valid JSON"):
         select_half(load(folder), round="next")
 
 
@@ -216,8 +216,9 @@ def test_resume_a_next_round_run(tmp_path):
     check_training(again.selection, before, snapshot(resumed.model), resumed, again)
     other = plain_trainer(tmp_path / "b", model=load(base), max_steps=2)
     enable_hft(other, round="next", seed=5)  # a given option that differs from the checkpoint's: refused
-    with pytest.raises(Exception, match="seed=4 there, 5 here"):
+    with pytest.raises(SelectionMismatchError, match="seed=4 there, 5 here") as refused:
         other.train(resume_from_checkpoint=str(checkpoint))
+    assert type(refused.value) is SelectionMismatchError  # a mismatch, not a damaged manifest (a subclass)
 
 
 def test_resume_a_checkpoint_that_drew_another_half_uses_its_half(tmp_path, caplog, monkeypatch):

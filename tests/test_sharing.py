@@ -19,18 +19,11 @@ from hft_plugin import ConfigError, apply_selection, select_half
 from hft_plugin import sharing
 from hft_plugin.bootstrap import env
 from hft_plugin.sharing import ReferenceModelError, same_bits, share_reference, shared_reference
-from hft_plugin.testing import snapshot, tiny_model
+from hft_plugin.testing import assert_frozen_and_trained, snapshot, tiny_model
+
+from .helpers import logits, storage
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def storage(p: torch.Tensor) -> int:
-    return p.untyped_storage().data_ptr()
 
 
 def setup(family="llama", round=0, ref_seed=0, **ref_overrides):
@@ -87,6 +80,7 @@ def dpo_like_run(family: str, share: bool, steps: int = 3):
     policy, reference, handle = setup(family)
     if share:
         assert share_reference(handle, reference).report.shared_tensors > 0
+    before = snapshot(policy)
     ref_before = logits(reference)
     optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2, weight_decay=0.1)
     handle.attach(optimizer)
@@ -103,19 +97,21 @@ def dpo_like_run(family: str, share: bool, steps: int = 3):
         torch.nn.utils.clip_grad_norm_(handle.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return snapshot(policy), ref_before, logits(reference), handle
+    return before, snapshot(policy), ref_before, logits(reference), handle
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_training_leaves_the_reference_alone_and_the_policy_as_without_sharing(family):
-    shared_weights, ref_before, ref_after, handle = dpo_like_run(family, share=True)
-    plain_weights, plain_ref_before, plain_ref_after, _ = dpo_like_run(family, share=False)
+    shared_start, shared_weights, ref_before, ref_after, handle = dpo_like_run(family, share=True)
+    plain_start, plain_weights, plain_ref_before, plain_ref_after, plain_handle = dpo_like_run(family, share=False)
     assert same_bits(ref_after, ref_before)  # reference logits bit-identical after training
     assert same_bits(ref_before, plain_ref_before) and same_bits(ref_after, plain_ref_after)
     assert shared_weights.keys() == plain_weights.keys()
     for name in shared_weights:  # the policy ends on the same bits with and without sharing
         assert same_bits(shared_weights[name], plain_weights[name]), name
-    assert any(not torch.equal(shared_weights[n], tiny_model(family).get_parameter(n)) for n in handle.selection.plan().trainable)
+    # every frozen element bit-identical, every trainable tensor and region moved, in both runs
+    assert_frozen_and_trained(handle.selection, shared_start, shared_weights)
+    assert_frozen_and_trained(plain_handle.selection, plain_start, plain_weights)
 
 
 # -- what is not shared, and why ---------------------------------------------------------------------
@@ -405,6 +401,7 @@ def test_sharing_twice_with_one_handle_is_harmless_and_another_policy_takes_over
     other_handle = apply_selection(other, select_half(other, round=0))
     second = share_reference(other_handle, reference)
     assert not first.active and second.active and shared_reference(reference) is second
+    assert second.shared_names
     for name in second.shared_names:
         assert storage(reference.get_parameter(name)) == storage(other.get_parameter(name))
         assert storage(reference.get_parameter(name)) != storage(policy.get_parameter(name))

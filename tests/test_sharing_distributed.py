@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -23,21 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(mode: str, nproc: int, out) -> list[dict]:
-    from tests.test_distributed import free_port
+    from tests.test_distributed import launch as launch_ranks
 
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("HFT_SHARE_REFERENCE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), mode, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = []
-    for rank in range(nproc):
-        with open(out / f"rank{rank}.json") as f:
-            for case in json.load(f):
-                assert case["ok"], f"{case['case']}: {case.get('error')}\n{case.get('trace')}"
-                results.append(case)
+    results = [case for rank in launch_ranks(mode, nproc, out, worker=os.path.abspath(__file__)) for case in rank]
+    for case in results:
+        assert case["ok"], f"{case['case']}: {case.get('error')}\n{case.get('trace')}"
     return results
 
 
@@ -49,7 +38,8 @@ def test_ddp_two_processes_keep_the_reference_bit_identical(tmp_path):
     assert len(results) == len(raw) == 2
     for r in raw:  # the tensors stay shared through DDP's broadcast and training
         assert r["shared_tensors"] > 0 and r["unshared_by_check"] == 0 and r["still_shared"]
-        assert r["reference_unchanged"] and r["frozen_unchanged"] and r["trained_moved"]
+        assert r["reference_unchanged"] and r["frozen_unchanged"] and r["trained_moved"], r["frozen_and_trained"]
+        assert r["checked_counts"]["frozen"] > 0 and r["checked_counts"]["trained"] > 0
     assert len({r["policy_digest"] for r in raw}) == 1
     for r in results:
         assert r["wrapper"] == "DistributedDataParallel" and r["shared_at_start"] > 0 == r["shared_tensors"]
@@ -58,7 +48,8 @@ def test_ddp_two_processes_keep_the_reference_bit_identical(tmp_path):
         # tensor: the sharing ends there (the check after preparing says so) and the reference keeps its
         # storage. On GPUs the policy is already on its device and stays shared.
         assert r["shared_after_training"] == 0 and not r["still_shared"]
-        assert r["reference_unchanged"] and r["frozen_unchanged"] and r["trained_moved"]
+        assert r["reference_unchanged"] and r["frozen_unchanged"] and r["trained_moved"], r["frozen_and_trained"]
+        assert r["checked_counts"]["frozen"] > 0 and r["checked_counts"]["trained"] > 0
     assert len({r["policy_digest"] for r in results}) == 1  # both ranks end on the same weights
 
 
@@ -79,6 +70,22 @@ def _digest(model) -> str:
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode() + p.detach().float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _frozen_and_trained(selection, before: dict, after: dict) -> dict:
+    """hft_plugin.testing.assert_frozen_and_trained on the policy, as JSON: ``frozen_and_trained`` is
+    None or the first tensor that breaks the promise; ``frozen_unchanged``: every frozen tensor and
+    region bit-identical (the frozen ones are checked first); ``trained_moved``: every trainable tensor
+    and region moved, and the frozen ones still."""
+    from hft_plugin.testing import assert_frozen_and_trained
+
+    try:
+        counts = assert_frozen_and_trained(selection, before, after)
+    except AssertionError as exc:
+        error = str(exc)
+        return dict(frozen_and_trained=error, checked_counts=None, trained_moved=False,
+                    frozen_unchanged=error.endswith("did not move"))
+    return dict(frozen_and_trained=None, checked_counts=counts, frozen_unchanged=True, trained_moved=True)
 
 
 def _dpo_case(out: str, **overrides) -> dict:
@@ -119,7 +126,7 @@ def _dpo_case(out: str, **overrides) -> dict:
     trainer.train()
     after = snapshot(model)
     ref_after = snapshot(reference) if zero3 else ref_logits()
-    plan = handle.selection.plan()
+    checked = _frozen_and_trained(handle.selection, before, after)
     with full_parameters(model):
         digest = _digest(model)
     still = all(sharing.reference is not None and
@@ -133,9 +140,7 @@ def _dpo_case(out: str, **overrides) -> dict:
         reference_unchanged=all(torch.equal(ref_before[n].view(torch.int32), ref_after[n].view(torch.int32))
                                 for n in ref_before) if zero3 else
         bool(torch.equal(ref_after.view(torch.int32), ref_before.view(torch.int32))),
-        frozen_unchanged=all(torch.equal(before[n], after[n]) for n in plan.frozen),
-        trained_moved=any(not torch.equal(before[n], after[n]) for n in plan.trainable),
-        policy_digest=digest,
+        **checked, policy_digest=digest,
     )
 
 
@@ -172,16 +177,14 @@ def _raw_ddp_case() -> dict:
     after = snapshot(policy)
     with torch.no_grad():
         ref_after = reference(input_ids=probe).logits
-    plan = handle.selection.plan()
+    checked = _frozen_and_trained(handle.selection, before, after)
     return dict(
         shared_tensors=shared.report.shared_tensors, unshared_by_check=len(unshared),
         still_shared=len(shared.shared_names) == shared.report.shared_tensors and all(
             policy.get_parameter(n).untyped_storage().data_ptr()
             == reference.get_parameter(n).untyped_storage().data_ptr() for n in shared.shared_names),
         reference_unchanged=bool(torch.equal(ref_before.view(torch.int32), ref_after.view(torch.int32))),
-        frozen_unchanged=all(torch.equal(before[n], after[n]) for n in plan.frozen),
-        trained_moved=any(not torch.equal(before[n], after[n]) for n in plan.trainable),
-        policy_digest=_digest(policy),
+        **checked, policy_digest=_digest(policy),
     )
 
 

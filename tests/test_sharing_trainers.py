@@ -13,23 +13,14 @@ import pytest
 import torch
 
 from ._workers.common import TEXTS, dpo_dataset, snapshot
+from .helpers import logits, storage
 from hft_plugin import ConfigError, disable_hft, enable_hft
 from hft_plugin.adapters.transformers import hft_session
 from hft_plugin.sharing import same_bits
-from hft_plugin.testing import tiny_model, tiny_tokenizer
+from hft_plugin.testing import assert_frozen_and_trained, tiny_model, tiny_tokenizer
 
 COMMON = dict(per_device_train_batch_size=4, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
               use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0, weight_decay=0.1)
-PROBE = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=PROBE).logits
-
-
-def storage(p) -> int:
-    return p.untyped_storage().data_ptr()
 
 
 def base(tmp_path, family="llama") -> str:
@@ -128,13 +119,14 @@ def test_dpo_policy_trains_to_the_same_bits_with_and_without_sharing(tmp_path):
     for share in (True, False):
         trainer = dpo_trainer(tmp_path, out=f"out-{share}")
         before = logits(trainer.ref_model)
-        enable_hft(trainer, share_reference=share)
+        handle = enable_hft(trainer, share_reference=share)
         assert hft_session(trainer).sharing.active is share
+        start = snapshot(trainer.model)
         trainer.train()
         assert same_bits(logits(trainer.ref_model), before)
         runs[share] = snapshot(trainer.model)
-    moved = [n for n in runs[True] if not torch.equal(runs[True][n], tiny_model("llama").get_parameter(n))]
-    assert moved
+        # every frozen element bit-identical, every trainable tensor moved, with and without sharing
+        assert_frozen_and_trained(handle.selection, start, runs[share])
     for name in runs[True]:
         assert same_bits(runs[True][name], runs[False][name]), name
 

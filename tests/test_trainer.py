@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from .helpers import flags
 from ._workers.common import (check_training, collate, dpo_dataset, lm_dataset, optimizer_params,
                              optimizer_state_params, sft_dataset, snapshot, train_args)
 from hft_plugin import (ConfigError, IntegrationError, SelectionMismatchError, UnsupportedModelError,
@@ -19,10 +20,6 @@ from hft_plugin.selection import MANIFEST_NAME
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "phi3"]  # separate projections; fused qkv_proj / gate_up_proj (masks)
-
-
-def flags(model):
-    return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
 def plain_trainer(tmp_path, family="llama", model=None, **overrides):
@@ -494,3 +491,16 @@ def test_a_trainer_dropped_after_training_is_collected_with_its_model(tmp_path):
     del trainer
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
+
+
+def test_enable_twice_with_the_same_options_says_nothing_was_ignored(tmp_path, caplog):
+    # round="next" resolves to a number: the second call asked for the same, not for other options
+    trainer = plain_trainer(tmp_path)
+    enable_hft(trainer, round="next")
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        enable_hft(trainer, round="next")
+    assert "already enabled" in caplog.text and "ignored" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        enable_hft(trainer, round=3)
+    assert "were ignored" in caplog.text

@@ -9,15 +9,16 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from hft_plugin import ConfigError, IntegrationError, select_half
+from hft_plugin import ConfigError, IntegrationError, enable_hft, select_half
 from hft_plugin.adapters.transformers import TransformersAdapter, hft_session
 from hft_plugin.testing import tiny_model
 
 from ._workers.common import check_training
-from .helpers import snapshot
+from .helpers import flags, snapshot
 from .test_bootstrap_startup import ROOT, clean_env
-from .test_trainer import flags, plain_trainer
+from .test_trainer import plain_trainer
 
 # A program that runs several tasks, as a user writes it: the variables change between tasks.
 TASKS = textwrap.dedent("""
@@ -112,7 +113,7 @@ def test_a_malformed_variable_stops_train_before_any_change(tmp_path, adapter, m
         trainer.train()
     assert not isinstance(info.value, IntegrationError)
     assert trainer.optimizer is None and flags(trainer.model) == state
-    assert all((weights[n] == p).all() for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
 
 
 def test_explicit_adapter_options_win_over_the_variables(tmp_path, monkeypatch):
@@ -131,6 +132,7 @@ def test_explicit_adapter_options_win_over_the_variables(tmp_path, monkeypatch):
 TRAIN_ONCE = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
+    import torch
     from transformers import Trainer
     from hft_plugin.testing import tiny_model, tiny_tokenizer, snapshot
     from tests._workers.common import collate, lm_dataset, train_args
@@ -143,7 +145,7 @@ TRAIN_ONCE = textwrap.dedent("""
         print("trained")
     except Exception as exc:
         print(type(exc).__name__, "|", exc)
-        print("unchanged" if all((before[n] == p).all() for n, p in model.named_parameters()) else "CHANGED")
+        print("unchanged" if all(torch.equal(before[n], p) for n, p in model.named_parameters()) else "CHANGED")
 """)
 
 
@@ -199,3 +201,31 @@ def test_the_variable_is_the_first_error_even_when_an_adapter_failed():
     assert result.stdout.startswith("ConfigError | HFT_ROUND='1_0'"), result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("hft_plugin:")]
     assert "HFT_ROUND='1_0'" in warnings[0] and "torch >= 99" in warnings[1]
+
+
+@pytest.mark.parametrize("zero_code", [False, True])
+def test_a_resumed_train_reads_the_checkpoints_manifest_once(tmp_path, monkeypatch, zero_code):
+    # enable_hft's wrapper, the class-level patch of zero-code activation and the prepare step all
+    # reach the resume check: one train() call reads the checkpoint's manifest once
+    from hft_plugin.adapters import transformers as adapter_module
+    from hft_plugin.checkpoints import check_checkpoint
+
+    first = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    enable_hft(first, round=1)
+    first.train()
+    reads = []
+    monkeypatch.setattr(adapter_module, "check_checkpoint",
+                        lambda *a, **k: reads.append(a[0]) or check_checkpoint(*a, **k))
+    adapter = TransformersAdapter(round=1) if zero_code else None
+    if adapter is not None:
+        adapter.instrument()
+    try:
+        resumed = plain_trainer(tmp_path, max_steps=3, save_strategy="no")
+        enable_hft(resumed, round=1)
+        resumed.train(resume_from_checkpoint=True)
+        assert resumed.state.global_step == 3 and len(reads) == 1
+        resumed.train(resume_from_checkpoint=True)  # a second call checks again
+        assert len(reads) == 2
+    finally:
+        if adapter is not None:
+            adapter.uninstrument()

@@ -43,7 +43,8 @@ from typing import Any, Callable, Mapping
 from ..checkpoints import check_checkpoint
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
-from ..errors import ConfigError, HFTError, IntegrationError, SelectionMismatchError, UnsupportedModelError
+from ..errors import (ConfigError, HFTError, IntegrationError, OptimizerMismatchError, SelectionMismatchError,
+                      UnsupportedModelError)
 from ..freeze import HFTHandle, apply_selection
 from ..optimizers import drop_frozen, unfuse_strided, unwrap
 from ..report import stats_metrics, train_start_summary
@@ -113,8 +114,11 @@ class _Session:
         self._agreed_digest: str | None = None
         self._report_metrics = False
         self._in_prepare = False
-        self.automatic = False  # started by zero-code activation, from `requested` (the options asked for)
-        self.requested: HFTConfig | None = None
+        # (checkpoint, selection) checked in the train() call under way: the instance wrapper, the
+        # class-level patch of zero-code activation and the prepare step each reach the same checks
+        self._checked: tuple[str | None, Selection] | None = None
+        self.automatic = False  # started by zero-code activation
+        self.requested: HFTConfig = config  # the options asked for (round="next" unresolved)
         self.share_reference = True
         self.sharing: SharedReference | None = None
 
@@ -173,21 +177,19 @@ class _Session:
         optimizer = trainer.optimizer
         if optimizer is None or getattr(trainer, "is_deepspeed_enabled", False):
             return
-        try:
-            self.handle.check_optimizer(optimizer)
+        fit = self.handle.optimizer_fit(optimizer)
+        if fit:
             return
-        except HFTError as exc:
-            supplied = unwrap(optimizer) not in _BUILT and trainer.callback_handler.optimizer is optimizer
-            if supplied:
-                raise type(exc)(
-                    f"{exc} The optimizer given to the Trainer (optimizers=(...)) cannot be used for HFT round "
-                    f"{self.selection.config.round}: pass one built from handle.parameters() of this round, or none "
-                    "(set trainer.optimizer = trainer.lr_scheduler = None) to let the Trainer build it."
-                ) from None
-            reason = str(exc).split(": it ", 1)[-1].split(". Build", 1)[0]  # "owns ..., and lacks ..."
+        if unwrap(optimizer) not in _BUILT and trainer.callback_handler.optimizer is optimizer:  # given by the user
+            raise OptimizerMismatchError(
+                f"{fit.message()} The optimizer given to the Trainer (optimizers=(...)) cannot be used for HFT round "
+                f"{self.selection.config.round}: pass one built from handle.parameters() of this round, or none "
+                "(set trainer.optimizer = trainer.lr_scheduler = None) to let the Trainer build it."
+            )
         self._drop_optimizer()
         logger.warning("hft_plugin: the trainer's optimizer did not fit HFT round %d (it %s); the Trainer builds a new "
-                       "optimizer and scheduler for this round.", self.selection.config.round, reason)
+                       "optimizer and scheduler for this round.", self.selection.config.round,
+                       fit.problems() or "runs a fused kernel over strided regions")
 
     def _drop_optimizer(self) -> None:
         if self.handle is not None and self.trainer.optimizer is not None:
@@ -226,12 +228,22 @@ class _Session:
     # -- the wrappers --------------------------------------------------------------------------------
     def _wrap_train(self, original: Callable) -> Callable:
         def train(resume_from_checkpoint=None, *args, **kwargs):
-            # Checked before the trainer loads the checkpoint's weights into the model.
-            checkpoint = _resolve_checkpoint(self.trainer, resume_from_checkpoint)
-            self.check_resume(checkpoint)
-            _reference_before_load(self, checkpoint)
-            return original(resume_from_checkpoint, *args, **kwargs)
+            self._checked = None
+            try:
+                self.before_train(_resolve_checkpoint(self.trainer, resume_from_checkpoint))
+                return original(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self._checked = None
         return train
+
+    def before_train(self, checkpoint: str | None) -> None:
+        """Before the trainer loads ``checkpoint``'s weights into the model: refuse a checkpoint of
+        another selection, and unshare what loading would change. Once per train() call."""
+        if self._checked is not None and self._checked[0] == checkpoint and self._checked[1] is self.selection:
+            return
+        self.check_resume(checkpoint)
+        _reference_before_load(self, checkpoint)
+        self._checked = (checkpoint, self.selection)
 
     def _wrap_prepare(self, original: Callable) -> Callable:
         def _prepare_for_training(*args, **kwargs):
@@ -315,7 +327,9 @@ class _Session:
             # Another trainer applied its own round to this model object; put ours back.
             self.handle = self.apply(self.selection)
             self._attached_to = None
-        self.check_resume(_resolve_checkpoint(trainer, resume))
+        checkpoint = _resolve_checkpoint(trainer, resume)
+        if self._checked is None or self._checked[0] != checkpoint or self._checked[1] is not self.selection:
+            self.check_resume(checkpoint)  # e.g. model_init built a new model and selection inside train()
         self.sharing = _reference_sharing(self)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
@@ -433,8 +447,10 @@ def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None",
 def _refuse_peft(trainer) -> None:
     """A trainer given ``peft_config`` wraps its model in PEFT adapters: say that the two are
     alternatives, before anything changes."""
+    from ..layouts.base import is_peft
+
     model = _unwrapped(trainer.model)
-    if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
+    if is_peft(model):
         raise UnsupportedModelError(
             f"{type(trainer).__name__}'s model is a {type(model).__name__} (PEFT adapters, e.g. LoRA from the "
             "trainer's peft_config). HFT and LoRA are alternatives: drop peft_config (in `trl sft`, drop --use_peft) "
@@ -549,7 +565,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
     if existing is not None:
-        note = "" if cfg == existing.config else f" (the new options {cfg.to_dict()} were ignored)"
+        note = "" if cfg == existing.requested else f" (the new options {cfg.to_dict()} were ignored)"
         logger.warning("hft_plugin: HFT is already enabled on this trainer; nothing changed%s. Call disable_hft "
                        "first to change it.", note)
         return existing.handle
@@ -557,6 +573,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     # the session keeps the resolved options (round="next" is a number from here on), so a resumed
     # checkpoint is compared with the round that trains
     session = _Session(trainer, selection.config, selection)
+    session.requested = cfg
     session.share_reference = share
     return session.start()
 
@@ -635,9 +652,11 @@ def _auto_train(wrapped, instance, args, kwargs):
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        checkpoint = _resolve_checkpoint(instance, resume)
-        session.check_resume(checkpoint)
-        _reference_before_load(session, checkpoint)
+        session.before_train(_resolve_checkpoint(instance, resume))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            session._checked = None
     return wrapped(*args, **kwargs)
 
 

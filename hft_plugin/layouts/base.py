@@ -147,6 +147,11 @@ def gc_paused():
             gc.enable()
 
 
+def is_peft(model: nn.Module) -> bool:
+    """True for a model wrapped in PEFT adapters (a ``PeftModel``, or a model carrying ``peft_config``)."""
+    return hasattr(model, "peft_config") or type(model).__name__.startswith("Peft")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model under DDP/DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     seen = set()
