@@ -1,48 +1,45 @@
-"""Stacked Mixture-of-Experts tensors trained in part, through transformers' ``ExpertsInterface``.
+"""Stacked Mixture-of-Experts tensors trained in part.
 
 transformers 5 stores a layer's experts stacked (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I),
 optional biases, or their transposes) in a module whose class is decorated with
 ``use_experts_implementation``: its forward dispatches to the function that
 ``config._experts_implementation`` names in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``
-(``eager``, ``grouped_mm``, ``batched_mm``, ...). HFT registers one more, ``"hft"``, and switches the
-config of a model whose experts train in part to it (and back on ``remove()``); no model class or
-forward is patched.
+(``eager``, ``grouped_mm``, ``batched_mm``, ...).
 
-For a module with region parameters (:mod:`hft_plugin.regions`), ``"hft"`` computes what
-transformers' ``grouped_mm`` implementation computes: sort the (token, expert) pairs by expert, the
-up (or gate-up) projection, ``module._apply_gate`` (or the activation), the down projection, the
-routing weights, unsort. Each stacked projection goes through :class:`ExpertsLinearFunction`, whose
-forward is transformers' own grouped matmul (outputs bit-identical to ``grouped_mm``) and whose
-backward computes the input gradient through the same grouped matmul and the weight gradient only
-for the trainable regions (one matmul per region over the tokens routed to its expert): a frozen
-expert's weight gradient is never formed. A region whose expert got no tokens gets a zero gradient
-(not None: DDP expects one). Modules of the model without regions run the configured
-implementation unchanged.
+For a module whose stacked tensors train in part (region parameters, :mod:`hft_plugin.regions`),
+HFT installs a forward on that module instance (:class:`~hft_plugin.regions.HFTForward`) that
+computes what transformers' ``grouped_mm`` implementation computes: sort the (token, expert) pairs
+by expert, the up (or gate-up) projection, ``module._apply_gate`` (or the activation), the down
+projection, the routing weights, unsort. Each stacked projection goes through
+:class:`ExpertsLinearFunction`, whose forward is transformers' own grouped matmul (outputs
+bit-identical to ``grouped_mm``) and whose backward computes the input gradient through the same
+grouped matmul and the weight gradient only for the trainable regions (one matmul per region over
+the tokens routed to its expert), zero elsewhere: a frozen expert's weight gradient is never formed.
 
+The model's config, transformers' registry of implementations and the model class are left as they
+are, so copies, pickles and ``save_pretrained`` see the user's configuration, and nothing global
+needs undoing. A module whose configured implementation is switched after HFT was applied runs that
+implementation (its full weight gradient: still exact, since the optimizer owns only the regions).
 Implementations HFT does not reproduce (``deepgemm``, ``sonicmoe``, a custom registration) and
 expert-parallel modules keep the gradient-mask mechanism (:mod:`hft_plugin.masking`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import weakref
-from typing import Any, Callable
+import logging
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .regions import ensure_aliased, module_regions
+from .regions import PartialTensor, install_forward
 
-IMPLEMENTATION = "hft"
-# Implementations whose computation "hft" reproduces (None: a module used outside a model, eager).
+logger = logging.getLogger("hft_plugin")
+
+# Implementations whose computation HFT reproduces (None: a module used outside a model, eager).
 REPRODUCIBLE = frozenset({None, "eager", "grouped_mm", "batched_mm"})
 STACKED = ("gate_up_proj", "up_proj", "down_proj")
-
-# id(config) -> (weak reference to it, its configured implementation); configs are not hashable
-_BASES: dict[int, tuple[weakref.ref, str | None]] = {}
-_STATE = "_hft_experts"
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -50,6 +47,10 @@ def is_experts_module(module: nn.Module) -> bool:
     forward = getattr(type(module), "forward", None)
     return (hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "config")
             and getattr(forward, "__wrapped__", None) is not None)
+
+
+def _configured(module: nn.Module) -> str | None:
+    return getattr(module.config, "_experts_implementation", None)
 
 
 def unsupported_reason(module: nn.Module, attr: str) -> str | None:
@@ -66,114 +67,57 @@ def unsupported_reason(module: nn.Module, attr: str) -> str | None:
     return None
 
 
-def _configured(module: nn.Module) -> str | None:
-    implementation = getattr(module.config, "_experts_implementation", None)
-    if implementation == IMPLEMENTATION:
-        return module.__dict__.get("_hft_experts_base", _remembered(module.config))
-    return implementation
-
-
-def _remembered(config: Any) -> str | None:
-    ref, base = _BASES.get(id(config), (None, "grouped_mm"))
-    return base if ref is None or ref() is config else "grouped_mm"
-
-
-# -- switching a module to "hft" and back ---------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Projection:
-    """The regions of one stacked projection (its weight and bias), in Linear orientation."""
-
-    transposed: bool
-    weight: list[tuple[int, int, int, int, int]]  # (expert, out_start, out_stop, in_start, in_stop)
-    bias: list[tuple[int, int, int]]  # (expert, out_start, out_stop)
-    names: list[str]  # the region parameters' names on the module: weight regions, then bias regions
-
-
-def install(module: nn.Module) -> Any:
-    """Route ``module`` through the "hft" implementation; returns its config, switched."""
-    _register()
-    config = module.config
-    regions = module_regions(module)
-    projections = {}
+def experts_spec(module: nn.Module, partials: Sequence[PartialTensor]) -> tuple:
+    """Per stacked projection with regions, as constants (hashable, so ``torch.compile`` treats them
+    as such): (name, transposed, weight regions as (expert, out_start, out_stop, in_start, in_stop)
+    in Linear orientation, bias regions as (expert, out_start, out_stop))."""
+    by_attr = {p.attr: p for p in partials}
+    transposed = bool(module.is_transposed)
+    spec = []
     for name in STACKED:
-        if name not in regions and f"{name}_bias" not in regions:
+        if name not in by_attr and f"{name}_bias" not in by_attr:
             continue
-        weight = module._parameters.get(name)
-        transposed = bool(module.is_transposed)
-        spec = _Projection(transposed, [], [], [])
-        for region in regions.get(name, ()):
-            ranges = {1: (0, weight.shape[1]), 2: (0, weight.shape[2])}
-            expert = None
-            for dim, start, stop in region.box:
-                if dim == 0:
-                    expert = start
-                else:
-                    ranges[dim] = (start, stop)
-            out_range, in_range = (ranges[2], ranges[1]) if transposed else (ranges[1], ranges[2])
-            spec.weight.append((expert, *out_range, *in_range))
-            spec.names.append(region.name)
-        for region in regions.get(f"{name}_bias", ()):
-            bias = module._parameters[f"{name}_bias"]
-            expert, out_range = None, (0, bias.shape[1])
-            for dim, start, stop in region.box:
-                if dim == 0:
-                    expert = start
-                else:
-                    out_range = (start, stop)
-            spec.bias.append((expert, *out_range))
-            spec.names.append(region.name)
-        projections[name] = spec
-    module.__dict__[_STATE] = projections
-    base = _configured(module)
-    module.__dict__["_hft_experts_base"] = base
-    if config._experts_implementation != IMPLEMENTATION:
-        _BASES[id(config)] = (weakref.ref(config), base)
-        config._experts_implementation_internal = IMPLEMENTATION
-    return config
+        weights, biases = [], []
+        if name in by_attr:
+            shape = module._parameters[name].shape
+            for region in by_attr[name].regions:
+                ranges, expert = {1: (0, shape[1]), 2: (0, shape[2])}, None
+                for dim, start, stop in region.box:
+                    if dim == 0:
+                        expert = start
+                    else:
+                        ranges[dim] = (start, stop)
+                out_range, in_range = (ranges[2], ranges[1]) if transposed else (ranges[1], ranges[2])
+                weights.append((expert, *out_range, *in_range))
+        if f"{name}_bias" in by_attr:
+            shape = module._parameters[f"{name}_bias"].shape
+            for region in by_attr[f"{name}_bias"].regions:
+                expert, out_range = None, (0, shape[1])
+                for dim, start, stop in region.box:
+                    if dim == 0:
+                        expert = start
+                    else:
+                        out_range = (start, stop)
+                biases.append((expert, *out_range))
+        spec.append((name, transposed, tuple(weights), tuple(biases)))
+    return tuple(spec)
 
 
-def uninstall(module: nn.Module) -> None:
-    module.__dict__.pop(_STATE, None)
-    module.__dict__.pop("_hft_experts_base", None)
-
-
-def restore(config: Any) -> None:
-    """Put ``config``'s configured implementation back."""
-    ref, base = _BASES.get(id(config), (None, None))
-    if ref is not None and ref() is config:
-        del _BASES[id(config)]
-        if getattr(config, "_experts_implementation", None) == IMPLEMENTATION:
-            config._experts_implementation_internal = base
-
-
-def _register() -> None:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, hft_experts_forward)
-
-
-def _base_function(module: nn.Module) -> Callable:
-    base = _configured(module)
-    if base in (None, "eager"):
-        return type(module).forward.__wrapped__
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    return ALL_EXPERTS_FUNCTIONS[base]
+def install(module: nn.Module, partials: Sequence[PartialTensor]) -> None:
+    """Run ``module``'s experts through :func:`hft_experts_forward` (on the instance)."""
+    install_forward(module, partials, hft_experts_forward, experts_spec(module, partials))
 
 
 # -- the computation -----------------------------------------------------------------------------
 
 
-def hft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+def hft_experts_forward(self: nn.Module, spec: tuple, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The "hft" experts implementation (registered in ``ALL_EXPERTS_FUNCTIONS``)."""
-    projections = self.__dict__.get(_STATE)
-    if not projections:
-        return _base_function(self)(self, hidden_states, top_k_index, top_k_weights)
-    ensure_aliased(self)
+    """The experts of ``self`` as transformers' ``grouped_mm`` computes them, with the weight
+    gradient of the regions in ``spec`` only (:func:`experts_spec`)."""
+    if _configured(self) not in REPRODUCIBLE:  # switched after HFT was applied: its own computation
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    projections = {name: (transposed, weights, biases) for name, transposed, weights, biases in spec}
     device = hidden_states.device
     num_top_k = top_k_index.size(-1)
     num_tokens = hidden_states.size(0)
@@ -206,8 +150,35 @@ def _project(module, projections, name, x, offsets, expert_ids):
     spec = projections.get(name)
     if spec is None:
         return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], bool(module.is_transposed))
-    return ExpertsLinearFunction.apply(x, weight, bias, offsets, expert_ids, spec,
-                                       *(module._parameters[n] for n in spec.names))
+    if torch.compiler.is_compiling():
+        # The region-only backward needs the token counts on the host, which a graph cannot hold: under
+        # torch.compile the projection's own backward runs, and its gradient is zeroed outside the regions.
+        transposed, weight_regions, bias_regions = spec
+        if weight_regions:
+            weight = KeepRegions.apply(weight, tuple((e, *((i0, i1, o0, o1) if transposed else (o0, o1, i0, i1)))
+                                                      for e, o0, o1, i0, i1 in weight_regions))
+        if bias is not None and bias_regions:
+            bias = KeepRegions.apply(bias, bias_regions)
+        return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], transposed)
+    return ExpertsLinearFunction.apply(x, weight, bias, offsets, expert_ids, spec)
+
+
+class KeepRegions(torch.autograd.Function):
+    """The identity, whose backward keeps the gradient inside ``boxes`` only (each box: a leading
+    index, then a (start, stop) pair per further dimension) and zeroes the rest."""
+
+    @staticmethod
+    def forward(ctx, tensor, boxes: tuple):
+        ctx.boxes = boxes
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept = torch.zeros_like(grad)
+        for expert, *bounds in ctx.boxes:
+            index = (expert, *(slice(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)))
+            kept[index] = grad[index]
+        return kept, None
 
 
 class ExpertsLinearFunction(torch.autograd.Function):
@@ -215,52 +186,58 @@ class ExpertsLinearFunction(torch.autograd.Function):
     token counts) whose weight and bias train only in regions.
 
     Forward: transformers' grouped linear on the full stacked tensors. Backward: the input gradient
-    through the same grouped matmul; for each region, its expert's tokens' ``gy[:, out].T @ x[:, in]``
-    (``x[:, in].T @ gy[:, out]`` for transposed weights); whole-trainable weights and biases their
-    full gradient.
+    through the same grouped matmul; a full-shape weight (bias) gradient that is zero outside the
+    regions, where each region gets its expert's tokens' ``gy[:, out].T @ x[:, in]``
+    (``x[:, in].T @ gy[:, out]`` for transposed weights); a weight or bias that trains whole (no
+    regions) its full gradient.
+
+    ``spec``: (transposed, weight regions (expert, out_start, out_stop, in_start, in_stop), bias
+    regions (expert, out_start, out_stop)).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, offsets, expert_ids, spec: _Projection, *regions):
+    def forward(ctx, x, weight, bias, offsets, expert_ids, spec: tuple):
         ctx.spec = spec
-        ctx.regions = [(r.shape, r.dtype) for r in regions]
         ctx.save_for_backward(x, weight, offsets)
         ctx.bias_shape = None if bias is None else bias.shape
-        return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], spec.transposed)
+        return _grouped_linear(x, weight, offsets, None if bias is None else bias[expert_ids], spec[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, offsets = ctx.saved_tensors
-        spec: _Projection = ctx.spec
+        transposed, weight_regions, bias_regions = ctx.spec
         needs = ctx.needs_input_grad
         gy = grad_out.to(weight.dtype)
         xw = x.to(weight.dtype)
         bounds = [0, *offsets.tolist()]  # one host sync, as transformers' own fallback
         grad_x = grad_w = grad_b = None
         if needs[0]:
-            grad_x = _grouped_mm(gy, weight.transpose(-2, -1) if spec.transposed else weight, offsets).to(x.dtype)
+            grad_x = _grouped_mm(gy, weight.transpose(-2, -1) if transposed else weight, offsets).to(x.dtype)
         if needs[1]:
             grad_w = torch.zeros_like(weight)
-            for e in range(weight.shape[0]):
-                s, t = bounds[e], bounds[e + 1]
-                if s < t:
-                    grad_w[e] = xw[s:t].t().mm(gy[s:t]) if spec.transposed else gy[s:t].t().mm(xw[s:t])
+            if weight_regions:
+                for e, o0, o1, i0, i1 in weight_regions:
+                    s, t = bounds[e], bounds[e + 1]
+                    if s == t:
+                        continue
+                    if transposed:
+                        grad_w[e, i0:i1, o0:o1] = xw[s:t, i0:i1].t().mm(gy[s:t, o0:o1])
+                    else:
+                        grad_w[e, o0:o1, i0:i1] = gy[s:t, o0:o1].t().mm(xw[s:t, i0:i1])
+            else:  # trains whole
+                for e in range(weight.shape[0]):
+                    s, t = bounds[e], bounds[e + 1]
+                    if s < t:
+                        grad_w[e] = xw[s:t].t().mm(gy[s:t]) if transposed else gy[s:t].t().mm(xw[s:t])
         if needs[2]:
             grad_b = torch.zeros(ctx.bias_shape, dtype=gy.dtype, device=gy.device)
-            for e in range(ctx.bias_shape[0]):
-                grad_b[e] = gy[bounds[e]:bounds[e + 1]].sum(0)
-        grads = []
-        for (e, o0, o1, i0, i1), (shape, dtype) in zip(spec.weight, ctx.regions):
-            s, t = bounds[e], bounds[e + 1]
-            if s == t:
-                grads.append(torch.zeros(shape, dtype=dtype, device=gy.device))
-                continue
-            g = xw[s:t, i0:i1].t().mm(gy[s:t, o0:o1]) if spec.transposed else gy[s:t, o0:o1].t().mm(xw[s:t, i0:i1])
-            grads.append(g if g.dtype == dtype else g.to(dtype))
-        for (e, o0, o1), (_, dtype) in zip(spec.bias, ctx.regions[len(spec.weight):]):
-            g = gy[bounds[e]:bounds[e + 1], o0:o1].sum(0)
-            grads.append(g if g.dtype == dtype else g.to(dtype))
-        return (grad_x, grad_w, grad_b, None, None, None, *grads)
+            if bias_regions:
+                for e, o0, o1 in bias_regions:
+                    grad_b[e, o0:o1] = gy[bounds[e]:bounds[e + 1], o0:o1].sum(0)
+            else:
+                for e in range(ctx.bias_shape[0]):
+                    grad_b[e] = gy[bounds[e]:bounds[e + 1]].sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,12 +4,11 @@ Whole frozen tensors get ``requires_grad=False`` (no gradient, no optimizer stat
 tensor (a fused ``qkv_proj``, a stacked expert tensor) uses one of three mechanisms, chosen per
 tensor when the selection is applied (:meth:`HFTHandle.mechanisms`):
 
-* ``rows``: the weight or bias of an ``nn.Linear`` or of transformers' ``Conv1D``. Its trainable
-  boxes become region parameters (:mod:`hft_plugin.regions`); the module's backward computes the
-  weight gradient of the trainable rows (columns) only.
-* ``experts``: a stacked experts tensor of a transformers experts module, through the "hft"
-  experts implementation (:mod:`hft_plugin.experts`); a frozen expert's weight gradient is never
-  formed.
+* ``rows``: the weight or bias of an ``nn.Linear`` or of transformers' ``Conv1D``. The optimizer
+  owns its trainable boxes as region parameters (:mod:`hft_plugin.regions`), which the model does
+  not list; the module's backward computes the weight gradient of the trainable rows (columns) only.
+* ``experts``: a stacked experts tensor of a transformers experts module, the same way
+  (:mod:`hft_plugin.experts`); a frozen expert's weight gradient is never formed.
 * ``mask``: everything else, every tensor already sharded when the selection is applied, and every
   partly trained tensor with ``partial="mask"`` (DeepSpeed ZeRO keeps gradients in flat partitions;
   FSDP2 shards each tensor: apply with ``partial="mask"`` before ``fully_shard``): the optimizer
@@ -17,7 +16,12 @@ tensor when the selection is applied (:meth:`HFTHandle.mechanisms`):
   (:mod:`hft_plugin.masking`, on each rank's shard under FSDP2), and put back after the step where
   a zero gradient is not enough.
 
-Everything is recorded so :meth:`HFTHandle.remove` puts the model back as it was.
+To everything but the optimizer, an applied model is the same model frozen by hand: the tensors it
+lists, their names, shapes and ``requires_grad`` flags (a partly trained tensor keeps
+``requires_grad=True``, as it would by hand), its state dict, copies and pickles. Everything is
+recorded so :meth:`HFTHandle.remove` puts the model back as it was. A copy (``deepcopy``, pickle) of
+an applied model carries the flags of its round and a note of them (:data:`APPLIED`), so
+:func:`apply_selection` on the copy restores them before it applies a new selection.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ PARTIAL_MODES = ("auto", "mask")
 
 # model -> its active handle; weak, and not an attribute, so copies of a model carry no handle
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, HFTHandle]" = weakref.WeakKeyDictionary()
+# The model attribute that records an applied selection's round and the flags it changed: plain data,
+# so a copy or a pickle of the model carries it, and apply_selection on the copy can undo them.
+APPLIED = "_hft_applied"
 
 # Module names that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -95,8 +102,9 @@ class HFTHandle:
         self._partial: dict[str, tuple[Box, ...]] = {}  # every partly trained tensor -> its trainable boxes
         self._mechanisms: dict[str, str] = {}
         self._why_mask: dict[str, str] = {}
-        self._region_modules: list[nn.Module] = []
-        self._experts_configs: list = []
+        self._partials: dict[str, regions.PartialTensor] = {}  # rows and experts: tensor -> its regions
+        self._regions: dict[str, nn.Parameter] = {}  # region name -> region parameter
+        self._forward_modules: list[nn.Module] = []
         self._trainable_names: list[str] = []
         self._attachments: list[_Attachment] = []
         self._covered = False
@@ -143,7 +151,7 @@ class HFTHandle:
         kept_frozen += [n for n in plan.partial if not self._original_flags[n]]
         for name in plan.frozen:
             self._params[name].requires_grad_(False)
-        by_module: dict[int, tuple[nn.Module, str]] = {}
+        by_module: dict[int, tuple[nn.Module, str, list]] = {}
         for name, (mechanism, module, attr) in chosen.items():
             boxes = plan.partial[name]
             self._partial[name] = boxes
@@ -151,19 +159,24 @@ class HFTHandle:
             if mechanism == "mask":
                 self._masked[name] = boxes
                 continue
-            regions.add_regions(module, attr, boxes, squeeze_leading=mechanism == "experts")
-            by_module[id(module)] = (module, mechanism)
-        for module, mechanism in by_module.values():
-            module.__dict__["_hft_root"] = weakref.ref(self.model)
-            self._region_modules.append(module)
+            partial = regions.PartialTensor(module, attr, name, boxes, squeeze_leading=mechanism == "experts")
+            self._partials[name] = partial
+            self._regions.update((r.name, r.param) for r in partial.regions)
+            by_module.setdefault(id(module), (module, mechanism, []))[2].append(partial)
+        for module, mechanism, partials in by_module.values():
+            self._forward_modules.append(module)
             if mechanism == "rows":
-                regions.install_rows(module)
+                regions.install_rows(module, partials)
             else:
-                config = experts.install(module)
-                if all(c is not config for c in self._experts_configs):
-                    self._experts_configs.append(config)
-        self._params = dict(self.model.named_parameters())  # now with the region parameters
-        self._trainable_names = [n for n, p in self._params.items() if p.requires_grad]
+                experts.install(module, partials)
+        self._trainable_names = []
+        for name, param in self._params.items():  # model order; a partly trained tensor by its regions
+            if name in self._partials:
+                self._trainable_names.extend(r.name for r in self._partials[name].regions)
+            elif param.requires_grad:
+                self._trainable_names.append(name)
+        self.model.__dict__[APPLIED] = {"round": self.selection.config.round,
+                                        "requires_grad": dict(self._original_flags)}
         if kept_frozen:
             logger.warning("hft_plugin: %d parameters you froze stay frozen (e.g. %s).", len(kept_frozen), kept_frozen[0])
 
@@ -198,10 +211,21 @@ class HFTHandle:
         self._all_mask = None
         return True
 
+    def _link(self) -> None:
+        """Every region views its tensor's current storage and gradient (see :mod:`hft_plugin.regions`)."""
+        for partial in self._partials.values():
+            partial.link()
+
+    def _tensor(self, name: str) -> nn.Parameter:
+        """A trainable tensor or region parameter by name."""
+        param = self._regions.get(name)
+        return self._params[name] if param is None else param
+
     @property
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         self.refresh_parameters()
-        return [(n, self._params[n]) for n in self._trainable_names]
+        self._link()
+        return [(n, self._tensor(n)) for n in self._trainable_names]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """What trains, in model order: whole trainable tensors, region parameters (named
@@ -248,14 +272,20 @@ class HFTHandle:
 
     @property
     def regions(self) -> dict[str, list[str]]:
-        """Per partly trained tensor of the rows and experts mechanisms, the names of its region parameters."""
-        prefix = {id(m): n for n, m in self.model.named_modules()}
-        out = {}
-        for module in self._region_modules:
-            for attr, items in regions.module_regions(module).items():
-                base = prefix[id(module)]
-                out[f"{base}.{attr}" if base else attr] = [f"{base}.{r.name}" if base else r.name for r in items]
-        return out
+        """Per partly trained tensor of the rows and experts mechanisms, the names of its region
+        parameters (``<tensor>_hft<i>``; the optimizer owns them, the model does not list them)."""
+        return {name: [r.name for r in partial.regions] for name, partial in self._partials.items()}
+
+    def region_parameters(self, name: str) -> list[tuple[tuple, nn.Parameter]]:
+        """The region parameters of the partly trained tensor ``name``, each with its index into
+        the tensor: ``tensor[index]`` is the region's view.
+
+        Raises:
+            KeyError: ``name`` is not a tensor of the rows or experts mechanism (see :meth:`regions`).
+        """
+        partial = self._partials[name]
+        partial.link()
+        return [(r.index, r.param) for r in partial.regions]
 
     @property
     def masked_parameters(self) -> dict[str, nn.Parameter]:
@@ -274,6 +304,7 @@ class HFTHandle:
         by hand afterwards may be owned: the user's explicit choice (warned about in :meth:`attach`)."""
         trainable = {id(p): n for n, p in self._trainable}
         everything = {id(p): n for n, p in self._params.items()}
+        everything.update((id(p), n) for n, p in self._regions.items())
         for name in self._unfrozen_by_hand():
             trainable.setdefault(id(self._params[name]), name)
         return trainable, everything
@@ -282,6 +313,28 @@ class HFTHandle:
         trains = set(self._trainable_names)
         return [n for n in self._original_flags if n not in trains and n not in self._mechanisms
                 and self._params[n].requires_grad]
+
+    def own_regions(self, optimizer) -> int:
+        """Put the region parameters of every partly trained tensor (rows and experts mechanisms) in
+        ``optimizer`` where it owns the whole tensor, in the same parameter group (same learning rate
+        and weight decay), in place. For optimizers that a trainer builds from the model's
+        ``requires_grad`` tensors before HFT can attach; returns how many tensors were replaced.
+
+        Example:
+            >>> import torch
+            >>> from hft_plugin import apply_selection, select_half
+            >>> from hft_plugin.testing import tiny_model
+            >>> model = tiny_model("phi3")
+            >>> handle = apply_selection(model, select_half(model, round=0))
+            >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+            >>> handle.own_regions(optimizer) > 0
+            True
+            >>> _ = handle.attach(optimizer)
+            >>> handle.remove()
+        """
+        self._trainable  # links the regions to the tensors as they are now
+        replacements = {id(partial.tensor): [r.param for r in partial.regions] for partial in self._partials.values()}
+        return optimizers.replace_in_groups(optimizer, replacements)
 
     def check_optimizer(self, optimizer, need_all: bool = True) -> None:
         """Raise :class:`~hft_plugin.errors.OptimizerMismatchError` unless ``optimizer`` owns exactly
@@ -358,21 +411,10 @@ class HFTHandle:
             trainable, everything = self._names()
             optimizers.check(live, trainable, everything, need_all=True,
                              what=f"The {len(live)} attached optimizers" if len(live) > 1 else "The attached optimizer")
-            self._warn_unreached()
             self._covered = True
+        self._link()  # a cast, move or load since the last backward: the step must see the tensors as they are
         if attachment.mask is not None:
             attachment.mask.apply()
-
-    def _warn_unreached(self) -> None:
-        if not any(p.grad is not None for _, p in self._trainable):
-            return  # no gradient anywhere yet: nothing to tell apart
-        for module in self._region_modules:
-            for attr, items in regions.module_regions(module).items():
-                current = [module._parameters.get(r.name) for r in items]
-                if all(p is None or p.grad is None for p in current):
-                    logger.warning(
-                        "hft_plugin: the trainable regions of %s.%s got no gradient in the first step: is the module "
-                        "used without its forward (its weight read directly)?", type(module).__name__, attr)
 
     def detach(self, optimizer) -> None:
         """Remove ``optimizer``'s hooks (e.g. before replacing it); the others stay attached."""
@@ -417,15 +459,12 @@ class HFTHandle:
         """Cast every trainable tensor, and every partly trained tensor with its regions, to
         ``dtype``, keeping the regions' storage shared (e.g. fp32 trainable weights of a bf16 model)."""
         with torch.no_grad():
-            for _, param in self._trainable:
-                if not _is_region(param):
+            for name, param in self._trainable:
+                if name not in self._regions:
                     param.data = param.data.to(dtype)
-            for module in self._region_modules:
-                for attr, items in regions.module_regions(module).items():
-                    param = module._parameters[attr]
-                    param.data = param.data.to(dtype)
-                    for region in items:
-                        region.param.data = param.data[region.index]
+            for partial in self._partials.values():
+                partial.tensor.data = partial.tensor.data.to(dtype)
+                partial.link_values()
 
     # -- undoing -------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -448,18 +487,16 @@ class HFTHandle:
             self.refresh_parameters()
         except SelectionMismatchError:  # renamed by a wrapper: restore what can still be reached
             pass
-        for module in self._region_modules:
-            regions.uninstall_rows(module)
-            experts.uninstall(module)
-            regions.remove_regions(module)
-            module.__dict__.pop("_hft_root", None)
-        for config in self._experts_configs:
-            experts.restore(config)
-        self._region_modules.clear()
+        for module in self._forward_modules:
+            regions.uninstall_forward(module)
+        for partial in self._partials.values():
+            partial.remove()
+        self._forward_modules.clear()
         for name, flag in self._original_flags.items():
             self._params[name].requires_grad_(flag)
         self._trainable_names = []
         self.removed = True
+        self.model.__dict__.pop(APPLIED, None)
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
 
@@ -497,10 +534,6 @@ def _owners(model: nn.Module) -> dict:
         if seen.get(id(module._parameters[attr]), 0) > 1:
             owners[("shared", name)] = True
     return owners
-
-
-def _is_region(param: torch.Tensor) -> bool:
-    return param._base is not None
 
 
 def _same(a: Selection, b: Selection) -> bool:
@@ -545,13 +578,39 @@ def apply_selection(model: nn.Module, selection: Selection, *, partial: str = "a
     if previous is not None and not previous.removed and previous.partial == partial and _same(previous.selection, selection):
         return previous
     check_fits(model, selection)
-    check_trains_something(selection, previous._original_flags if previous is not None else model)
+    copied = model.__dict__.get(APPLIED) if previous is None or previous.removed else None
+    if copied is not None:  # a copy or a pickle of an applied model: its own flags are the ones before HFT
+        check_trains_something(selection, _flags_before(model, copied))
+    else:
+        check_trains_something(selection, previous._original_flags if previous is not None else model)
     if previous is not None:
         previous.remove()
+    if copied is not None:
+        _strip_copied(model, copied, selection.config.round)
     handle = HFTHandle(model, selection, partial)
     handle._apply()
     _ACTIVE[model] = handle
     return handle
+
+
+def _flags_before(model: nn.Module, applied: dict) -> dict[str, bool]:
+    """The flags a copy of an applied model had before HFT: the recorded ones where recorded."""
+    recorded = applied.get("requires_grad", {})
+    return {n: recorded.get(n, p.requires_grad) for n, p in model.named_parameters()}
+
+
+def _strip_copied(model: nn.Module, applied: dict, round: int) -> None:
+    """Undo on a copy (deepcopy, pickle) of an applied model what its selection left: the flags it
+    set, and the class forwards its copied modules carry as attributes."""
+    flags = _flags_before(model, applied)
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags[name])
+    for module in model.modules():
+        regions.drop_copied_forward(module)
+    del model.__dict__[APPLIED]
+    logger.info("hft_plugin: this model is a copy of a model with HFT round %s applied (deepcopy or pickle); the "
+                "requires_grad flags it had before that round were restored before applying round %s.",
+                applied.get("round"), round)
 
 
 def active_handle(model: nn.Module) -> HFTHandle | None:

@@ -60,6 +60,34 @@ def drop_frozen(optimizer) -> int:
     return removed
 
 
+def replace_in_groups(optimizer, replacements: dict[int, list[torch.Tensor]]) -> int:
+    """In ``optimizer``'s groups, replace each tensor whose id is a key of ``replacements`` by its
+    list of tensors (in the same group, so with the same learning rate and weight decay), in place so
+    a scheduler bound to the optimizer keeps working; state for a replaced tensor is dropped.
+    Returns how many tensors were replaced.
+
+        >>> import torch
+        >>> whole = torch.nn.Parameter(torch.ones(4))
+        >>> part = torch.nn.Parameter(whole.data[:2])
+        >>> optimizer = torch.optim.SGD([whole], lr=0.1)
+        >>> replace_in_groups(optimizer, {id(whole): [part]}), optimizer.param_groups[0]["params"][0] is part
+        (1, True)
+    """
+    optimizer = unwrap(optimizer)
+    replaced = 0
+    for group in getattr(optimizer, "param_groups", None) or []:
+        params = []
+        for p in group["params"]:
+            if isinstance(p, torch.Tensor) and id(p) in replacements:
+                optimizer.state.pop(p, None)
+                params.extend(replacements[id(p)])
+                replaced += 1
+            else:
+                params.append(p)
+        group["params"] = params
+    return replaced
+
+
 def owned(optimizer) -> list[torch.Tensor]:
     """The tensors ``optimizer``'s parameter groups hold."""
     groups = getattr(unwrap(optimizer), "param_groups", None) or []

@@ -1,34 +1,37 @@
-"""Region parameters: the trainable parts of a partly trained tensor, as parameters of their own.
+"""Region parameters: the trainable parts of a partly trained tensor, owned by the optimizer alone.
 
 A selection often trains only part of a fused tensor (Phi-3's ``qkv_proj`` rows for q and k, an
-expert's slice of a stacked expert tensor). Each trainable box of such a tensor ``P`` becomes a
-*region parameter*: ``nn.Parameter(P.data[box])``, a view that shares ``P``'s storage (no copy),
-registered on the module that owns ``P`` beside it (``weight_hft0``, ``bias_hft1``,
-``gate_up_proj_hft3``). ``P`` itself gets ``requires_grad=False``. So:
+expert's slice of a stacked expert tensor). To everyone but the optimizer, such a tensor ``P`` looks
+as it would on the same model frozen by hand: one parameter, ``requires_grad=True`` (requires_grad
+is per tensor), listed once by ``parameters()``, with a gradient that is zero on its frozen
+elements. So code that iterates, counts, copies, moves, casts, loads, pickles, compiles or averages
+the model (EMA, TRL's reference sync, ``num_parameters``, ``deepcopy``, ``to``, ``load_state_dict``,
+``torch.compile``) sees nothing of HFT; DDP reduces ``P.grad``, and ``clip_grad_norm_`` and a
+gradient scaler see exactly the trainable gradients.
 
-* the optimizer owns only trainable elements, and can hold state only for them: no optimizer, weight
-  decay, momentum, reused state or second optimizer can move a frozen element;
-* ``model.parameters()`` lists the regions: DDP reduces their gradients, ``clip_grad_norm_`` and a
-  gradient scaler's overflow check see exactly the trainable gradients, and trainers put them in
-  their weight-decay groups by name (a region of a bias has "bias" in its name);
-* ``state_dict()`` leaves them out and ``load_state_dict()`` does not miss them (it writes into
-  ``P`` in place, which they view): checkpoints are those of the model without HFT.
+The optimizer owns *region parameters* instead of ``P``: one per trainable box,
+``nn.Parameter(P.data[box])``, a view sharing ``P``'s storage (no copy), whose ``.grad`` is the
+matching view of ``P.grad``. They are not registered on any module, so the model does not list
+them; the handle does (``handle.parameters()``). So no optimizer, weight decay, momentum, reused
+state or second optimizer can move a frozen element, and optimizer state is held for the trainable
+elements only. One region per box, as the layout defines its parts (q, k, v; an expert's gate, up
+and down): optimizers that are not elementwise treat them as they would separate matrices.
 
-One region per trainable box, as the layout defines its parts (q, k, v; an expert's gate, up and
-down): the optimizer sees the matrices a model with separate tensors would have, so optimizers that
-are not elementwise (Adafactor's factored moments, orthogonalising updates) treat them as they
-would treat separate matrices. A box of a stacked experts tensor fixes its leading dimension to one
-expert and is indexed, not sliced: the region is that expert's matrix (or bias vector).
+What keeps the regions linked to ``P`` (:class:`PartialTensor`), whatever a program does to ``P``:
 
-The weight gradient of the frozen part is never computed: :class:`RowsFunction` (here) replaces the
-forward of a partly trained ``nn.Linear`` / transformers ``Conv1D``, and :mod:`hft_plugin.experts`
-does the same for stacked experts.
+* after every gradient accumulation into ``P`` (a post-accumulate-grad hook), and before every
+  step of an attached optimizer, each region views ``P``'s current storage and ``P.grad``'s: a
+  cast or move (``model.to``, ``param.data = ...``), an in-place or ``assign=True`` load, a new
+  ``P.grad`` (``zero_grad``, DDP) are followed, and ``P``'s values win: they are what the program
+  loaded, and a region can only have changed through a step, which this link precedes;
+* before a gradient is accumulated into ``P`` (a tensor hook), a ``P.grad`` left over after the
+  optimizer set its regions' gradients to None is dropped, so it does not accumulate twice.
 
-Aliasing can be broken from outside (``model.to(dtype)``, ``model.half()``, a framework's
-``param.data = param.data.float()``, ``copy.deepcopy``); :func:`ensure_aliased` checks it at every
-forward (data pointers only) and repairs it: the regions' values win (the optimizer updates them),
-``P`` takes the regions' dtype and device, and the same Parameter objects view ``P`` again, so
-optimizers stay valid.
+The weight gradient of the frozen part is never computed where HFT runs the module's forward:
+:class:`RowsFunction` (here) computes ``nn.Linear``'s and transformers ``Conv1D``'s weight gradient
+for the trainable boxes only, zero elsewhere, and :mod:`hft_plugin.experts` does the same for
+stacked experts. That forward is installed on the module instance (:class:`HFTForward`); a copy or
+a pickle of the module gets its class's own forward back, so copies are plain models.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import dataclasses
 import logging
 import types
 import weakref
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,8 +51,7 @@ from .shards import is_sharded
 
 logger = logging.getLogger("hft_plugin")
 
-REGION_TAG = "_hft"  # region names: f"{attr}{REGION_TAG}{i}"
-_STATE = "_hft_regions"  # module attribute: {attr: [Region, ...]}
+REGION_TAG = "_hft"  # region names: f"{tensor}{REGION_TAG}{i}"
 # Region parameters of removed selections (id -> weak reference; tensors compare elementwise, so no
 # WeakSet): an optimizer that still owns one belongs to another round.
 _RETIRED: dict[int, weakref.ref] = {}
@@ -64,16 +66,6 @@ def is_retired(param: torch.Tensor) -> bool:
 def _retire(param: nn.Parameter) -> None:
     key = id(param)
     _RETIRED[key] = weakref.ref(param, lambda _, key=key: _RETIRED.pop(key, None))
-
-
-@dataclasses.dataclass
-class Region:
-    """One trainable box of a partly trained tensor, as a parameter that views it."""
-
-    name: str  # the attribute on the owning module, e.g. "weight_hft0"
-    param: nn.Parameter
-    box: Box
-    index: tuple  # how the region indexes its tensor (an int for a single expert, else slices)
 
 
 def box_index(shape: Sequence[int], box: Box, squeeze_leading: bool = False) -> tuple:
@@ -91,195 +83,269 @@ def box_index(shape: Sequence[int], box: Box, squeeze_leading: bool = False) -> 
     return tuple(index)
 
 
-def module_regions(module: nn.Module) -> dict[str, list[Region]]:
-    return module.__dict__.get(_STATE) or {}
+def sharded_message(name: str) -> str:
+    return (f"{name} trains through region parameters, which cannot view a tensor that FSDP2's fully_shard "
+            "sharded. For FSDP2, apply the selection with partial='mask' before fully_shard, or apply it after "
+            "fully_shard: partly trained tensors are then masked on each rank's shard.")
 
 
-def add_regions(module: nn.Module, attr: str, boxes: Sequence[Box], squeeze_leading: bool) -> list[Region]:
-    """Freeze ``module.<attr>`` and register one region parameter per box of it."""
-    param = module._parameters[attr]
-    state = module.__dict__.setdefault(_STATE, {})
-    if not state:
-        module.__dict__["_hft_state_hooks"] = (
-            module.register_state_dict_post_hook(_drop_regions_from_state_dict),
-            module.register_load_state_dict_post_hook(_regions_are_not_missing),
-        )
-    regions = []
-    for i, box in enumerate(boxes):
-        index = box_index(param.shape, box, squeeze_leading)
-        name = f"{attr}{REGION_TAG}{i}"
-        if hasattr(module, name):
-            raise RuntimeError(f"hft_plugin: {type(module).__name__} already has an attribute {name!r}.")
-        region = nn.Parameter(param.data[index], requires_grad=True)
-        module.register_parameter(name, region)
-        regions.append(Region(name, region, box, index))
-    param.requires_grad_(False)
-    state[attr] = regions
-    return regions
+@dataclasses.dataclass
+class Region:
+    """One trainable box of a partly trained tensor, as a parameter that views it."""
+
+    name: str  # f"{tensor}_hft{i}": how handles, optimizers' checks and messages name it
+    param: nn.Parameter
+    box: Box
+    index: tuple  # how the region indexes its tensor (an int for a single expert, else slices)
 
 
-def remove_regions(module: nn.Module) -> None:
-    """Unregister every region of ``module`` (its tensors already hold their values)."""
-    state = module.__dict__.pop(_STATE, None) or {}
-    ensure_aliased_state(module, state, warn=False)
-    for regions in state.values():
-        for region in regions:
-            module._parameters.pop(region.name, None)
+def _views(tensor: torch.Tensor, view: torch.Tensor) -> bool:
+    """``tensor`` is exactly ``view`` (same storage, offset, strides, dtype and device)."""
+    return (tensor.dtype == view.dtype and tensor.device == view.device and tensor.data_ptr() == view.data_ptr()
+            and tensor.stride() == view.stride() and tensor.shape == view.shape)
+
+
+class PartialTensor:
+    """A tensor ``module.<attr>`` that trains in part: its region parameters, and the hooks that keep
+    them viewing the tensor and its gradient.
+
+    Args:
+        module: the module that owns the tensor.
+        attr: the tensor's attribute on ``module`` ("weight", "gate_up_proj", ...).
+        name: the tensor's name in the model (for region names and messages).
+        boxes: the trainable boxes, as the layout defines them.
+        squeeze_leading: index a box that fixes dimension 0 to one index with an int (one expert).
+    """
+
+    def __init__(self, module: nn.Module, attr: str, name: str, boxes: Sequence[Box], squeeze_leading: bool):
+        self.module = module
+        self.attr = attr
+        self.name = name
+        param = module._parameters[attr]
+        self.regions = []
+        for i, box in enumerate(boxes):
+            index = box_index(param.shape, box, squeeze_leading)
+            self.regions.append(Region(f"{name}{REGION_TAG}{i}", nn.Parameter(param.data[index]), box, index))
+        self._hooks: list = []
+        self._hooked: torch.Tensor | None = None
+        param.requires_grad_(True)
+        self._hook(param)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The module's tensor as it is now (a load with ``assign=True`` puts a new object in place)."""
+        return self.module._parameters[self.attr]
+
+    def _hook(self, param: torch.Tensor) -> None:
+        self._unhook()
+        self._hooks = [param.register_hook(self._before_accumulate),
+                       param.register_post_accumulate_grad_hook(self._after_accumulate)]
+        self._hooked = param
+
+    def _unhook(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._hooked = None
+
+    def replaced(self) -> bool:
+        """The module's tensor is not the object the hooks are on (checked at every forward)."""
+        return self.module._parameters.get(self.attr) is not self._hooked
+
+    def _before_accumulate(self, grad: torch.Tensor) -> None:
+        param = self._hooked
+        if param is not None and param.grad is not None and any(r.param.grad is None for r in self.regions):
+            # The optimizer set its regions' gradients to None (zero_grad): the gradient left on the
+            # tensor is stale and must not be accumulated into.
+            param.grad = None
+
+    def _after_accumulate(self, param: torch.Tensor) -> None:
+        self.link()
+
+    @torch.no_grad()
+    def link(self) -> None:
+        """Make every region view the tensor's current storage and gradient; the tensor's values win.
+
+        Raises:
+            IntegrationError: the tensor was sharded (FSDP2's ``fully_shard``) after HFT was applied.
+        """
+        param = self.tensor
+        if param is None:
+            return
+        if is_sharded(param):
+            from .errors import IntegrationError
+
+            raise IntegrationError(sharded_message(self.name))
+        if param is not self._hooked:  # a new parameter object (load_state_dict(..., assign=True))
+            if not param.requires_grad:
+                param.requires_grad_(True)
+            self._hook(param)
+        data, grad = param.data, param.grad
+        for region in self.regions:
+            view = data[region.index]
+            if not _views(region.param.data, view):
+                region.param.data = view
+            if grad is None:
+                region.param.grad = None
+            else:
+                grad_view = grad[region.index]
+                if region.param.grad is None or not _views(region.param.grad, grad_view):
+                    region.param.grad = grad_view
+
+    def remove(self) -> None:
+        """Drop the hooks and retire the regions (the tensor holds their values)."""
+        self.link_values()
+        self._unhook()
+        for region in self.regions:
             region.param.grad = None  # a stale region owned by an old optimizer must not step again
             _retire(region.param)
-    for hook in module.__dict__.pop("_hft_state_hooks", ()):
-        hook.remove()
+
+    @torch.no_grad()
+    def link_values(self) -> None:
+        """Regions view the tensor's storage (no gradients touched); for removal and casts."""
+        param = self.tensor
+        if param is None or is_sharded(param):
+            return
+        for region in self.regions:
+            view = param.data[region.index]
+            if not _views(region.param.data, view):
+                region.param.data = view
 
 
-def sharded_message(name: str) -> str:
-    return (f"{name} trains through region parameters, which FSDP2's fully_shard shards as tensors of their own "
-            "(they no longer view the tensor). For FSDP2, apply the selection with partial='mask' before "
-            "fully_shard, or apply it after fully_shard: partly trained tensors are then masked on each rank's shard.")
+# -- the forward installed on a module with partly trained tensors -------------------------------
 
 
-@contextlib.contextmanager
-def hidden(model: nn.Module):
-    """Take region parameters out of the modules' parameter lists while the block runs, so reading
-    the model's structure (layouts, fingerprints) sees the model as it is without HFT."""
-    saved = []
-    for module in model.modules() if isinstance(model, nn.Module) else ():
-        state = module.__dict__.get(_STATE)
-        if state:
-            saved.append((module, dict(module._parameters)))
-            for items in state.values():
-                for region in items:
-                    module._parameters.pop(region.name, None)
-    try:
-        yield model
-    finally:
-        for module, params in saved:
-            module._parameters.clear()
-            module._parameters.update(params)
+class HFTForward:
+    """The forward HFT installs on a module instance whose tensors train in part: ``compute(module,
+    spec, *args, **kwargs)``, which returns the module's own output and computes the weight gradient
+    of the trainable boxes only.
+
+    A deep copy or a pickle of the module gets its class's own forward instead: a copy is a plain
+    model (the model frozen by hand), and an applied selection belongs to one model object.
+    """
+
+    def __init__(self, module: nn.Module, partials: Sequence[PartialTensor], compute: Callable, spec: Any):
+        self.module = module
+        self.partials = tuple(partials)
+        self.compute = compute
+        self.spec = spec
+
+    def __call__(self, *args, **kwargs):
+        for partial in self.partials:
+            if partial.replaced():
+                partial.link()  # re-hook a tensor that a load with assign=True put in place
+        return self.compute(self.module, self.spec, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = memo.get(id(self.module), self.module)
+        return types.MethodType(type(module).forward, module)
+
+    def __reduce__(self):
+        # Unpickled while the module's attributes are still empty: the class's forward.
+        return (getattr, (self.module, "forward"))
 
 
-def requires_grad_flags(model: nn.Module) -> dict[str, bool]:
-    """Each of the model's own parameters (regions left out) -> whether it trains: its
-    ``requires_grad``, or True for a tensor that trains through region parameters."""
-    with hidden(model):
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for prefix, module in model.named_modules():
-        for attr in module_regions(module):
-            flags[f"{prefix}.{attr}" if prefix else attr] = True
-    return flags
+def install_forward(module: nn.Module, partials: Sequence[PartialTensor], compute: Callable, spec: Any) -> None:
+    module.forward = HFTForward(module, partials, compute, spec)
 
 
-def _drop_regions_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
-    for regions in module_regions(module).values():
-        for region in regions:
-            state_dict.pop(prefix + region.name, None)
+def uninstall_forward(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("forward"), HFTForward):
+        del module.__dict__["forward"]
 
 
-def _regions_are_not_missing(module, incompatible_keys) -> None:
-    names = {region.name for regions in module_regions(module).values() for region in regions}
-    if names:
-        incompatible_keys.missing_keys[:] = [
-            k for k in incompatible_keys.missing_keys if k.rsplit(".", 1)[-1] not in names
-        ]
-
-
-# -- aliasing ------------------------------------------------------------------------------------
-
-
-@torch.compiler.disable
-def ensure_aliased(module: nn.Module) -> None:
-    """Check (by data pointers) that every region of ``module`` still views its tensor; repair it if
-    not. Called at every forward of a module with regions."""
-    state = module.__dict__.get(_STATE)
-    if state:
-        ensure_aliased_state(module, state, warn=True)
-
-
-def _all_aliased(param: torch.Tensor, regions: list[Region]) -> bool:
-    """Every region parameter views ``param``'s storage, with its dtype and device."""
-    storage, dtype, device = param.untyped_storage().data_ptr(), param.dtype, param.device
-    return all(r.param.dtype == dtype and r.param.device == device and r.param.untyped_storage().data_ptr() == storage
-               for r in regions)
-
-
-def ensure_aliased_state(module: nn.Module, state: dict, warn: bool) -> None:
-    for attr, regions in state.items():
-        param = module._parameters.get(attr)
-        if param is None:
-            continue
-        for region in regions:  # a wrapper may have put new parameter objects in place
-            current = module._parameters.get(region.name)
-            if current is not None and current is not region.param:
-                region.param = current
-        if is_sharded(param) or any(is_sharded(r.param) for r in regions):
-            if warn:  # at a forward: training would not update the tensor the model computes with
-                from .errors import IntegrationError
-
-                raise IntegrationError(sharded_message(f"{type(module).__name__}.{attr}"))
-            continue  # removing: the shards hold the values
-        if _all_aliased(param, regions):
-            continue
-        _repair(module, attr, param, regions, warn)
-
-
-@torch.no_grad()
-def _repair(module: nn.Module, attr: str, param: torch.Tensor, regions: list[Region], warn: bool) -> None:
-    root = module.__dict__.get("_hft_root")
-    model = root() if root is not None else None
-    if warn and model is not None and any(type(m).__name__.startswith("FSDP") for m in model.modules()):
-        from .errors import IntegrationError
-
-        raise IntegrationError(sharded_message(f"{type(module).__name__}.{attr}"))
-    # The regions' values win: they are what the optimizer updated.
-    targets = {(r.param.dtype, r.param.device) for r in regions}
-    if len(targets) == 1:
-        dtype, device = targets.pop()
-        if param.dtype != dtype or param.device != device:
-            param.data = param.data.to(device=device, dtype=dtype)
-    for region in regions:
-        view = param.data[region.index]
-        if region.param.data_ptr() != view.data_ptr() or region.param.stride() != view.stride():
-            view.copy_(region.param.data)
-            region.param.data = view
-    if warn:
-        logger.warning(
-            "hft_plugin: the trainable regions of %s.%s no longer shared its storage (the model or its "
-            "parameters were converted or copied after HFT was applied); they were linked again, keeping "
-            "their values. Apply HFT after converting the model to avoid this.", type(module).__name__, attr,
-        )
+def drop_copied_forward(module: nn.Module) -> bool:
+    """Remove the class forward that a copy of an applied module carries as an instance attribute
+    (:meth:`HFTForward.__deepcopy__`). Returns whether there was one."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, types.MethodType) and forward.__self__ is module and \
+            forward.__func__ is getattr(type(module).forward, "__func__", type(module).forward):
+        del module.__dict__["forward"]
+        return True
+    if isinstance(forward, HFTForward):  # copied by a route that bypassed __deepcopy__
+        del module.__dict__["forward"]
+        return True
+    return False
 
 
 # -- rows: nn.Linear and transformers' Conv1D ------------------------------------------------------
 
 
-@dataclasses.dataclass
-class RowsSpec:
-    """What a partly trained Linear/Conv1D needs in backward: per region, its output and input
-    ranges (Linear orientation: weight (out, in)) or, for a bias, its output range."""
-
-    conv1d: bool
-    weight: list[tuple[int, int, int, int]]  # (out_start, out_stop, in_start, in_stop) per weight region
-    bias: list[tuple[int, int]]  # (out_start, out_stop) per bias region
-    names: list[str]  # the region parameters' names on the module: weight regions, then bias regions
-
-
-def rows_spec(module: nn.Module, conv1d: bool) -> RowsSpec:
-    state = module_regions(module)
-    out_features = module.weight.shape[1 if conv1d else 0]
-    in_features = module.weight.shape[0 if conv1d else 1]
-    weight, bias, names = [], [], []
-    for region in state.get("weight", ()):
-        ranges = {0: (0, module.weight.shape[0]), 1: (0, module.weight.shape[1])}
+def rows_spec(module: nn.Module, conv1d: bool, partials: Sequence[PartialTensor]) -> tuple:
+    """What a partly trained Linear/Conv1D needs in backward, as constants (hashable, so
+    ``torch.compile`` treats them as such): (conv1d, weight regions as (out_start, out_stop,
+    in_start, in_stop) in Linear orientation, bias regions as (out_start, out_stop))."""
+    by_attr = {p.attr: p for p in partials}
+    shape = module.weight.shape
+    weight, bias = [], []
+    for region in by_attr["weight"].regions if "weight" in by_attr else ():
+        ranges = {0: (0, shape[0]), 1: (0, shape[1])}
         for dim, start, stop in region.box:
             ranges[dim] = (start, stop)
         out_range, in_range = (ranges[1], ranges[0]) if conv1d else (ranges[0], ranges[1])
-        assert out_range[1] <= out_features and in_range[1] <= in_features
         weight.append((*out_range, *in_range))
-        names.append(region.name)
-    for region in state.get("bias", ()):
+    for region in by_attr["bias"].regions if "bias" in by_attr else ():
         (_, start, stop), = region.box
         bias.append((start, stop))
-        names.append(region.name)
-    return RowsSpec(conv1d, weight, bias, names)
+    return (conv1d, tuple(weight), tuple(bias))
+
+
+class RowsFunction(torch.autograd.Function):
+    """``nn.Linear`` (``F.linear(x, W, b)``) or ``Conv1D`` (``addmm(b, x, W)``) whose weight and
+    bias train only in boxes: the forward is the module's own op on the full tensors (outputs are
+    bit-identical); the backward computes the input gradient in full and, for the weight and bias,
+    a full-shape gradient that is zero outside the trainable boxes, computing only the boxes (one
+    matmul per box, on the output columns of the upstream gradient and the input columns of the
+    layer's input).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: tuple):
+        ctx.spec = spec
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, weight, bias)
+        if spec[0]:
+            out = torch.addmm(bias, x.view(-1, x.size(-1)), weight) if bias is not None \
+                else x.view(-1, x.size(-1)).mm(weight)
+            return out.view(x.size()[:-1] + (weight.shape[1],))
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        enabled, dtype = ctx.autocast
+        # The backward runs under the forward's autocast (as the module's own backward would compute in
+        # its dtypes): a bf16 input and an fp32 weight meet in the matmuls.
+        with torch.autocast(grad_out.device.type, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext():
+            return RowsFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        conv1d, weight_boxes, bias_boxes = ctx.spec
+        needs = ctx.needs_input_grad
+        gy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            grad_x = (gy.mm(weight.t()) if conv1d else gy.mm(weight)).view(x.shape)
+        if needs[1]:
+            if weight_boxes:
+                grad_w = torch.zeros_like(weight)
+                for o0, o1, i0, i1 in weight_boxes:
+                    if conv1d:
+                        grad_w[i0:i1, o0:o1] = x2[:, i0:i1].t().mm(gy[:, o0:o1])
+                    else:
+                        grad_w[o0:o1, i0:i1] = gy[:, o0:o1].t().mm(x2[:, i0:i1])
+            else:  # trains whole
+                grad_w = x2.t().mm(gy) if conv1d else gy.t().mm(x2)
+        if needs[2]:
+            grad_b = gy.sum(0)  # one reduction (the order of the bias gradient without HFT), then the boxes kept
+            if bias_boxes:
+                kept = torch.zeros_like(grad_b)
+                for o0, o1 in bias_boxes:
+                    kept[o0:o1] = grad_b[o0:o1]
+                grad_b = kept
+        return grad_x, grad_w, grad_b, None
 
 
 def _autocast_state(device_type: str) -> tuple:
@@ -288,64 +354,8 @@ def _autocast_state(device_type: str) -> tuple:
     return (False, None)
 
 
-class RowsFunction(torch.autograd.Function):
-    """``nn.Linear`` (``F.linear(x, W, b)``) or ``Conv1D`` (``addmm(b, x, W)``) whose weight and
-    bias train only in regions: the forward is the module's own op on the full tensors (so outputs
-    are bit-identical, ``P``'s storage holds the regions' values); the backward computes the input
-    gradient in full and, for the weight, only the regions' blocks (one matmul per region, on the
-    output columns of the upstream gradient and the input columns of the layer's input).
-    Whole-trainable weights or biases (``requires_grad``) get their full gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, spec: RowsSpec, *regions):
-        ctx.spec = spec
-        ctx.region_dtypes = [r.dtype for r in regions]
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, weight, bias)
-        if spec.conv1d:
-            out = torch.addmm(bias, x.view(-1, x.size(-1)), weight) if bias is not None \
-                else x.view(-1, x.size(-1)).mm(weight)
-            return out.view(x.size()[:-1] + (weight.shape[1],))
-        return nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
-        spec: RowsSpec = ctx.spec
-        enabled, dtype = ctx.autocast
-        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext():
-            return _rows_backward(ctx, spec, x, weight, bias, grad_out)
-
-
-def _rows_backward(ctx, spec: RowsSpec, x, weight, bias, grad_out):
-    needs = ctx.needs_input_grad
-    gy = grad_out.reshape(-1, grad_out.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    grad_x = grad_w = grad_b = None
-    if needs[0]:
-        grad_x = (gy.mm(weight.t()) if spec.conv1d else gy.mm(weight)).view(x.shape)
-    if needs[1]:
-        grad_w = x2.t().mm(gy) if spec.conv1d else gy.t().mm(x2)
-    if needs[2]:
-        grad_b = gy.sum(0)
-    grads = []
-    dtypes = ctx.region_dtypes
-    for (o0, o1, i0, i1), dtype in zip(spec.weight, dtypes):
-        g = x2[:, i0:i1].t().mm(gy[:, o0:o1]) if spec.conv1d else gy[:, o0:o1].t().mm(x2[:, i0:i1])
-        grads.append(g if g.dtype == dtype else g.to(dtype))
-    if spec.bias:
-        summed = grad_b if grad_b is not None else gy.sum(0)
-        for (o0, o1), dtype in zip(spec.bias, dtypes[len(spec.weight):]):
-            g = summed[o0:o1]
-            grads.append(g if g.dtype == dtype else g.to(dtype))
-    return (grad_x, grad_w, grad_b, None, *grads)
-
-
-def _linear_forward(self, input):
-    ensure_aliased(self)
-    spec = self.__dict__["_hft_rows"]
-    return RowsFunction.apply(input, self.weight, self.bias, spec, *(self._parameters[n] for n in spec.names))
+def rows_forward(module: nn.Module, spec: tuple, input: torch.Tensor) -> torch.Tensor:
+    return RowsFunction.apply(input, module.weight, module.bias, spec)
 
 
 def rows_module_kind(module: nn.Module) -> str | None:
@@ -363,15 +373,7 @@ def rows_module_kind(module: nn.Module) -> str | None:
     return None
 
 
-def install_rows(module: nn.Module) -> None:
-    """Replace ``module``'s forward (on the instance) by one through :class:`RowsFunction`."""
-    kind = rows_module_kind(module)
-    module.__dict__["_hft_rows"] = rows_spec(module, kind == "conv1d")
-    module.forward = types.MethodType(_linear_forward, module)
-
-
-def uninstall_rows(module: nn.Module) -> None:
-    module.__dict__.pop("_hft_rows", None)
-    if isinstance(module.__dict__.get("forward"), types.MethodType) and \
-            module.__dict__["forward"].__func__ is _linear_forward:
-        del module.__dict__["forward"]
+def install_rows(module: nn.Module, partials: Sequence[PartialTensor]) -> None:
+    """Run ``module``'s forward through :class:`RowsFunction` (on the instance)."""
+    spec = rows_spec(module, rows_module_kind(module) == "conv1d", partials)
+    install_forward(module, partials, rows_forward, spec)

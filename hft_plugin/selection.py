@@ -369,9 +369,7 @@ def _select(model: nn.Module, config: HFTConfig, history: tuple[dict[str, Any], 
     known = strategy_names()
     if config.strategy not in known:
         raise ConfigError(f"Unknown strategy {config.strategy!r}; known strategies: {', '.join(known)}.")
-    from .regions import hidden
-
-    with gc_paused(), hidden(unwrap_model(model)):  # an applied selection's region parameters are not weights
+    with gc_paused():
         layout = read_layout(model)
         return Selection(config, layout, frozenset(_draw(layout, config)), tuple(history))
 
@@ -454,11 +452,8 @@ def check_fits(model: nn.Module, selection: Selection) -> None:
     """Raise SelectionMismatchError unless ``selection`` was made for a model of ``model``'s
     structure: the same parameter names and shapes and, for fused tensors, the same split (a
     4-head GPT-NeoX selection does not fit a 2-head model with equal shapes). Changes nothing."""
-    from .regions import hidden
-
     model = unwrap_model(model)
-    with hidden(model):  # an applied selection's region parameters are not part of the structure
-        shapes = {n: param_shape(p) for n, p in model.named_parameters()}
+    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
     if shapes != selection.layout.shapes:
         diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
         raise SelectionMismatchError(
@@ -469,7 +464,7 @@ def check_fits(model: nn.Module, selection: Selection) -> None:
     wanted = selection.layout.splits()
     if not wanted:
         return  # nothing is split: names and shapes decide everything
-    with gc_paused(), hidden(model):
+    with gc_paused():
         here = read_layout(model).splits()
     if here != wanted:
         name = next((n for n in sorted(set(here) | set(wanted)) if here.get(n) != wanted.get(n)), "?")
@@ -534,9 +529,7 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
 
 
 def _flags(model: nn.Module) -> dict[str, bool]:
-    from .regions import requires_grad_flags
-
-    return requires_grad_flags(unwrap_model(model))  # a tensor training through region parameters trains
+    return {n: p.requires_grad for n, p in unwrap_model(model).named_parameters()}
 
 
 def check_trains_something(selection: Selection, requires_grad: Mapping[str, bool] | nn.Module) -> None:

@@ -76,12 +76,8 @@ def tiny_tokenizer():
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every parameter, by name, to compare against after training (the model's own
-    tensors: region parameters of an applied selection view them and are left out)."""
-    from .regions import hidden
-
-    with hidden(model):
-        return {name: param.detach().clone() for name, param in model.named_parameters()}
+    """A copy of every parameter, by name, to compare against after training."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
 def assert_frozen_and_trained(selection, before: dict, after: dict) -> dict[str, int]:

@@ -247,7 +247,7 @@ def test_gpt2_regions_under_the_default_fused_adamw(tmp_path):
     trainer.train()
     check_training(handle.selection, before, snapshot(trainer.model), trainer, handle)
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    names = {id(p): n for n, p in handle.named_parameters()}
     for group in optimizer.param_groups:
         group_names = [names[id(p)] for p in group["params"]]
         if any(".c_attn.weight_hft" in n for n in group_names):

@@ -131,6 +131,7 @@ class LlamaFactoryAdapter(Adapter):
         for module in model.modules() if model is not None else ():
             handle = active_handle(module)
             if handle is not None:
+                handle.own_regions(optimizer)
                 handle.attach(optimizer)
                 break
         return optimizer

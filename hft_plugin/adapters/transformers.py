@@ -21,8 +21,8 @@ What happens where:
   the Trainer, refused), the summary is logged and the manifest written; after it, the optimizer
   is checked and attached to the handle.
 * Partly trained fused tensors (Phi-3's ``qkv_proj``, MoE expert stacks) train through region
-  parameters (:mod:`hft_plugin.regions`): the Trainer's own ``create_optimizer`` puts them in its
-  weight-decay groups by name. Under DeepSpeed ZeRO (flat gradient partitions) they keep the
+  parameters (:mod:`hft_plugin.regions`): the optimizer the Trainer's own ``create_optimizer``
+  builds gets them in place of their tensors, in the tensors' weight-decay groups. Under DeepSpeed ZeRO (flat gradient partitions) they keep the
   gradient mask instead, as a gradient hook applied before ZeRO reduces the gradient. Under FSDP2
   they keep the mask too, on each rank's shard, and the handle follows the DTensor parameters that
   accelerate's ``fully_shard`` puts in place (:mod:`hft_plugin.adapters.fsdp`).
@@ -255,6 +255,7 @@ class _Session:
             optimizer = original(*args, **kwargs)
             if optimizer is not None:
                 _BUILT.add(unwrap(optimizer))
+                self.handle.own_regions(optimizer)
                 if drop_frozen(optimizer):
                     logger.warning("hft_plugin: %s put frozen tensors in the optimizer; they were removed.",
                                    type(self.trainer).__name__)
