@@ -25,7 +25,7 @@ is cast to the tuned dtype first, and the row says so.
     >>> with torch.no_grad():                      # "train" exactly the trainable half
     ...     for name, param in tuned.named_parameters():
     ...         if name in selection.plan().trainable:
-    ...             param.add_(1.0)
+    ...             _ = param.add_(1.0)
     >>> tuned.save_pretrained(os.path.join(root, "tuned"))
     >>> _ = selection.save(os.path.join(root, "tuned"))
     >>> report = verify_checkpoint(os.path.join(root, "base"), os.path.join(root, "tuned"))
