@@ -364,7 +364,8 @@ def _add_verify(subparsers) -> None:
                     "trained. Exit code 0 when the promise holds, 1 when a frozen element differs, 2 on bad input.",
         epilog="example: hft verify ./SmolLM2-135M ./out/checkpoint-500",
     )
-    verify.add_argument("base", metavar="BASE", help="the checkpoint folder the run started from")
+    verify.add_argument("base", metavar="BASE", help="the weights the round started from: the base model's folder "
+                                                     "for round 0, the previous round's output for a later round")
     verify.add_argument("tuned", metavar="TUNED", help="the folder the HFT run saved (with its hft_selection.json)")
     verify.add_argument("--manifest", metavar="FILE", help="judge by this hft_selection.json (default: TUNED's own)")
     verify.add_argument("--format", choices=("table", "json"), default="table",

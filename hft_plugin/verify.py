@@ -174,7 +174,8 @@ class VerifyReport:
             f"frozen:  {_n(s['frozen_tensors'], 'tensor')} whole and {s['partial_tensors']} in part, "
             f"{_n(s['frozen_elements'], 'element')}: "
             + ("all bit-identical to the base" if self.holds else
-               f"{s['changed_elements']:,} differ from the base, in {_n(len(s['changed_tensors']), 'tensor')}"),
+               f"{s['changed_elements']:,} differ{'s' if s['changed_elements'] == 1 else ''} from the base, in "
+               f"{_n(len(s['changed_tensors']), 'tensor')}"),
             f"trained: {_n(s['trains_tensors'], 'tensor')} whole and {s['partial_tensors']} in part, "
             f"{_n(s['trainable_elements'], 'element')}: {s['moved_elements']:,} moved ({moved:.2%})"
             + (f"; {_n(len(s['unmoved_tensors']), 'trainable tensor')} did not move at all "
@@ -201,6 +202,13 @@ class VerifyReport:
             )
         return "\n".join(lines)
 
+    def started_from(self) -> str | None:
+        """The folder the manifest says this round's weights came from (the previous round's, in
+        its history), or None for a first round or a model not loaded from a folder."""
+        history = self.selection.history
+        folder = history[-1].get("folder") if history else None
+        return folder if isinstance(folder, str) else None
+
     def text(self) -> str:
         """The header, the table and the summary: what ``hft verify`` prints."""
         c = self.selection.config
@@ -211,6 +219,12 @@ class VerifyReport:
             f"fingerprint {self.selection.fingerprint}",
             f"names: {self.conversion}",
         ]
+        started = self.started_from()
+        if started is not None and os.path.abspath(started) != os.path.abspath(self.base):
+            # A later round starts from the previous round's weights, not the original base: the
+            # frozen half is compared with whatever BASE is, so say which folder the run named.
+            header.append(f"note: the manifest says round {c.round} started from {started}; "
+                          "BASE should be the weights this round started from")
         return "\n".join(header) + "\n\n" + self.table() + "\n\n" + self.summary()
 
 
@@ -224,7 +238,8 @@ def verify_checkpoint(base: str, tuned: str, *, manifest: str | None = None,
     expert included (merged with transformers' own conversion mapping, as ``from_pretrained`` does).
 
     Args:
-        base: the folder the run started from (``save_pretrained`` output).
+        base: the weights the round started from (a ``save_pretrained`` folder): the base model
+            for round 0, the previous round's output for a later round.
         tuned: the folder the HFT run saved (``trainer.save_model``, a ``checkpoint-N`` folder).
         manifest: another ``hft_selection.json`` to judge by (default: the one in ``tuned``).
         allow_pickle: read pickled ``.bin`` weights (``torch.load(weights_only=True)``).
