@@ -270,8 +270,8 @@ def verify_checkpoint(base: str, tuned: str, *, manifest: str | None = None,
             raise ManifestError(
                 f"TUNED {tuned} has no {MANIFEST_NAME}, so nothing says which half was frozen: it was not saved by an "
                 "HFT run (enable_hft writes it into the output_dir, every checkpoint-N and trainer.save_model's "
-                f"folder). Pass the run's manifest with --manifest FILE (manifest=...), or plan one with "
-                f"`hft plan {tuned} --round N --format json > {MANIFEST_NAME}` if you know the run's options."
+                "folder). Pass the run's manifest with --manifest FILE (manifest=...); if you know the run's options, "
+                f"`hft plan {tuned} --round N --format json > FILE` writes the manifest it would have written."
             )
         raise ManifestError(f"--manifest {manifest}: no such file; pass the {MANIFEST_NAME} the HFT run wrote.")
     selection = Selection.load(manifest_path)

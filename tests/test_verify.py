@@ -251,6 +251,23 @@ def test_a_base_in_another_dtype_is_compared_after_casting(tmp_path):
     assert "base cast BF16 -> F32" in report.table()
 
 
+def test_a_later_round_names_the_folder_it_started_from(tmp_path):
+    """Round 1's BASE is round 0's output, which the manifest's history records: said when BASE differs."""
+    from hft_plugin import select_half
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "tuned")
+    round1 = select_half(model, round=1)
+    history = ({**round1.config.to_dict(), "round": 0, "fingerprint": round1.fingerprint, "folder": "/runs/round0"},)
+    Selection(round1.config, round1.layout, round1.trainable_units, history).save(str(tmp_path / "tuned"))
+    report = verify_checkpoint(str(tmp_path / "base"), str(tmp_path / "tuned"))
+    assert report.holds and report.started_from() == "/runs/round0"
+    assert "note: the manifest says round 1 started from /runs/round0" in report.text()
+    assert report.totals()["moved_elements"] == 0 and len(report.totals()["unmoved_tensors"]) > 0
+    assert "ok (did not move)" in report.table()
+
+
 def test_verify_is_a_subcommand(capsys):
     assert main(["--help"]) == 0 and "verify" in capsys.readouterr().out
     assert main(["verify", "--help"]) == 0
