@@ -4,6 +4,7 @@
                    [--train-embeddings | --freeze-embeddings] [--plot FILE.png]
                    [--format table|json|axolotl|spectrum [--expressible-only]]
     hft half-reset ...          (see ``hft half-reset --help``)
+    hft verify BASE TUNED [--manifest FILE] [--format table|json]
     hft run [options] -- COMMAND ...   (the same as ``hft-run``)
 
 ``hft plan`` reads only the model's config (a local folder, a config.json, a .gguf file's metadata,
@@ -353,6 +354,33 @@ def _run(argv: Sequence[str]) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
 
 
+# -- hft verify: its own module (hft_plugin.verify), imported only when it runs ----------------------
+
+def _add_verify(subparsers) -> None:
+    verify = subparsers.add_parser(
+        "verify", help="check that a tuned checkpoint's frozen half is bit-identical to its base",
+        description="Compare TUNED with BASE tensor by tensor (streaming over safetensors) against TUNED's "
+                    "hft_selection.json: every frozen element must be bit-identical to the base; counts what "
+                    "trained. Exit code 0 when the promise holds, 1 when a frozen element differs, 2 on bad input.",
+        epilog="example: hft verify ./SmolLM2-135M ./out/checkpoint-500",
+    )
+    verify.add_argument("base", metavar="BASE", help="the weights the round started from: the base model's folder "
+                                                     "for round 0, the previous round's output for a later round")
+    verify.add_argument("tuned", metavar="TUNED", help="the folder the HFT run saved (with its hft_selection.json)")
+    verify.add_argument("--manifest", metavar="FILE", help="judge by this hft_selection.json (default: TUNED's own)")
+    verify.add_argument("--format", choices=("table", "json"), default="table",
+                        help="table (default): one row per tensor and the verdict; json: the same as an object")
+    verify.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
+    verify.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import run_cli
+
+    return run_cli(args)
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
@@ -367,12 +395,14 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(subparsers)
     _add_half_reset(subparsers, load == "half-reset")
+    _add_verify(subparsers)
     subparsers.add_parser("run", help=_RUN_HELP, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``hft`` command; returns its exit code (0 ok, 2 bad input)."""
+    """Run the ``hft`` command; returns its exit code (0 ok, 2 bad input; ``hft verify``: 1 when the
+    frozen half differs from the base)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:

@@ -33,8 +33,9 @@ class SelectionMismatchError(HFTError):
 
 
 class ManifestError(SelectionMismatchError):
-    """A saved selection (``hft_selection.json``) cannot be read: not JSON, truncated, a key missing
-    or of the wrong type, or a format this version does not know. The message names the file."""
+    """A saved selection (``hft_selection.json``) cannot be read: absent where one is needed (``hft
+    verify``), not JSON, truncated, a key missing or of the wrong type, or a format this version does
+    not know. The message names the file."""
 
 
 class IntegrationError(HFTError):

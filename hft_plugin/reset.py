@@ -28,15 +28,14 @@ from typing import Any, Mapping, Sequence
 
 from .bootstrap.env import flag_type, parse_int, parse_ratio
 from .errors import ConfigError, HFTError, SelectionMismatchError
+# The one checkpoint reader, shared with hft verify and the reference model's sharing.
+from .weights import SAFE_INDEX
+from .weights import CheckpointWeights as _Weights, dtype_code as _dtype_code, meta_model as _meta_model
 
 __all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "Interrupted", "RESET_MANIFEST_NAME"]
 
 RESET_MANIFEST_NAME = "hft_half_reset.json"
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 # Files that travel with the weights: the config and everything a tokenizer or processor needs.
 _COPIED_NAMES = frozenset({
@@ -180,122 +179,6 @@ def _check_same_model(saved, selection, where: str | None) -> None:
 
 # -- on checkpoints, streaming --------------------------------------------------------------------
 
-class _Weights:
-    """The tensors of a checkpoint directory, read one at a time (safetensors, or pickle if allowed)."""
-
-    def __init__(self, directory: str, allow_pickle: bool, role: str):
-        self.directory = directory
-        self.role = role
-        self.pickled = False
-        self.index_name: str | None = None
-        self.files: dict[str, list[str]] = {}  # file name -> its tensor names, in file order
-        self._open: dict[str, Any] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, safetensors dtype)
-        self._where: dict[str, str] = {}
-        if not os.path.isdir(directory):
-            raise ConfigError(f"--{role} {directory}: no such directory.")
-        names = set(os.listdir(directory))
-        if SAFE_INDEX in names or SAFE_WEIGHTS in names:
-            self._read_layout(SAFE_INDEX, SAFE_WEIGHTS, names)
-        elif PICKLE_INDEX in names or PICKLE_WEIGHTS in names:
-            if not allow_pickle:
-                raise ConfigError(
-                    f"--{role} {directory} holds pickled PyTorch weights (.bin), which can run code when "
-                    "loaded. Convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you "
-                    "trust it; it is then loaded with torch.load(weights_only=True)."
-                )
-            self.pickled = True
-            self._read_layout(PICKLE_INDEX, PICKLE_WEIGHTS, names)
-        else:
-            raise ConfigError(
-                f"--{role} {directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}: pass a directory saved by "
-                "save_pretrained (safetensors)."
-            )
-        for file in list(self.files):
-            self._load_names(file)
-
-    def _read_layout(self, index_name: str, single_name: str, names: set[str]) -> None:
-        if index_name in names:
-            self.index_name = index_name
-            path = os.path.join(self.directory, index_name)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ConfigError(f"{path} is not a readable weight index ({error}).") from None
-            for tensor, file in weight_map.items():
-                self._where[tensor] = file
-                self.files.setdefault(file, [])
-            for file in self.files:
-                if not os.path.isfile(os.path.join(self.directory, file)):
-                    raise ConfigError(f"{path} names the shard {file}, which is not in {self.directory}.")
-        else:
-            self.files[single_name] = []
-
-    def _handle(self, file: str):
-        handle = self._open.get(file)
-        if handle is None:
-            path = os.path.join(self.directory, file)
-            if self.pickled:
-                import torch
-
-                try:
-                    # mmap: tensors are read from disk when used, not all at once
-                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as error:
-                    raise ConfigError(f"{path} could not be loaded with weights_only=True ({_first_line(error)}).") from None
-            else:
-                from safetensors import safe_open
-
-                try:
-                    handle = safe_open(path, framework="pt")
-                except Exception as error:
-                    raise ConfigError(f"{path} is not a readable safetensors file ({_first_line(error)}).") from None
-            self._open[file] = handle
-        return handle
-
-    def _load_names(self, file: str) -> list[str]:
-        handle = self._handle(file)
-        names = list(handle.keys())
-        for name in names:
-            if self.pickled:
-                tensor = handle[name]
-                self._meta[name] = (tuple(tensor.shape), _dtype_code(tensor.dtype, name))
-            else:
-                piece = handle.get_slice(name)
-                self._meta[name] = (tuple(piece.get_shape()), piece.get_dtype())
-            self._where.setdefault(name, file)
-        self.files[file] = names
-        return names
-
-    def names(self) -> list[str]:
-        return [n for names in self.files.values() for n in names]
-
-    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        return self._meta[name]
-
-    def get(self, name: str):
-        handle = self._handle(self._where[name])
-        return handle[name] if self.pickled else handle.get_tensor(name)
-
-    def close(self) -> None:
-        self._open.clear()
-
-
-_DTYPE_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-
-
-def _dtype_code(dtype, name: str) -> str:
-    code = _DTYPE_CODES.get(str(dtype).replace("torch.", ""))
-    if code is None:
-        raise ConfigError(f"Tensor {name!r} has dtype {dtype}, which safetensors cannot store.")
-    return code
-
-
 def _first_difference(base: _Weights, tuned: _Weights) -> str | None:
     base_names, tuned_names = set(base.names()), set(tuned.names())
     for name in sorted(base_names ^ tuned_names):
@@ -306,19 +189,6 @@ def _first_difference(base: _Weights, tuned: _Weights) -> str | None:
         if base.meta(name)[0] != tuned.meta(name)[0]:
             return f"tensor {name!r} has shape {list(base.meta(name)[0])} in the base checkpoint but {list(tuned.meta(name)[0])} in the tuned one"
     return None
-
-
-def _meta_model(directory: str):
-    """The model of ``directory``'s config, built on the meta device: names and shapes, no weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as error:
-        raise ConfigError(f"{directory} has no readable model config.json ({_first_line(error)}).") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _plan_for_checkpoint(tuned: _Weights, selection) -> tuple[dict[str, Any], list[str]]:
@@ -470,8 +340,8 @@ def half_reset_checkpoint(
     saved = Selection.load(tuned_dir) if os.path.isfile(os.path.join(tuned_dir, MANIFEST_NAME)) else None
     config = _reset_config(saved, given, tuned_dir, flags=_flags)
 
-    tuned = _Weights(tuned_dir, allow_pickle, "tuned")
-    base = _Weights(base_dir, allow_pickle, "base")
+    tuned = _Weights(tuned_dir, allow_pickle, label=f"--tuned {tuned_dir}")
+    base = _Weights(base_dir, allow_pickle, label=f"--base {base_dir}")
     difference = _first_difference(base, tuned)
     if difference is not None:
         raise SelectionMismatchError(f"The base and tuned checkpoints differ: {difference}. Nothing was written.")

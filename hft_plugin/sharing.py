@@ -44,9 +44,7 @@ reference, a PEFT-wrapped reference, a reference (or policy) on the meta device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import sys
 import weakref
 from typing import TYPE_CHECKING
@@ -233,15 +231,15 @@ class SharedReference:
         Returns the names unshared."""
         if not self._pairs:
             return []
-        reader = _SafetensorsReader.open(checkpoint)
+        reader = _open_weights(checkpoint)
         if reader is None:
             return self.unshare(f"{checkpoint} holds no safetensors weights to compare before loading")
         differ = []
         with reader:
             for pair in self._pairs:
-                value = reader.get(pair.name)
-                if value is None:
+                if pair.name not in reader:
                     continue  # loading writes nothing into this tensor
+                value = reader.get(pair.name)
                 value = value.to(device=pair.policy.device, dtype=pair.policy.dtype)
                 if value.shape != pair.policy.shape or not same_bits(value, pair.policy.detach()):
                     differ.append(pair.name)
@@ -459,48 +457,15 @@ def shared_reference(reference: nn.Module) -> SharedReference | None:
     return _ACTIVE.get(unwrap_model(reference))
 
 
-class _SafetensorsReader:
-    """Reads single tensors of a checkpoint directory's safetensors weights, by name."""
+def _open_weights(checkpoint: str):
+    """``checkpoint``'s safetensors weights through the one checkpoint reader
+    (:class:`hft_plugin.weights.CheckpointWeights`), or None when it holds none it can read."""
+    from .weights import CheckpointWeights
 
-    def __init__(self, directory: str, files: dict[str, str]):
-        self.directory = directory
-        self.files = files  # tensor name -> file name
-        self._open: dict[str, object] = {}
-
-    @classmethod
-    def open(cls, checkpoint: str) -> "_SafetensorsReader | None":
-        single = os.path.join(checkpoint, "model.safetensors")
-        index = os.path.join(checkpoint, "model.safetensors.index.json")
-        try:
-            from safetensors import safe_open
-
-            if os.path.isfile(index):
-                with open(index, encoding="utf-8") as handle:
-                    return cls(checkpoint, dict(json.load(handle)["weight_map"]))
-            if os.path.isfile(single):
-                with safe_open(single, framework="pt") as f:
-                    return cls(checkpoint, {name: "model.safetensors" for name in f.keys()})
-        except (OSError, ValueError, KeyError, ImportError):
-            return None
+    try:
+        return CheckpointWeights(checkpoint)  # pickled weights are refused: compared as "unknown", so unshared
+    except ConfigError:
         return None
-
-    def get(self, name: str) -> torch.Tensor | None:
-        from safetensors import safe_open
-
-        file = self.files.get(name)
-        if file is None:
-            return None
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.directory, file), framework="pt").__enter__()
-        return self._open[file].get_tensor(name)
-
-    def __enter__(self) -> "_SafetensorsReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for f in self._open.values():
-            f.__exit__(None, None, None)
-        self._open.clear()
 
 
 def _declined_report(reference, reason: str | None) -> SharingReport:
