@@ -40,7 +40,7 @@ import os
 import weakref
 from typing import Any, Callable, Mapping
 
-from ..checkpoints import check_checkpoint
+from ..checkpoints import check_checkpoint, load_renamed
 from ..config import HFTConfig
 from ..distributed import check_ranks_agree
 from ..errors import (ConfigError, HFTError, IntegrationError, OptimizerMismatchError, SelectionMismatchError,
@@ -331,6 +331,10 @@ class _Session:
         checkpoint = _resolve_checkpoint(trainer, resume)
         if self._checked is None or self._checked[0] != checkpoint or self._checked[1] is not self.selection:
             self.check_resume(checkpoint)  # e.g. model_init built a new model and selection inside train()
+        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+        if checkpoint is not None and not sharded:  # the Trainer loaded the checkpoint just before this step
+            load_renamed(_unwrapped(model), checkpoint,
+                         before_write=self.sharing.unshare if self.sharing is not None and self.sharing.active else None)
         self.sharing = _reference_sharing(self)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
