@@ -21,6 +21,12 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=PROBE).logits
 
 
+def state(model) -> dict[str, torch.Tensor]:
+    """A copy of the model's ``state_dict()``: its tensors by name, as a checkpoint holds them, read
+    through the public API only (whatever the plugin keeps inside the model)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
 def storage(p: torch.Tensor) -> int:
     """Where a tensor's storage starts: equal for two tensors that share their bytes."""
     return p.untyped_storage().data_ptr()
