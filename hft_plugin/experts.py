@@ -26,7 +26,6 @@ expert-parallel modules keep the gradient-mask mechanism (:mod:`hft_plugin.maski
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable, Sequence
 
@@ -240,15 +239,20 @@ class ExpertsLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-@functools.lru_cache(maxsize=None)
+_MOE_HELPERS: dict[str, Callable | None] = {}
+
+
 def _transformers_moe(name: str) -> Callable | None:
     """A helper of transformers' MoE integration, or None where this transformers lacks it; looked up
-    once, not at every projection of every forward and backward."""
-    try:
-        import transformers.integrations.moe as moe
-    except ImportError:
-        return None
-    return getattr(moe, name, None)
+    once, not at every projection of every forward and backward (a plain dict, which torch.compile
+    reads as it is)."""
+    if name not in _MOE_HELPERS:
+        try:
+            import transformers.integrations.moe as moe
+        except ImportError:
+            moe = None
+        _MOE_HELPERS[name] = getattr(moe, name, None)
+    return _MOE_HELPERS[name]
 
 
 def _grouped_linear(x, weight, offsets, bias, transposed: bool):

@@ -159,7 +159,8 @@ class HFTHandle:
             if mechanism == "mask":
                 self._masked[name] = boxes
                 continue
-            partial = regions.PartialTensor(module, attr, name, boxes, squeeze_leading=mechanism == "experts")
+            partial = regions.PartialTensor(module, attr, name, boxes, squeeze_leading=mechanism == "experts",
+                                            root=self.model)
             self._partials[name] = partial
             self._regions.update((r.name, r.param) for r in partial.regions)
             by_module.setdefault(id(module), (module, mechanism, []))[2].append(partial)

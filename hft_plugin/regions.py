@@ -115,10 +115,13 @@ class PartialTensor:
         name: the tensor's name in the model (for region names and messages).
         boxes: the trainable boxes, as the layout defines them.
         squeeze_leading: index a box that fixes dimension 0 to one index with an int (one expert).
+        root: the model ``module`` belongs to (weakly), to tell an FSDP2-sharded model apart.
     """
 
-    def __init__(self, module: nn.Module, attr: str, name: str, boxes: Sequence[Box], squeeze_leading: bool):
+    def __init__(self, module: nn.Module, attr: str, name: str, boxes: Sequence[Box], squeeze_leading: bool,
+                 root: nn.Module | None = None):
         self.module = module
+        self._root = weakref.ref(root) if root is not None else None
         self.attr = attr
         self.name = name
         param = module._parameters[attr]
@@ -172,7 +175,8 @@ class PartialTensor:
         param = self.tensor
         if param is None:
             return
-        if is_sharded(param):
+        if param is not self._hooked and (is_sharded(param) or self._fully_sharded()):
+            # FSDP2 holds the tensor sharded, and puts an unsharded copy in place for each forward only
             from .errors import IntegrationError
 
             raise IntegrationError(sharded_message(self.name))
@@ -191,6 +195,10 @@ class PartialTensor:
                 grad_view = grad[region.index]
                 if region.param.grad is None or not _views(region.param.grad, grad_view):
                     region.param.grad = grad_view
+
+    def _fully_sharded(self) -> bool:
+        root = self._root() if self._root is not None else None
+        return root is not None and any(type(m).__name__.startswith("FSDP") for m in root.modules())
 
     def remove(self) -> None:
         """Drop the hooks and retire the regions (the tensor holds their values)."""
