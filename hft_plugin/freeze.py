@@ -306,6 +306,8 @@ class HFTHandle:
         trainable = {id(p): n for n, p in self._trainable}
         everything = {id(p): n for n, p in self._params.items()}
         everything.update((id(p), n) for n, p in self._regions.items())
+        for name, partial in self._partials.items():  # owned whole, a tensor that trains in part moves its frozen elements
+            everything[id(partial.tensor)] = f"{name} whole (it trains in part: its regions are in handle.parameters())"
         for name in self._unfrozen_by_hand():
             trainable.setdefault(id(self._params[name]), name)
         return trainable, everything
@@ -336,6 +338,16 @@ class HFTHandle:
         self._trainable  # links the regions to the tensors as they are now
         replacements = {id(partial.tensor): [r.param for r in partial.regions] for partial in self._partials.values()}
         return optimizers.replace_in_groups(optimizer, replacements)
+
+    def _own_regions_if_fresh(self, optimizer) -> None:
+        """An optimizer built from the model's ``requires_grad`` tensors owns each partly trained tensor
+        whole; before it holds any state for one, its regions can take its place (same groups)."""
+        whole = {id(p.tensor) for p in self._partials.values()}
+        owned = [p for p in optimizers.owned(optimizer) if id(p) in whole]
+        if owned and not any(optimizer.state.get(p) for p in owned):
+            self.own_regions(optimizer)
+            logger.info("hft_plugin: the optimizer owned %d tensors that train in part whole; their trainable regions "
+                        "took their places in its parameter groups.", len(owned))
 
     def check_optimizer(self, optimizer, need_all: bool = True) -> None:
         """Raise :class:`~hft_plugin.errors.OptimizerMismatchError` unless ``optimizer`` owns exactly
@@ -369,6 +381,7 @@ class HFTHandle:
             raise IntegrationError("This HFT handle was removed; apply a selection again and attach to its handle.")
         self._check_not_replaced()
         inner = optimizers.unwrap(optimizer)
+        self._own_regions_if_fresh(inner)
         trainable, everything = self._names()
         optimizers.check([inner], trainable, everything, need_all=False)
         owned = {id(p) for p in optimizers.owned(inner)}

@@ -364,3 +364,25 @@ def test_a_tensor_unfrozen_by_hand_may_be_owned_with_a_warning(caplog):
     with pytest.raises(HFTError, match="do not train in this round"):
         handle.attach(torch.optim.AdamW([*handle.parameters(), model.get_parameter(other)], lr=1e-2))
     handle.remove()
+
+
+def test_an_optimizer_over_the_models_trainable_tensors_gets_the_regions_on_attach():
+    """[p for p in model.parameters() if p.requires_grad] owns each partly trained tensor whole; attach
+    puts its regions in its place (same group) while the optimizer holds no state, so the common idiom
+    trains exactly; once it holds state for a whole tensor, attach refuses."""
+    model = tiny_model("phi3")
+    handle = apply_selection(model, select_half(model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} != {id(p) for p in handle.parameters()}
+    handle.attach(optimizer)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
+    handle.remove()
+
+    handle = apply_selection(model, select_half(model))
+    stale = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = ids()
+    model(input_ids=batch, labels=batch).loss.backward()
+    stale.step()  # state for the fused tensors, whole: their frozen elements may have moved already
+    with pytest.raises(HFTError, match="do not train in this round"):
+        handle.attach(stale)
+    handle.remove()
