@@ -171,15 +171,16 @@ class Selection:
             f"trainable%: {100 * s['overall_ratio']:.4f}",
             f"{s['trainable_ratio']:.2%} of the transformer layers' parameters train (the HFT ratio counts only "
             f"the layers); {why}, so {s['overall_ratio']:.2%} of all parameters do.",
-            f"{'part':<22}{'trainable':>15}{'total':>15}{'share':>9}",
-            f"{'all parameters':<22}{s['trainable_params']:>15,}{s['total_params']:>15,}{s['overall_ratio']:>9.2%}",
-            f"{'layers (HFT ratio)':<22}{s['layer_trainable_params']:>15,}{s['layer_params']:>15,}"
-            f"{s['trainable_ratio']:>9.2%}",
         ]
-        for group, g in s["groups"].items():
-            lines.append(f"{'  ' + group:<22}{g['trainable']:>15,}{g['total']:>15,}{g['ratio']:>9.2%}")
-        lines.append(f"{'outside layers':<22}{outside_trains:>15,}{outside:>15,}"
-                     f"{(outside_trains / outside if outside else 0):>9.2%}")
+        # 15 columns keep a space before counts up to 99 billion; a larger model (LongCat-Flash has
+        # 560,664,958,976 parameters) widens the columns rather than running two counts together
+        w = max(15, len(f"{s['total_params']:,}") + 2)
+        rows = [("all parameters", s["trainable_params"], s["total_params"], s["overall_ratio"]),
+                ("layers (HFT ratio)", s["layer_trainable_params"], s["layer_params"], s["trainable_ratio"])]
+        rows += [("  " + group, g["trainable"], g["total"], g["ratio"]) for group, g in s["groups"].items()]
+        rows.append(("outside layers", outside_trains, outside, outside_trains / outside if outside else 0))
+        lines.append(f"{'part':<22}{'trainable':>{w}}{'total':>{w}}{'share':>9}")
+        lines += [f"{name:<22}{trains:>{w},}{total:>{w},}{share:>9.2%}" for name, trains, total, share in rows]
         frozen_by_user = s.get("frozen_by_user") or ()
         if frozen_by_user:
             n = len(frozen_by_user)
