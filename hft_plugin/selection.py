@@ -398,7 +398,8 @@ def folder_manifest(model: nn.Module) -> tuple[str | None, Selection | None]:
     return folder, Selection.load(folder)
 
 
-def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
+def resolve_round(model: nn.Module, config: HFTConfig, *,
+                  warn: bool = True) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
     """The round to train, and the history of rounds, from the manifest of the folder ``model``
     was loaded from (the ``output_dir`` of the previous round, as a trainer saves it).
 
@@ -406,7 +407,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
       train_embeddings unless ``config`` sets them (:attr:`HFTConfig.given`). A folder without a
       manifest (a base model) starts at round 0, with a one-line warning.
     * A round number that the manifest says already ran on these weights (its round or one in its
-      history) is trained as asked, with a warning that names the fix.
+      history) is trained as asked, with a warning that names the fix (``warn=False``: none, for a
+      caller that only shows the selection, as ``hft plan`` does; see :func:`rounds_run`).
 
     The history returned is the manifest's history plus the manifest's own round; a new manifest
     keeps it, so the chain of rounds survives every save.
@@ -432,8 +434,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
         logger.info("hft_plugin: round='next': %s ran round %d; training round %d.", folder,
                     previous.config.round, resolved.round)
         return resolved, history
-    if previous is not None:
-        ran = sorted({int(h["round"]) for h in history})
+    if previous is not None and warn:
+        ran = rounds_run(history)
         if config.round in ran:
             logger.warning(
                 "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
@@ -441,6 +443,15 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
                 "--round next to hft plan.",
                 os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
     return config, history
+
+
+def rounds_run(history: tuple[dict[str, Any], ...]) -> list[int]:
+    """The rounds a history (:attr:`Selection.history`) says already ran on the weights, sorted.
+
+        >>> rounds_run(({"round": 1}, {"round": 0}, {"round": 1}))
+        [0, 1]
+    """
+    return sorted({int(h["round"]) for h in history})
 
 
 def _replace(config: HFTConfig, **values: Any) -> HFTConfig:
