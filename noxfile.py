@@ -1,6 +1,7 @@
 """The compatibility matrix, one session per cell (docs/activation.md has the table of results).
 
-    nox -s newest        # transformers/TRL newest supported (the default CI environment)
+    nox -s fresh         # the README's install, unpinned: the day's newest transformers/TRL (CI's environment)
+    nox -s newest        # transformers/TRL newest verified, pinned (requirements/newest.txt)
     nox -s oldest        # transformers/TRL oldest supported (lower ends of the `trl` extra)
     nox -s llamafactory  # LLaMA-Factory 0.9.5 with its own pins, CPU torch (.ci/llamafactory.sh)
     nox -s openrlhf      # OpenRLHF 0.11.2 imports, adapter driven on CPU (.ci/openrlhf.sh)
@@ -8,11 +9,13 @@
     nox -s swift         # ms-swift 4.6.0 with its own pins, CPU torch (.ci/swift.sh)
 
 Every environment keeps the CPU build of torch 2.13.0 (requirements/cpu-torch.txt as a constraint).
+`.ci/run` builds the fresh cell itself and runs the whole suite in it; when tests fail there,
+`.ci/pinned-rerun` runs them again under requirements/newest.txt.
 """
 
 import nox
 
-nox.options.sessions = ["newest"]
+nox.options.sessions = ["fresh"]
 nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINT = ("-c", "requirements/cpu-torch.txt")
@@ -31,6 +34,16 @@ def _transformers_cell(session: nox.Session, requirements: str) -> None:
     session.install("--no-deps", "-e", ".")  # also installs the start-up hook (.pth)
     session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
     session.run("python", "-m", "pytest", "-q", *TRANSFORMERS_TESTS, *session.posargs)
+
+
+@nox.session(python="3.11")
+def fresh(session: nox.Session) -> None:
+    """The README's two install lines as a new user runs them: only torch pinned, everything else
+    the newest of the day. `nox -s fresh` runs the Trainer and activation tests; `-- tests` all."""
+    session.install(*CONSTRAINT, "torch==2.13.0")
+    session.install("-e", ".[trl,deepspeed,bench,dev]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("python", "-m", "pytest", "-q", *(session.posargs or TRANSFORMERS_TESTS))
 
 
 @nox.session(python="3.11")

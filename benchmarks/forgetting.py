@@ -187,26 +187,18 @@ def default_model_path() -> str:
 def load_model(path: str):
     """A plain floating-point causal LM and its tokenizer, from a model directory or a .gguf file.
 
-    A GGUF model is de-quantized by transformers' loader and rebuilt as an ordinary fp32 model
-    (the loader marks it as quantized, which trainers refuse).
+    A GGUF model is de-quantized by transformers' loader; :func:`hft_plugin.dequantize_for_training`
+    clears the quantizer's marks it leaves, which trainers refuse.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hft_plugin import dequantize_for_training
 
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        state = loaded.state_dict()
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise SystemExit(f"Rebuilding the GGUF model failed: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        if getattr(config, "tie_word_embeddings", False):
-            model.tie_weights()
-        del loaded, state
+        model = dequantize_for_training(
+            AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32))
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

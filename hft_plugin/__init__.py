@@ -37,6 +37,7 @@ _EXPORTS = {
     "disable_hft": "adapters.transformers",
     "half_reset": "reset",
     "half_reset_checkpoint": "reset",
+    "dequantize_for_training": "quantized",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
                          OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
                          UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
+    from .quantized import dequantize_for_training
     from .selection import Selection, select_half
 
 

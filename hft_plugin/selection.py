@@ -171,15 +171,16 @@ class Selection:
             f"trainable%: {100 * s['overall_ratio']:.4f}",
             f"{s['trainable_ratio']:.2%} of the transformer layers' parameters train (the HFT ratio counts only "
             f"the layers); {why}, so {s['overall_ratio']:.2%} of all parameters do.",
-            f"{'part':<22}{'trainable':>15}{'total':>15}{'share':>9}",
-            f"{'all parameters':<22}{s['trainable_params']:>15,}{s['total_params']:>15,}{s['overall_ratio']:>9.2%}",
-            f"{'layers (HFT ratio)':<22}{s['layer_trainable_params']:>15,}{s['layer_params']:>15,}"
-            f"{s['trainable_ratio']:>9.2%}",
         ]
-        for group, g in s["groups"].items():
-            lines.append(f"{'  ' + group:<22}{g['trainable']:>15,}{g['total']:>15,}{g['ratio']:>9.2%}")
-        lines.append(f"{'outside layers':<22}{outside_trains:>15,}{outside:>15,}"
-                     f"{(outside_trains / outside if outside else 0):>9.2%}")
+        # 15 columns keep a space before counts up to 99 billion; a larger model (LongCat-Flash has
+        # 560,664,958,976 parameters) widens the columns rather than running two counts together
+        w = max(15, len(f"{s['total_params']:,}") + 2)
+        rows = [("all parameters", s["trainable_params"], s["total_params"], s["overall_ratio"]),
+                ("layers (HFT ratio)", s["layer_trainable_params"], s["layer_params"], s["trainable_ratio"])]
+        rows += [("  " + group, g["trainable"], g["total"], g["ratio"]) for group, g in s["groups"].items()]
+        rows.append(("outside layers", outside_trains, outside, outside_trains / outside if outside else 0))
+        lines.append(f"{'part':<22}{'trainable':>{w}}{'total':>{w}}{'share':>9}")
+        lines += [f"{name:<22}{trains:>{w},}{total:>{w},}{share:>9.2%}" for name, trains, total, share in rows]
         frozen_by_user = s.get("frozen_by_user") or ()
         if frozen_by_user:
             n = len(frozen_by_user)
@@ -395,7 +396,8 @@ def folder_manifest(model: nn.Module) -> tuple[str | None, Selection | None]:
     return folder, Selection.load(folder)
 
 
-def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
+def resolve_round(model: nn.Module, config: HFTConfig, *,
+                  warn: bool = True) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
     """The round to train, and the history of rounds, from the manifest of the folder ``model``
     was loaded from (the ``output_dir`` of the previous round, as a trainer saves it).
 
@@ -403,7 +405,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
       train_embeddings unless ``config`` sets them (:attr:`HFTConfig.given`). A folder without a
       manifest (a base model) starts at round 0, with a one-line warning.
     * A round number that the manifest says already ran on these weights (its round or one in its
-      history) is trained as asked, with a warning that names the fix.
+      history) is trained as asked, with a warning that names the fix (``warn=False``: none, for a
+      caller that only shows the selection, as ``hft plan`` does; see :func:`rounds_run`).
 
     The history returned is the manifest's history plus the manifest's own round; a new manifest
     keeps it, so the chain of rounds survives every save.
@@ -429,8 +432,8 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
         logger.info("hft_plugin: round='next': %s ran round %d; training round %d.", folder,
                     previous.config.round, resolved.round)
         return resolved, history
-    if previous is not None:
-        ran = sorted({int(h["round"]) for h in history})
+    if previous is not None and warn:
+        ran = rounds_run(history)
         if config.round in ran:
             logger.warning(
                 "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
@@ -438,6 +441,15 @@ def resolve_round(model: nn.Module, config: HFTConfig) -> tuple[HFTConfig, tuple
                 "--round next to hft plan.",
                 os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
     return config, history
+
+
+def rounds_run(history: tuple[dict[str, Any], ...]) -> list[int]:
+    """The rounds a history (:attr:`Selection.history`) says already ran on the weights, sorted.
+
+        >>> rounds_run(({"round": 1}, {"round": 0}, {"round": 1}))
+        [0, 1]
+    """
+    return sorted({int(h["round"]) for h in history})
 
 
 def _replace(config: HFTConfig, **values: Any) -> HFTConfig:

@@ -215,3 +215,39 @@ def test_hft_run_subcommand_refuses_before_running(capsys, tmp_path, monkeypatch
     assert main(["run", "--ratio", "abc", "--", "touch", str(ran)]) == 2
     err = capsys.readouterr().err
     assert "--ratio='abc'" in err and "HFT_RATIO" not in err and not ran.exists()
+
+
+# -- names: a misspelt variable is an error with a suggestion, never a silent default -------------------
+@pytest.mark.parametrize("name, meant", [
+    ("HFT_RATO", "HFT_RATIO"), ("HFT_ROUNDS", "HFT_ROUND"), ("hft_ratio", "HFT_RATIO"), ("HFT_SEEDS", "HFT_SEED"),
+    ("HFT_TRAIN_EMBEDDING", "HFT_TRAIN_EMBEDDINGS"), ("HFT_CONFIG_FILE", "HFT_CONFIG"), ("HFT_ENABLED", "HFT_ENABLE"),
+])
+def test_a_misspelt_variable_is_an_error_with_a_suggestion(name, meant):
+    environ = {"HFT_ENABLE": "1", name: "0.25"}
+    for read in (env.load_config, env.training_config):
+        with pytest.raises(ConfigError, match=rf"^{name}='0.25' is not a variable hft-plugin reads.*Did you mean {meant}\?"):
+            read(environ)
+    with pytest.raises(ConfigError, match=rf"^{name}='0.25'.*Did you mean {meant}\?"):  # hft-run, before running
+        build_environment(["--", "true"], {name: "0.25"})
+
+
+def test_every_misspelt_name_is_named():
+    with pytest.raises(ConfigError, match=r"^HFT_RATO=.*\(and HFT_ROUDN\)\. Did you mean HFT_RATIO\?"):
+        env.load_config({"HFT_RATO": "0.25", "HFT_ROUDN": "1"})
+
+
+def test_a_name_like_none_is_one_warning_and_ignored(caplog):
+    environ = {"HFT_ENABLE": "1", "HFT_API_KEY": "secret", "HFT_ROUND": "1"}
+    with caplog.at_level("WARNING", logger="hft_plugin"):
+        assert env.load_config(environ).round == 1
+        env.load_config(environ)
+    lines = [r.getMessage() for r in caplog.records if "HFT_API_KEY" in r.getMessage()]
+    assert len(lines) == 1 and "is not a variable hft-plugin reads; it is ignored" in lines[0]
+    assert "secret" not in lines[0]  # another tool's value is not printed
+
+
+def test_every_documented_and_tooling_name_is_accepted():
+    environ = {name: "1" for name in env.TOOLING_VARIABLES}
+    environ.update(HFT_ENABLE="1", HFT_DISABLE_PLUGIN_AUTOLOAD="1", HFT_SHARE_REFERENCE="1", HFT_DISABLE_ADAPTERS="swift")
+    assert env.unknown_variables(environ) == []
+    assert env.load_config(environ) == HFTConfig()

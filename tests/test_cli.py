@@ -178,3 +178,21 @@ def test_round_next_plans_the_round_after_the_folders_manifest(tmp_path, capsys,
     tiny_config("llama").save_pretrained(tmp_path / "base")
     code, out, _ = _run(capsys, "plan", str(tmp_path / "base"), "--round", "next", "--format", "json")
     assert code == 0 and json.loads(out)["config"]["round"] == 0 and "starting at round 0" in caplog.text
+
+
+def test_plan_of_rounds_that_already_ran_notes_it_and_warns_of_no_training(tmp_path, capsys, caplog):
+    """`hft plan --rounds 0-1` on a round-0 folder warned that "training it again trains the same
+    half": a plan trains nothing. It says, once, which rounds ran and which is next."""
+    import logging
+
+    tiny_config("llama").save_pretrained(tmp_path)
+    select_half(tiny_model("llama"), round=0).save(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="hft_plugin"):
+        code, out, err = _run(capsys, "plan", str(tmp_path), "--rounds", "0-1")
+    assert code == 0, err
+    assert "trains the same half" not in caplog.text + err
+    assert err.count("note:") == 1 and "says round 0 already ran on these weights (rounds run: 0); the next round " \
+                                       "is 1 (--round next)." in err
+    assert out.count("HFT selection:") == 2 and "note:" not in out
+    code, out, err = _run(capsys, "plan", str(tmp_path), "--round", "1", "--json")
+    assert code == 0 and err == "" and json.loads(out)["history"][0]["round"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -96,3 +97,19 @@ def test_trl_sft_cli_without_hft_enable_is_untouched(tmp_path):
     # every tensor with a gradient path moved, the half HFT would have frozen included
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     assert unchanged == [], unchanged
+
+
+def test_trl_sft_cli_with_a_misspelt_variable_stops_with_one_short_error(tmp_path):
+    """`HFT_ENABLE=1 HFT_RATO=0.25 trl sft` trained at ratio 0.5 with no word; a malformed value was
+    then printed three times in 86 lines of tracebacks (the worker's, and accelerate's with the
+    worker's stderr attached). Now: the error once, two one-line pointers, no traceback."""
+    model_dir, data_dir = write_tiny_run(tmp_path)
+    out, done = trl_sft(tmp_path, model_dir, data_dir, "out-typo", expect=1, HFT_ENABLE="1", HFT_RATO="0.25")
+    assert not out.exists() or not any(out.iterdir())
+    assert done.stderr.count("HFT_RATO='0.25' is not a variable hft-plugin reads") == 1, done.stderr[-3000:]
+    assert "Did you mean HFT_RATIO?" in done.stderr and "Traceback" not in done.stderr
+    stopped, worker = [line for line in done.stderr.splitlines() if line.startswith("hft_plugin:")][1:]
+    assert stopped == "hft_plugin: stopped before training on the configuration error above (ConfigError)."
+    # accelerate starts the worker with sys.executable: python, python3 or python3.11 by the venv
+    assert re.fullmatch(r"hft_plugin: the worker \(python[\d.]* sft\.py \.\.\.\) stopped on the configuration "
+                        r"error above \(exit status 1\)\.", worker), worker

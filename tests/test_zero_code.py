@@ -104,6 +104,7 @@ def test_enable_switched_off_at_train_time_trains_without_hft(tmp_path, adapter,
 
 @pytest.mark.parametrize("variable, value", [
     ("HFT_ENABLE", "flase"), ("HFT_ENABLE", "ture"), ("HFT_TRAIN_EMBEDDINGS", ""), ("HFT_ROUND", "1_0"),
+    ("HFT_RATO", "0.25"),  # a misspelt name: it would train at the default ratio
 ])
 def test_a_malformed_variable_stops_train_before_any_change(tmp_path, adapter, monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
@@ -162,6 +163,45 @@ def test_the_start_up_hook_stops_on_a_malformed_variable(tmp_path, environ):
     assert lines[-2].startswith(f"ConfigError | {variable}={value!r}") and lines[-1] == "unchanged", lines
     hook_lines = [line for line in result.stderr.splitlines() if line.startswith("hft_plugin:")]
     assert len(hook_lines) == 1 and f"{variable}={value!r}" in hook_lines[0]
+
+
+UNCAUGHT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from transformers import Trainer
+    from hft_plugin.testing import tiny_model, tiny_tokenizer
+    from tests._workers.common import collate, lm_dataset, train_args
+    tokenizer = tiny_tokenizer()
+    Trainer(model=tiny_model("llama"), args=train_args(sys.argv[1], max_steps=1), train_dataset=lm_dataset(tokenizer),
+            data_collator=collate(tokenizer)).train()
+""")
+
+
+def test_an_uncaught_configuration_error_is_printed_once_without_a_traceback(tmp_path):
+    """The message once (when transformers is imported), then one line that points to it: before,
+    a 30-line traceback repeated it."""
+    result = run(UNCAUGHT.format(root=str(ROOT)), str(tmp_path), HFT_ENABLE="1", HFT_RATO="0.25")
+    assert result.returncode == 1
+    assert result.stderr.count("HFT_RATO='0.25' is not a variable hft-plugin reads") == 1, result.stderr
+    assert "Did you mean HFT_RATIO?" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        "hft_plugin: stopped before training on the configuration error above (ConfigError).")
+
+
+def test_a_launcher_whose_worker_stopped_on_a_configuration_error_says_one_line():
+    """accelerate launch (under trl sft) re-raises its worker's failure with the worker's stderr
+    attached; with HFT_ENABLE set, that is one line, and any other failure keeps its traceback."""
+    launcher = textwrap.dedent("""
+        import subprocess, sys
+        tail = sys.argv[1] + "\\n"
+        raise subprocess.CalledProcessError(1, ["/venv/bin/python3", "/site/trl/scripts/sft.py", "--x"], stderr=tail.encode())
+    """)
+    stopped = run(launcher, "hft_plugin: stopped before training on the configuration error above (ConfigError).",
+                  HFT_ENABLE="1")
+    assert stopped.returncode == 1 and stopped.stderr.strip().splitlines() == [
+        "hft_plugin: the worker (python3 sft.py ...) stopped on the configuration error above (exit status 1)."]
+    other = run(launcher, "RuntimeError: out of memory", HFT_ENABLE="1")
+    assert "Traceback" in other.stderr and "CalledProcessError" in other.stderr
 
 
 @pytest.mark.slow

@@ -131,14 +131,57 @@ def test_experts_routers_and_shared_experts():
     assert units["mlp.gate"].group == "router"
     assert units["mlp.shared_expert_gate"].group == "router"
     assert units["mlp.shared_expert.up_proj"].group == "mlp"
-    # LongCat-Flash stacks more experts than its config's count (zero experts): 3-D stacks still split
+    # LongCat-Flash: one unit per routed expert, each with its gate_up and down slices. Its "zero
+    # experts" (identity, no weights) are no units: transformers 5.25 computes them outside the
+    # stacks; 5.24 also stacked a dead gate_up slice for each, which the next test covers.
     longcat = read_generic(meta_model("longcat_flash", num_layers=2))
     config = meta_model("longcat_flash", num_layers=1).config
-    assert sum(1 for u in longcat.layers[0] if ".mlp.experts:" in u.key) == config.n_routed_experts + config.zero_expert_num
+    stacks = {n.rsplit(".", 1)[1]: s for n, s in longcat.shapes.items() if n.startswith("model.layers.0.mlp.experts.")}
+    experts = [u for u in longcat.layers[0] if ".mlp.experts:" in u.key]
+    assert len(experts) == stacks["gate_up_proj"][0]
+    for e, unit in enumerate(experts[: config.n_routed_experts]):
+        assert {p.param.rsplit(".", 1)[1] for p in unit.parts} == {"gate_up_proj", "down_proj"}
+        assert all(p.boxes == (((0, e, e + 1),),) for p in unit.parts)
+    assert stacks["down_proj"][0] == config.n_routed_experts
     jetmoe = groups_by_param(read_generic(meta_model("jetmoe")))
     assert jetmoe["model.layers.0.mlp.router.layer.weight"] == {"router"}
     assert jetmoe["model.layers.0.self_attention.experts.router.layer.weight"] == {"router"}
     assert jetmoe["model.layers.0.self_attention.experts.input_linear.weight"] == {"attention"}
+
+
+class _ZeroExperts(nn.Module):
+    """transformers 5.24's LongCat-Flash experts: ``gate_up_proj`` stacks the routed experts and then
+    one never-computed slice per zero expert; ``down_proj`` stacks the routed experts only."""
+
+    def __init__(self, routed: int = 4, zero: int = 2):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(routed + zero, 6, 8))
+        self.down_proj = nn.Parameter(torch.zeros(routed, 8, 3))
+
+
+class _ZeroExpertsBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Module()
+        self.mlp.router = nn.Linear(8, 6)
+        self.mlp.experts = _ZeroExperts()
+
+
+def test_a_longer_expert_stack_still_splits_per_slice():
+    """A stack with more slices than the others (5.24's LongCat-Flash) is split per slice all the
+    same: expert e's unit holds slice e of every stack that has one, and the surplus slices are
+    units of their own, so every element is in exactly one unit on either transformers version."""
+    layout = read_generic(_Toy(_ZeroExpertsBlock(), _ZeroExpertsBlock()))
+    experts = [u for u in layout.layers[0] if ":" in u.key]
+    assert [u.key.rsplit(":", 1)[1] for u in experts] == [str(e) for e in range(6)]
+    for e, unit in enumerate(experts):
+        names = {p.param.rsplit(".", 1)[1] for p in unit.parts}
+        assert names == ({"gate_up_proj", "down_proj"} if e < 4 else {"gate_up_proj"})
+        assert all(p.boxes == (((0, e, e + 1),),) for p in unit.parts)
+    assert {u.group for u in experts} == {"mlp"}
+    assert layout.layer_numel == sum(p.numel() for n, p in _Toy(_ZeroExpertsBlock(), _ZeroExpertsBlock()).named_parameters()
+                                     if n.startswith("blocks."))
 
 
 def test_norms_inside_attention_train_with_their_projection():

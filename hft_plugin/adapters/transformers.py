@@ -433,7 +433,7 @@ def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None",
     the README.md it wrote in the output dir (main process only, as the card itself)."""
     import inspect
 
-    from ..export import add_model_card_section
+    from ..export import add_model_card_section, base_model_name
 
     signature = inspect.signature(original)
     if "tags" in signature.parameters:  # TRL's and transformers' create_model_card both take tags
@@ -445,7 +445,8 @@ def _write_model_card(trainer, selection: Selection, handle: "HFTHandle | None",
     result = original(*args, **kwargs)
     if trainer.is_world_process_zero():
         counts = applied_counts(selection, handle.model) if handle is not None else None
-        add_model_card_section(os.path.join(trainer.args.output_dir, "README.md"), selection, counts)
+        add_model_card_section(os.path.join(trainer.args.output_dir, "README.md"), selection, counts,
+                               base_model=base_model_name(_unwrapped(trainer.model)))
     return result
 
 

@@ -61,6 +61,10 @@ HFT_SHARE_REFERENCE = "HFT_SHARE_REFERENCE"
 holding its own copy of them: a boolean. Default 1. An integration option, not a selection option:
 it changes no weight and goes into no manifest."""
 
+HFT_DISABLE_PLUGIN_AUTOLOAD = "HFT_DISABLE_PLUGIN_AUTOLOAD"
+"""``1``/``true``/``yes`` skips the third-party plugins that ``hft_plugin`` entry points name (see
+:mod:`hft_plugin.plugins`); the built-in layouts and strategies stay."""
+
 CONFIG_VARIABLES = {
     "ratio": HFT_RATIO,
     "strategy": HFT_STRATEGY,
@@ -70,7 +74,16 @@ CONFIG_VARIABLES = {
 }
 """Which variable sets which :class:`~hft_plugin.HFTConfig` field."""
 
-ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE)
+ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE,
+                 HFT_DISABLE_PLUGIN_AUTOLOAD)
+
+TOOLING_VARIABLES = frozenset({
+    "HFT_AXOLOTL_SITE", "HFT_AXOLOTL_VENV", "HFT_LF_VENV", "HFT_ORLHF_VENV", "HFT_SWIFT_VENV",
+    "HFT_BENCH_THREADS", "HFT_WORKER_ONLY",
+})
+"""Names this repository's own scripts read (CI cells, test workers, benchmarks), not the plugin:
+the name check accepts them, so a CI run that exports one and trains with ``HFT_ENABLE=1`` is no
+typo."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -256,12 +269,62 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each ``HFT_*`` name in ``environ`` (any case) that the plugin does not read, with the known
+    name it most resembles, or None. The plugin would ignore such a variable, so a misspelt
+    ``HFT_RATO=0.25`` would train at the default ratio.
+
+        >>> unknown_variables({"HFT_RATO": "0.25", "HFT_ROUND": "1", "HFT_API_KEY": "x"})
+        [('HFT_API_KEY', None), ('HFT_RATO', 'HFT_RATIO')]
+    """
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = (*ALL_VARIABLES, *sorted(TOOLING_VARIABLES))
+    # compared without the shared "HFT_" prefix, which would make every pair look alike
+    stems = {name[4:]: name for name in known}
+    found = []
+    for name in sorted(environ):
+        if name[:4].upper() != "HFT_" or name in stems.values():
+            continue
+        close = difflib.get_close_matches(name[4:].upper(), stems, n=1, cutoff=0.6)
+        found.append((name, stems[close[0]] if close else None))
+    return found
+
+
+_REPORTED: set[str] = set()  # unknown names without a likely meaning, warned about once per process
+
+
+def check_names(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for an ``HFT_*`` name that looks like a misspelt variable of the plugin
+    (``HFT_RATO``: did you mean ``HFT_RATIO``?), since training would silently use the default in
+    its place; warn once about one that resembles none (another tool's ``HFT_API_KEY``)."""
+    environ = os.environ if environ is None else environ
+    unknown = unknown_variables(environ)
+    typos = [(name, guess) for name, guess in unknown if guess is not None]
+    if typos:
+        name, guess = typos[0]
+        more = f" (and {', '.join(n for n, _ in typos[1:])})" if len(typos) > 1 else ""
+        raise _error(f"{name}={environ[name]!r} is not a variable hft-plugin reads, so it would be ignored"
+                     f"{more}. Did you mean {guess}? Rename it, or unset it (the variables: docs/activation.md).")
+    for name, _ in unknown:
+        if name not in _REPORTED:
+            _REPORTED.add(name)
+            import logging
+
+            logging.getLogger("hft_plugin").warning(
+                "hft_plugin: %s is not a variable hft-plugin reads; it is ignored (the variables: "
+                "docs/activation.md).", name)
+
+
 def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The HFTConfig fields that ``HFT_CONFIG`` and the single variables set (file first, variables
     over it), validated one variable at a time so an error names its source. ``HFT_ENABLE`` is
-    checked too: a malformed switch is an error here, never a silent "on"."""
+    checked too: a malformed switch is an error here, never a silent "on"; and so are the names
+    (:func:`check_names`): a misspelt variable is an error here, never a silent default."""
     environ = os.environ if environ is None else environ
     is_enabled(environ)
+    check_names(environ)
     values: dict[str, Any] = {}
     path = environ.get(HFT_CONFIG, "").strip()
     if path:

@@ -20,6 +20,12 @@ built (the moment training would start without HFT). A malformed variable (``HFT
 :class:`~hft_plugin.ConfigError`: raised by the adapter before the model changes, or by the guard
 before any IntegrationError, so the first error a user sees is the one to fix.
 
+A configuration error is shown once, short: the warning at import is the message; if it is then
+raised and nothing catches it, :func:`activate`'s exception hook prints one line pointing back to it
+instead of a traceback (the error stays a typed exception a program can catch), and a launcher
+(``accelerate launch`` under ``trl sft``) whose worker stopped that way prints one line instead of
+a traceback that repeats the worker's stderr. Any other exception goes to the previous hook.
+
 Explicit forms: ``import hft_plugin.auto`` and ``hft-run -- COMMAND``.
 
     >>> import hft_plugin.bootstrap.startup as startup
@@ -47,7 +53,12 @@ ADAPTERS: dict[str, tuple[str, str]] = {
 
 PTH_NAME = "hft-plugin.pth"
 
-_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None}
+_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None,
+               "excepthook": None}
+
+STOPPED = "hft_plugin: stopped before training"
+"""How the line that ends a worker stopped by a configuration error starts; a launcher process
+recognises its worker's failure by it."""
 
 
 def _warn(message: str) -> None:
@@ -79,11 +90,54 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
             hook = _make_hook(name)
             wrapt.register_post_import_hook(hook, module)
             _state["hooks"].append((module, hook))
+        _install_excepthook()
         _state["active"] = True
         return True
     except Exception as exc:  # noqa: BLE001 - start-up must never break the host program
         _warn(f"start-up hook disabled: {exc!r}")
         return False
+
+
+def _install_excepthook() -> None:
+    """Report an uncaught configuration error (or a launcher's worker stopped by one) in one line;
+    everything else goes to the hook that was there before."""
+    if _state["excepthook"] is not None:
+        return
+    previous = sys.excepthook
+
+    def hft_excepthook(kind, value, traceback) -> None:
+        try:
+            line = _one_line_report(value)
+        except Exception:  # noqa: BLE001 - never lose the original report
+            line = None
+        if line is None:
+            previous(kind, value, traceback)
+        else:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    _state["excepthook"] = (previous, hft_excepthook)
+    sys.excepthook = hft_excepthook
+
+
+def _one_line_report(value: BaseException) -> str | None:
+    errors = sys.modules.get("hft_plugin.errors")
+    if errors is not None and isinstance(value, errors.ConfigError):
+        # The traceback says nothing a user can act on: the message names the variable and the fix.
+        if str(value) == _state["config_error"]:  # already printed, in full, when the framework was imported
+            return f"{STOPPED} on the configuration error above (ConfigError)."
+        return f"{STOPPED}: ConfigError: {value}"
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None and isinstance(value, subprocess.CalledProcessError):
+        # accelerate launch re-raises its worker's failure with the worker's stderr attached:
+        # when the worker stopped on a configuration error, that error is already on screen once
+        output = value.stderr or b""
+        output = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
+        if STOPPED in output:
+            command = value.cmd if isinstance(value.cmd, str) else " ".join(os.path.basename(str(c)) for c in value.cmd[:2])
+            return (f"hft_plugin: the worker ({command} ...) stopped on the configuration error above "
+                    f"(exit status {value.returncode}).")
+    return None
 
 
 def _make_hook(name: str):
@@ -218,4 +272,9 @@ def deactivate() -> None:
     hooks = importer._post_import_hooks.get("torch.optim")
     if hooks:
         hooks[:] = [h for h in hooks if getattr(h, "__name__", "") != "guard_hook"]
-    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None)
+    if _state["excepthook"] is not None:
+        previous, ours = _state["excepthook"]
+        if sys.excepthook is ours:  # another hook installed after ours stays, with ours inside it
+            sys.excepthook = previous
+    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None,
+                  excepthook=None)

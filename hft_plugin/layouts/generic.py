@@ -333,8 +333,11 @@ def _configs(config: Any) -> Iterator[Any]:
 
 def _expert_splitter(shapes: list[tuple[int, ...]], experts: frozenset[int]) -> Splitter | None:
     """One unit per expert when every matrix the module owns stacks experts along dim 0: as many as
-    the config names, or any number in a 3-D stack. Expert e's unit holds slice e of each stack
-    (LongCat-Flash's ``gate_up_proj`` also stacks its "zero experts", which ``down_proj`` lacks)."""
+    the config names, or any number in a 3-D stack. Expert e's unit holds slice e of each stack.
+    The stacks need not be equally long: under transformers <= 5.24 LongCat-Flash's ``gate_up_proj``
+    also stacks one slice per "zero expert" (an identity, never computed), which ``down_proj``
+    lacks; each such slice is a unit of its own, so every element still lies in exactly one unit.
+    From 5.25 on the zero experts have no slices and the units are the routed experts."""
     matrices = [s for s in shapes if len(s) >= 2]
     counts = {s[0] for s in matrices}
     if not counts or min(counts) < 2:
