@@ -261,11 +261,13 @@ class HFTHandle:
     def mechanism_summary(self) -> str:
         """One line naming how many partly trained tensors use each mechanism, and why any use the mask."""
         if not self._mechanisms:
-            return "partly trained tensors: none (every tensor trains or is frozen whole)"
+            return "no tensor trains in part (every tensor trains or is frozen whole)"
         counts: dict[str, int] = {}
         for mechanism in self._mechanisms.values():
             counts[mechanism] = counts.get(mechanism, 0) + 1
-        text = "partly trained tensors: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+        total = len(self._mechanisms)
+        text = (f"{total} tensor{'s' if total != 1 else ''} train{'' if total != 1 else 's'} in part: "
+                + ", ".join(f"{n} through the {m} mechanism" for m, n in sorted(counts.items())))
         if self._why_mask:
             name, why = next(iter(self._why_mask.items()))
             text += f" (mask for e.g. {name}: {why})"

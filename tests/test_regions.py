@@ -48,6 +48,9 @@ def test_mechanism_per_family_and_the_optimizer_owns_the_trainable_share(family)
     handle = apply_selection(model, selection)
     assert set(handle.mechanisms().values()) == {MECHANISMS[family]}
     assert MECHANISMS[family] in handle.mechanism_summary()
+    count = len(handle.mechanisms())  # a count of tensors, named as such (not "8 experts")
+    assert handle.mechanism_summary().startswith(f"{count} tensors train in part: {count} through the "
+                                                 f"{MECHANISMS[family]} mechanism")
     owned = sum(p.numel() for p in handle.parameters())
     assert owned == selection.stats()["trainable_params"]  # exactly the trainable elements
     optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-2)
