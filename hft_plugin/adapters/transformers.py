@@ -617,7 +617,11 @@ def _auto_config() -> HFTConfig | None:
     from ..bootstrap import env
 
     adapter = _AutoState.adapter
-    return adapter.resolve_config() if adapter.config is not None else env.training_config()
+    if adapter.config is not None:
+        return adapter.resolve_config()
+    if adapter.watch_only and not env.is_enabled():
+        return None  # armed by HFT_WATCH_FORGETTING alone: the monitor without HFT
+    return env.training_config()
 
 
 def _auto_enable(trainer) -> "_Session | None":
@@ -649,6 +653,11 @@ def _auto_enable(trainer) -> "_Session | None":
 
 def _auto_train(wrapped, instance, args, kwargs):
     session = _auto_enable(instance)
+    from .watch import watch_from_environment
+
+    # HFT_WATCH_FORGETTING: after HFT is applied (only the trainable half is kept), before a
+    # checkpoint is loaded (the base is the model the run started from)
+    watch_from_environment(instance)
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
@@ -693,9 +702,12 @@ class TransformersAdapter(Adapter):
     instruments = ("transformers >= 5.3",)
     _TARGETS = (("Trainer.train", _auto_train), ("Trainer._prepare_for_training", _auto_prepare))
 
-    def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
+    def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, *, watch_only: bool = False,
+                 **options: Any) -> None:
         super().__init__()
         self.config = _build_config(config, options) if config is not None or options else None
+        # armed by HFT_WATCH_FORGETTING alone: HFT applies only while HFT_ENABLE is on
+        self.watch_only = watch_only
 
     def _instrument(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
         if config is not None or options:

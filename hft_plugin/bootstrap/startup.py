@@ -47,7 +47,8 @@ ADAPTERS: dict[str, tuple[str, str]] = {
 
 PTH_NAME = "hft-plugin.pth"
 
-_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None}
+_state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None,
+               "watch_only": False}
 
 
 def _warn(message: str) -> None:
@@ -65,7 +66,8 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
     if _state["active"]:
         return False
     try:
-        if not env.maybe_enabled(environ):
+        hft = env.maybe_enabled(environ)
+        if not hft and not env.maybe_watching(environ):
             return False
         import wrapt
 
@@ -73,8 +75,11 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
         unknown = skipped - set(ADAPTERS)
         if unknown:
             _warn(f"{env.HFT_DISABLE_ADAPTERS} names unknown adapters {sorted(unknown)}; known: {sorted(ADAPTERS)}.")
+        # HFT_WATCH_FORGETTING alone: only the Trainer's adapter, to start the monitor (the other
+        # frameworks' trainers are transformers Trainers too); it applies HFT only if HFT_ENABLE is on.
+        _state["watch_only"] = not hft
         for name, (module, _) in ADAPTERS.items():
-            if name in skipped:
+            if name in skipped or (not hft and name != "transformers"):
                 continue
             hook = _make_hook(name)
             wrapt.register_post_import_hook(hook, module)
@@ -110,6 +115,8 @@ def instrument(name: str) -> bool:
         # Not raised here: this import may be in a process that never trains. The guard raises
         # it when an optimizer is built, which is where it matters.
         _warn(f"the {name} adapter is not active: {reason}")
+        if _state["watch_only"]:
+            return False  # no HFT was asked for: training without the monitor loses nothing
         _state["failures"][name] = reason
         _arm_guard()
     except Exception as exc:  # noqa: BLE001 - a post-import hook must never break the import
@@ -124,7 +131,9 @@ def _check_variables() -> None:
     if _state["config_error"] is not None:
         return
     try:
-        env.load_config()
+        env.watch_settings()
+        if not _state["watch_only"]:
+            env.load_config()
     except HFTError as exc:
         _state["config_error"] = str(exc)
         _warn(f"{exc} Training will stop on it.")
@@ -140,7 +149,8 @@ def _try_instrument(name: str) -> str | None:
 
     try:
         module, _, attribute = ADAPTERS[name][1].partition(":")
-        adapter = getattr(importlib.import_module(module), attribute)(config=None)  # the variables, read at train time
+        options = {"watch_only": True} if _state["watch_only"] else {}
+        adapter = getattr(importlib.import_module(module), attribute)(config=None, **options)  # read at train time
         check_requirements(adapter.instruments)
         adapter.instrument()
     except (HFTError, IncompatibleVersionError) as exc:
@@ -175,7 +185,8 @@ def _refuse_optimizer(wrapped, instance, args, kwargs):
     if _state["config_error"] is not None:
         # Read again: the program may have fixed the variables since. A malformed one is the error
         # to see first, before any about adapters (it is the one to fix).
-        if not env.switched_off():
+        env.watch_settings()
+        if not env.switched_off() and not _state["watch_only"]:
             env.load_config()
     if not _state["failures"]:
         return wrapped(*args, **kwargs)
@@ -218,4 +229,4 @@ def deactivate() -> None:
     hooks = importer._post_import_hooks.get("torch.optim")
     if hooks:
         hooks[:] = [h for h in hooks if getattr(h, "__name__", "") != "guard_hook"]
-    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None)
+    _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None, watch_only=False)
