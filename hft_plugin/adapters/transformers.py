@@ -687,7 +687,10 @@ class TransformersAdapter(Adapter):
     ``train()`` starts, so a program that changes ``HFT_ROUND`` between tasks trains each task's
     round (a trainer trained again under changed variables switches to the new options), and
     ``HFT_ENABLE=0`` at that moment trains without HFT. A trainer that called :func:`enable_hft`
-    keeps its own options. A malformed variable raises its ConfigError when ``train()`` starts. If
+    keeps its own options. With ``HFT_WATCH_FORGETTING`` set, each trainer also gets the forgetting
+    monitor (:func:`hft_plugin.watch_forgetting`) when its ``train()`` starts; ``watch_only=True``
+    (the start-up hook's choice when ``HFT_ENABLE`` is not set) applies HFT only while
+    ``HFT_ENABLE`` is on. A malformed variable raises its ConfigError when ``train()`` starts. If
     HFT cannot be applied (a PEFT model, an unreadable architecture, a model already wrapped),
     training stops with an IntegrationError: a silent full fine-tune is never the fallback.
 

@@ -139,6 +139,7 @@ class ForgettingMonitor(TrainerCallback):
 
     # -- the trainer's events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        self._pending = self._measured_step = self.stopped_at = None  # a trainer may train again
         trainer = self._trainer()
         if self.declined is not None or trainer is None:
             return
