@@ -10,7 +10,7 @@ is measured time per measurement / (``every`` x step time): between measurements
 does one modulo. The KL on the current training batch (RL's Razor quantity) is timed the same way
 on the step's batch, to decide whether it could be on by default.
 
-    python benchmarks/forgetting_monitor_cost.py                 # CPU, 3 steps, 2 measurements each way
+    python benchmarks/forgetting_monitor_cost.py                 # CPU, 1 thread, 3 steps, 2 measurements each way
     python benchmarks/forgetting_monitor_cost.py --device cuda --steps 10 --repeats 5
 
 Results: benchmarks/results/forgetting_monitor_cost.json and .md (``--name`` to change).
@@ -61,21 +61,19 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def step_time(model, params, batch, steps: int, device: str) -> float:
-    """Median seconds of a forward, backward and AdamW step (the first step, which allocates the
-    optimizer state, is left out)."""
+def make_step(model, params, batch):
+    """One forward, backward and AdamW step on ``batch``."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    model.train()
 
     def step():
+        model.train()
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    return statistics.median(timed(step, device) for _ in range(steps))
+    return step
 
 
 def main(argv=None) -> int:
@@ -86,8 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per mode (after one warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="timed measurements per mode")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--name", default="forgetting_monitor_cost")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -101,47 +99,62 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SMOLLM2_135M if args.model == "smollm2-135m" else TINY
-    model = build(shape, args.device)
-    total = sum(p.numel() for p in model.parameters())
-    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = shape["vocab_size"]
+    # two models from the same weights, one full fine-tuned and one under HFT; everything timed
+    # alternates between them, so both share the machine's load
+    models = {"full fine-tuning": build(shape, args.device), "HFT (ratio 0.5, category)": build(shape, args.device)}
+    full_bytes = sum(p.numel() * p.element_size() for p in models["full fine-tuning"].parameters())
+    total = sum(p.numel() for p in models["full fine-tuning"].parameters())
+    hft = models["HFT (ratio 0.5, category)"]
+    handle = apply_selection(hft, select_half(hft, round=0))
+    params = {"full fine-tuning": list(models["full fine-tuning"].parameters()),
+              "HFT (ratio 0.5, category)": handle.parameters()}
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(3, vocab, (args.batch, args.seq), generator=generator).to(args.device)
     batch_probes = Probes(batch.tolist(), [None] * args.batch, "texts", vocab)
 
     with torch.no_grad():  # the first forward pays one-time set-up costs that no measurement pays
-        model(input_ids=batch[:1, :8])
-    probes_box = {}
-    sampling = timed(lambda: probes_box.setdefault("p", sample_probes(model, count=DEFAULT_SAMPLES,
-                                                                       length=DEFAULT_LENGTH)), args.device)
-    probes = probes_box["p"]
-    store_bytes = probes.scored_tokens * vocab * 4
+        hft(input_ids=batch[:1, :8])
+    box = {}
+    sampling = timed(lambda: box.setdefault("probes", sample_probes(hft, count=DEFAULT_SAMPLES, length=DEFAULT_LENGTH)),
+                     args.device)
+    probes = box["probes"]
+    bases = {mode: BaseSnapshot.capture(model, device=args.base_device) for mode, model in models.items()}
+    steps = {mode: make_step(model, params[mode], batch) for mode, model in models.items()}
+    times: dict[str, dict[str, list[float]]] = {mode: {"step": [], "measure": [], "exchange": [], "batch": []}
+                                                for mode in models}
+    for mode in models:
+        steps[mode]()  # warm-up: AdamW allocates its state
+    for _ in range(args.steps):
+        for mode in models:
+            times[mode]["step"].append(timed(steps[mode], args.device))
 
+    def exchange(mode):
+        with bases[mode].swapped_in(models[mode]):
+            pass
+
+    for _ in range(args.repeats):
+        for mode, model in models.items():
+            times[mode]["measure"].append(timed(lambda: measure(model, probes, bases[mode]), args.device))
+            times[mode]["exchange"].append(timed(lambda: exchange(mode), args.device))
+    for mode, model in models.items():
+        times[mode]["batch"].append(timed(lambda: measure(model, batch_probes, bases[mode], batch_size=args.batch),
+                                          args.device))
     rows = {}
-    for mode in ("full fine-tuning", "HFT (ratio 0.5, category)"):
-        handle = apply_selection(model, select_half(model, round=0)) if mode.startswith("HFT") else None
-        params = handle.parameters() if handle is not None else list(model.parameters())
-        base = BaseSnapshot.capture(model, device=args.base_device)
+    for mode, model in models.items():
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        t_step = step_time(model, params, batch, args.steps, args.device)
-        t_measure = statistics.median(timed(lambda: measure(model, probes, base, batch_size=DEFAULT_BATCH_SIZE),
-                                            args.device) for _ in range(args.repeats))
-        t_batch = timed(lambda: measure(model, batch_probes, base, batch_size=args.batch), args.device)
-        moved = sum(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
-        after = {n: p.detach().clone() for n, p in model.named_parameters()}
-        measure(model, probes, base)
-        unchanged = all(torch.equal(after[n], p.detach()) for n, p in model.named_parameters())
+        measure(model, probes, bases[mode])
+        unchanged = all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+        t = {key: statistics.median(values) for key, values in times[mode].items()}
         rows[mode] = dict(
-            base_tensors=len(base.values), base_bytes=base.nbytes, base_share_of_model=base.nbytes / full_bytes,
-            step_seconds=t_step, measurement_seconds=t_measure,
-            overhead_at_default_every=t_measure / (DEFAULT_EVERY * t_step),
-            measurement_in_steps=t_measure / t_step, batch_kl_seconds=t_batch, batch_kl_in_steps=t_batch / t_step,
-            batch_kl_store_bytes=args.batch * (args.seq - 1) * vocab * 4, tensors_moved_by_training=moved,
-            measuring_left_the_model_bit_identical=unchanged,
+            base_tensors=len(bases[mode].values), base_bytes=bases[mode].nbytes,
+            base_share_of_model=bases[mode].nbytes / full_bytes, step_seconds=t["step"],
+            measurement_seconds=t["measure"], exchange_in_and_out_seconds=t["exchange"],
+            overhead_at_default_every=t["measure"] / (DEFAULT_EVERY * t["step"]),
+            measurement_in_steps=t["measure"] / t["step"], batch_kl_seconds=t["batch"],
+            batch_kl_in_steps=t["batch"] / t["step"], batch_kl_store_bytes=args.batch * (args.seq - 1) * vocab * 4,
+            measuring_left_the_model_bit_identical=unchanged, all_times=times[mode],
         )
-        if handle is not None:
-            handle.remove()
-        del base
 
     load = os.getloadavg()
     import transformers
@@ -149,7 +162,8 @@ def main(argv=None) -> int:
     result = dict(
         model=args.model, parameters=total, model_bytes=full_bytes, device=args.device, base_device=args.base_device,
         probes=dict(samples=DEFAULT_SAMPLES, length=DEFAULT_LENGTH, scored_positions=probes.scored_tokens,
-                    batch_size=DEFAULT_BATCH_SIZE, sampling_seconds=sampling, base_log_prob_store_bytes=store_bytes),
+                    batch_size=DEFAULT_BATCH_SIZE, sampling_seconds=sampling,
+                    base_log_prob_store_bytes=probes.scored_tokens * vocab * 4),
         every=DEFAULT_EVERY, train_batch=[args.batch, args.seq], steps=args.steps, repeats=args.repeats,
         threads=torch.get_num_threads(), rows=rows,
         machine=dict(cpus=os.cpu_count(), torch=torch.__version__, transformers=transformers.__version__,
@@ -184,18 +198,20 @@ def render(r: dict) -> str:
         f"Probes: {p['samples']} samples of up to {p['length']} tokens ({p['scored_positions']:,} positions scored), "
         f"batch {p['batch_size']}; drawing them took {p['sampling_seconds']:.1f} s (once per run).  ",
         f"Training step: forward, backward and AdamW on a batch of {r['train_batch'][0]} x {r['train_batch'][1]} "
-        f"tokens; median of {r['steps']} steps, measurements median of {r['repeats']}.  ",
+        f"tokens; median of {r['steps']} steps, measurements median of {r['repeats']}; the two models (same weights) "
+        "alternate step by step and measurement by measurement.  ",
         f"Machine: {where}, torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
         f"{r['date']}; load average at the end {', '.join(map(str, m['load_average_at_end']))} (a shared machine).",
         "",
-        "| | base kept | step | one measurement | = steps | overhead at every=" + str(r["every"])
+        "| | base kept | step | one measurement | of which exchanges | = steps | overhead at every=" + str(r["every"])
         + " | KL on the step's batch | = steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, row in r["rows"].items():
         lines.append(
             f"| {mode} | {_mib(row['base_bytes'])} ({row['base_share_of_model']:.0%} of the model, "
             f"{row['base_tensors']} tensors) | {row['step_seconds']:.2f} s | {row['measurement_seconds']:.2f} s | "
+            f"{row['exchange_in_and_out_seconds']:.2f} s | "
             f"{row['measurement_in_steps']:.2f} | {row['overhead_at_default_every']:.2%} | "
             f"{row['batch_kl_seconds']:.2f} s | {row['batch_kl_in_steps']:.2f} |")
     first = next(iter(r["rows"].values()))
@@ -207,7 +223,9 @@ def render(r: dict) -> str:
         "- Measuring left every weight bit-identical: "
         + ", ".join(f"{mode}: {row['measuring_left_the_model_bit_identical']}" for mode, row in r["rows"].items()) + ".",
         "- Overhead at every=N: one measurement / (N x step time); steps between measurements cost the callback "
-        "one modulo.",
+        "one modulo. A measurement's cost is fixed (two forward passes over the probes and two exchanges of the "
+        "kept values); a step's grows with its tokens, so larger batches see a smaller overhead.",
+        "- Exchanges: the kept values swapped into the model and back (in and out), part of each measurement.",
     ]
     return "\n".join(lines)
 

@@ -573,3 +573,21 @@ def test_docstring_examples():
     for module in (forgetting, watch, forgetting_cli, env):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.slow
+def test_two_processes_log_together_and_stop_together(tmp_path):
+    """DDP on 2 CPU ranks: only the main process measures, both log at the same steps (the trainer
+    gathers the loss when it logs) and a budget stops both at the same step (no rank left waiting)."""
+    import os
+
+    from .test_distributed import launch
+
+    worker = os.path.join(os.path.dirname(__file__), "_workers", "watch_distributed.py")
+    main_rank, other = launch("ddp", 2, tmp_path, worker=worker)
+    assert [r["world_size"] for r in main_rank + other] == [2] * 4
+    every2, budget = main_rank
+    assert every2["history"] == [2, 4] and every2["logged"] == [2, 4] and every2["global_step"] == 4
+    assert other[0]["history"] == [] and other[0]["global_step"] == 4 and other[0]["digest"] == every2["digest"]
+    assert budget["stopped_at"] == 1 and budget["global_step"] == 1
+    assert other[1]["stopped_at"] == 1 and other[1]["global_step"] == 1 and other[1]["digest"] == budget["digest"]

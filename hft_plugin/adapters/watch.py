@@ -97,6 +97,10 @@ class ForgettingMonitor(TrainerCallback):
         self.probes = probes
         self.base = base
         self.declined = declined
+        # declined for a reason every process shares (FSDP, ZeRO-3): no process takes any step
+        # below; a reason only the main process has (a resume it cannot measure) leaves the others'
+        # steps in place, so that all processes still log and agree on the budget at the same steps
+        self._off_everywhere = declined is not None
         self._model = weakref.ref(_unwrapped(trainer.model))
         self.history: list[dict[str, float]] = []
         self.last: Measurement | None = None
@@ -132,10 +136,12 @@ class ForgettingMonitor(TrainerCallback):
         self._measured_step = step
         return result
 
-    def _decline(self, reason: str) -> None:
+    def _decline(self, args, reason: str, everywhere: bool = False) -> None:
         self.declined = reason
         self.base = None
-        logger.warning("hft_plugin: the forgetting monitor is off: %s.", reason)
+        self._off_everywhere = self._off_everywhere or everywhere
+        if getattr(args, "process_index", 0) == 0:
+            logger.warning("hft_plugin: the forgetting monitor is off: %s.", reason)
 
     # -- the trainer's events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -145,18 +151,18 @@ class ForgettingMonitor(TrainerCallback):
             return
         reason = _declined(trainer)
         if reason is not None:
-            return self._decline(reason)
+            return self._decline(args, reason, everywhere=True)
         if self.base is None:  # another process: it only takes part in the budget's verdict
             return
         model = _unwrapped(trainer.model)
         if model is not self._model():
             # model_init built a new model inside train(): fine before any step, not on a resume
             if state.global_step > 0:
-                return self._decline("the trainer built a new model (model_init) and resumed from a checkpoint, so the "
+                return self._decline(args, "the trainer built a new model (model_init) and resumed from a checkpoint, so the "
                                      "base's values were never seen; call watch_forgetting on a trainer given its model")
             self.base = BaseSnapshot.capture(model, device=self.base.device)
             self._model = weakref.ref(model)
-        self._follow_what_trains(model, state.global_step)
+        self._follow_what_trains(args, model, state.global_step)
         if self.declined is not None:
             return
         if args.should_save:
@@ -166,7 +172,7 @@ class ForgettingMonitor(TrainerCallback):
                        "starting values (%d tensors) on %s%s.", self.every, self.probes.describe(),
                        _mib(self.base.nbytes), len(self.base.values), self.base.device, budget)
 
-    def _follow_what_trains(self, model, step: int) -> None:
+    def _follow_what_trains(self, args, model, step: int) -> None:
         """Keep the starting values of exactly what trains now: add tensors that train since the
         capture (unchanged so far, unless the run resumes), drop those that no longer train and
         never moved (a whole-model capture made before enable_hft)."""
@@ -175,7 +181,7 @@ class ForgettingMonitor(TrainerCallback):
         names = trained_tensors(model)
         missing = [n for n in names if n not in self.base.values]
         if missing and step > 0:
-            return self._decline(f"{len(missing)} tensors train that did not when watch_forgetting was called (e.g. "
+            return self._decline(args, f"{len(missing)} tensors train that did not when watch_forgetting was called (e.g. "
                                  f"{missing[0]}) and the run resumes from step {step}, so their starting values are "
                                  "unknown; call watch_forgetting after enable_hft")
         self.base.add(model, missing)
@@ -186,7 +192,7 @@ class ForgettingMonitor(TrainerCallback):
             self.base.keep_only(n for n in self.base.values if n not in unchanged)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.declined is not None:
+        if self._off_everywhere:
             return
         step = state.global_step
         if step % self.every != 0 and step < state.max_steps:
