@@ -591,3 +591,17 @@ def test_two_processes_log_together_and_stop_together(tmp_path):
     assert other[0]["history"] == [] and other[0]["global_step"] == 4 and other[0]["digest"] == every2["digest"]
     assert budget["stopped_at"] == 1 and budget["global_step"] == 1
     assert other[1]["stopped_at"] == 1 and other[1]["global_step"] == 1 and other[1]["digest"] == budget["digest"]
+
+
+@pytest.mark.slow
+def test_trl_cli_with_hft_and_the_monitor(tmp_path):
+    """`HFT_ENABLE=1 HFT_WATCH_FORGETTING=1 trl sft ...`: TRL's CLI, under accelerate launch."""
+    from .test_cli_e2e import trl_sft, write_tiny_run
+
+    model_dir, data_dir = write_tiny_run(tmp_path)
+    out, done = trl_sft(tmp_path, model_dir, data_dir, "out", HFT_ENABLE="1", HFT_WATCH_FORGETTING="1",
+                        HFT_WATCH_EVERY="1")
+    output = done.stdout + done.stderr
+    assert output.count("hft_plugin: forgetting monitor: KL(base || model) every 1 steps") == 1, output[-3000:]
+    assert output.count("'forgetting/kl'") == 3 and "SFTTrainer trains with Half Fine-Tuning" in output
+    assert Probes.load(str(out / PROBES_FILE)).source == "samples"
