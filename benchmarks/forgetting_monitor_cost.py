@@ -192,7 +192,8 @@ def render(r: dict) -> str:
     lines = [
         "# The forgetting monitor's cost",
         "",
-        f"Command: `python benchmarks/forgetting_monitor_cost.py{'' if r['device'] == 'cpu' else ' --device ' + r['device']}`  ",
+        f"Command: `python benchmarks/forgetting_monitor_cost.py"
+        f"{'' if r['device'] == 'cpu' else ' --device ' + r['device']}`  ",
         f"Model: {r['model']} shape ({r['parameters'] / 1e6:.1f}M parameters, random weights, fp32, "
         f"{_mib(r['model_bytes'])}), on {r['device']}; base kept on {r['base_device']}.  ",
         f"Probes: {p['samples']} samples of up to {p['length']} tokens ({p['scored_positions']:,} positions scored), "

@@ -158,8 +158,9 @@ class ForgettingMonitor(TrainerCallback):
         if model is not self._model():
             # model_init built a new model inside train(): fine before any step, not on a resume
             if state.global_step > 0:
-                return self._decline(args, "the trainer built a new model (model_init) and resumed from a checkpoint, so the "
-                                     "base's values were never seen; call watch_forgetting on a trainer given its model")
+                return self._decline(args, "the trainer built a new model (model_init) and resumed from a checkpoint, "
+                                           "so the base's values were never seen; call watch_forgetting on a trainer "
+                                           "given its model")
             self.base = BaseSnapshot.capture(model, device=self.base.device)
             self._model = weakref.ref(model)
         self._follow_what_trains(args, model, state.global_step)
@@ -181,9 +182,9 @@ class ForgettingMonitor(TrainerCallback):
         names = trained_tensors(model)
         missing = [n for n in names if n not in self.base.values]
         if missing and step > 0:
-            return self._decline(args, f"{len(missing)} tensors train that did not when watch_forgetting was called (e.g. "
-                                 f"{missing[0]}) and the run resumes from step {step}, so their starting values are "
-                                 "unknown; call watch_forgetting after enable_hft")
+            return self._decline(args, f"{len(missing)} tensors train that did not when watch_forgetting was called "
+                                       f"(e.g. {missing[0]}) and the run resumes from step {step}, so their starting "
+                                       "values are unknown; call watch_forgetting after enable_hft")
         self.base.add(model, missing)
         params = dict(model.named_parameters())
         unchanged = [n for n, kept in self.base.values.items() if n not in names and n in params
