@@ -407,8 +407,9 @@ def _cache_argument(model: nn.Module) -> str:
     transformers 5.25 on, ``past_key_values`` before."""
     import inspect
 
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in parameters else "past_key_values"
@@ -590,8 +591,8 @@ def measure(model: nn.Module, probes: Probes, base: "BaseSnapshot | ModelBase | 
     ``base`` is a :class:`BaseSnapshot` of ``model`` (exchanged in for the base's passes and back),
     or another model with the same vocabulary. The base's log-probabilities on all probes are kept
     on ``store_device`` (default: the snapshot's device, else the model's) between the base's
-    passes and the model's: ``probes x length x vocab x 4`` bytes, e.g. 16 x 64 x 49,152 x 4 =
-    201 MB, freed on return. Runs under ``torch.no_grad`` in eval mode, with no randomness.
+    passes and the model's: at most ``probes x (length - 1) x vocab x 4`` bytes, e.g. 16 x 63 x
+    49,152 x 4 = 189 MiB, freed on return. Runs under ``torch.no_grad`` in eval mode, with no randomness.
 
     Returns:
         A :class:`Measurement`; ``kl`` is exactly 0.0 for a model against its own values.

@@ -564,7 +564,17 @@ def test_the_start_up_line_arms_the_monitor_without_hft_enable(tmp_path):
 
 
 def test_docstring_examples():
+    import contextlib
     import doctest
+    import io
+
+    try:  # DeepSpeed prints its accelerator choice the first time a Trainer asks: ask quietly first
+        from deepspeed.accelerator import get_accelerator
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            get_accelerator()
+    except ImportError:
+        pass
 
     import hft_plugin.adapters.watch as watch
     import hft_plugin.forgetting as forgetting
@@ -605,3 +615,13 @@ def test_trl_cli_with_hft_and_the_monitor(tmp_path):
     assert output.count("hft_plugin: forgetting monitor: KL(base || model) every 1 steps") == 1, output[-3000:]
     assert output.count("'forgetting/kl'") == 3 and "SFTTrainer trains with Half Fine-Tuning" in output
     assert Probes.load(str(out / PROBES_FILE)).source == "samples"
+
+
+def test_a_lora_model_keeps_only_its_adapters(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = trainer_for(model, tmp_path, max_steps=2)
+    monitor = watch_forgetting(trainer, every=2, **SMALL)
+    assert monitor.base.values and all("lora_" in name for name in monitor.base.values)
+    trainer.train()
+    assert logged(trainer)[2] > 0
