@@ -35,6 +35,9 @@ _EXPORTS = {
     "HFTHandle": "freeze",
     "enable_hft": "adapters.transformers",
     "disable_hft": "adapters.transformers",
+    "watch_forgetting": "adapters.watch",
+    "ProbeTextsError": "errors",
+    "VocabularyMismatchError": "errors",
     "half_reset": "reset",
     "half_reset_checkpoint": "reset",
     "dequantize_for_training": "quantized",
@@ -45,8 +48,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
-                         UnsupportedModelError)
+                         OptimizerMismatchError, ProbeTextsError, ReferenceModelError, SelectionMismatchError,
+                         UnsupportedModelError, VocabularyMismatchError)
+    from .adapters.watch import watch_forgetting
     from .freeze import HFTHandle, apply_selection
     from .quantized import dequantize_for_training
     from .selection import Selection, select_half

@@ -5,6 +5,7 @@
                    [--format table|json|axolotl|spectrum [--expressible-only]]
     hft half-reset ...          (see ``hft half-reset --help``)
     hft verify BASE TUNED [--manifest FILE] [--format table|json]
+    hft forgetting BASE TUNED [--texts FILE] [--samples N]   (see ``hft forgetting --help``)
     hft run [options] -- COMMAND ...   (the same as ``hft-run``)
 
 ``hft plan`` reads only the model's config (a local folder, a config.json, a .gguf file's metadata,
@@ -354,6 +355,16 @@ def _add_half_reset(subparsers, load: bool) -> None:
         subparsers.add_parser("half-reset", help=_HALF_RESET_HELP, add_help=False)
 
 
+def _add_forgetting(subparsers, load: bool) -> None:
+    if load:
+        from .forgetting_cli import register_cli  # torch and transformers: only when the command runs
+
+        register_cli(subparsers)
+    else:
+        subparsers.add_parser("forgetting", help="how far a tuned model moved from its base (KL, NLL change)",
+                              add_help=False)
+
+
 def _run(argv: Sequence[str]) -> int:
     try:
         from .bootstrap import run
@@ -407,6 +418,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     _add_plan(subparsers)
     _add_half_reset(subparsers, load == "half-reset")
     _add_verify(subparsers)
+    _add_forgetting(subparsers, load == "forgetting")
     subparsers.add_parser("run", help=_RUN_HELP, add_help=False)
     return parser
 

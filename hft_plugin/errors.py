@@ -51,3 +51,15 @@ class OptimizerMismatchError(HFTError):
 class ReferenceModelError(UnsupportedModelError):
     """The reference model cannot share the policy's tensors as given (it is the policy itself,
     it is PEFT-wrapped, or it is on the meta device)."""
+
+
+class ProbeTextsError(ConfigError):
+    """The forgetting monitor's probe texts cannot be used: an empty or unreadable texts file, an
+    empty text, a text longer than the model's context, texts given without a tokenizer to encode
+    them, or a probes file (``hft_probes.json``) that does not fit the model. The message names the
+    file or the text and what to do."""
+
+
+class VocabularyMismatchError(HFTError, ValueError):
+    """Two models do not share one vocabulary (their output sizes or their tokenizers differ), so
+    their next-token distributions cannot be compared token by token."""

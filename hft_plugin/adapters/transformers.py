@@ -623,7 +623,11 @@ def _auto_config() -> HFTConfig | None:
     from ..bootstrap import env
 
     adapter = _AutoState.adapter
-    return adapter.resolve_config() if adapter.config is not None else env.training_config()
+    if adapter.config is not None:
+        return adapter.resolve_config()
+    if adapter.watch_only and not env.is_enabled():
+        return None  # armed by HFT_WATCH_FORGETTING alone: the monitor without HFT
+    return env.training_config()
 
 
 def _auto_enable(trainer) -> "_Session | None":
@@ -655,6 +659,11 @@ def _auto_enable(trainer) -> "_Session | None":
 
 def _auto_train(wrapped, instance, args, kwargs):
     session = _auto_enable(instance)
+    from .watch import watch_from_environment
+
+    # HFT_WATCH_FORGETTING: after HFT is applied (only the trainable half is kept), before a
+    # checkpoint is loaded (the base is the model the run started from)
+    watch_from_environment(instance)
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
@@ -684,7 +693,10 @@ class TransformersAdapter(Adapter):
     ``train()`` starts, so a program that changes ``HFT_ROUND`` between tasks trains each task's
     round (a trainer trained again under changed variables switches to the new options), and
     ``HFT_ENABLE=0`` at that moment trains without HFT. A trainer that called :func:`enable_hft`
-    keeps its own options. A malformed variable raises its ConfigError when ``train()`` starts. If
+    keeps its own options. With ``HFT_WATCH_FORGETTING`` set, each trainer also gets the forgetting
+    monitor (:func:`hft_plugin.watch_forgetting`) when its ``train()`` starts; ``watch_only=True``
+    (the start-up hook's choice when ``HFT_ENABLE`` is not set) applies HFT only while
+    ``HFT_ENABLE`` is on. A malformed variable raises its ConfigError when ``train()`` starts. If
     HFT cannot be applied (a PEFT model, an unreadable architecture, a model already wrapped),
     training stops with an IntegrationError: a silent full fine-tune is never the fallback.
 
@@ -699,9 +711,12 @@ class TransformersAdapter(Adapter):
     instruments = ("transformers >= 5.3",)
     _TARGETS = (("Trainer.train", _auto_train), ("Trainer._prepare_for_training", _auto_prepare))
 
-    def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
+    def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, *, watch_only: bool = False,
+                 **options: Any) -> None:
         super().__init__()
         self.config = _build_config(config, options) if config is not None or options else None
+        # armed by HFT_WATCH_FORGETTING alone: HFT applies only while HFT_ENABLE is on
+        self.watch_only = watch_only
 
     def _instrument(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
         if config is not None or options:

@@ -64,6 +64,20 @@ it changes no weight and goes into no manifest."""
 HFT_DISABLE_PLUGIN_AUTOLOAD = "HFT_DISABLE_PLUGIN_AUTOLOAD"
 """``1``/``true``/``yes`` skips the third-party plugins that ``hft_plugin`` entry points name (see
 :mod:`hft_plugin.plugins`); the built-in layouts and strategies stay."""
+HFT_WATCH_FORGETTING = "HFT_WATCH_FORGETTING"
+"""Watch forgetting while training (:func:`hft_plugin.watch_forgetting`): a boolean. With ``HFT_ENABLE``
+or on its own (a full fine-tune gets the same curve). Every ``transformers.Trainer`` (TRL's CLI,
+LLaMA-Factory, Axolotl, ms-swift) logs ``forgetting/kl`` and ``forgetting/nll_delta``. Default 0."""
+
+HFT_WATCH_EVERY = "HFT_WATCH_EVERY"
+"""Optimizer steps between two forgetting measurements: plain decimal digits, at least 1. Default 50."""
+
+HFT_MAX_KL = "HFT_MAX_KL"
+"""Forgetting budget: a positive decimal number of nats per token; training stops at the first
+measurement of KL(base || model) above it. Needs ``HFT_WATCH_FORGETTING=1``. Default: no budget."""
+
+WATCH_VARIABLES = (HFT_WATCH_FORGETTING, HFT_WATCH_EVERY, HFT_MAX_KL)
+"""The forgetting monitor's variables: integration options, in no manifest."""
 
 CONFIG_VARIABLES = {
     "ratio": HFT_RATIO,
@@ -76,6 +90,7 @@ CONFIG_VARIABLES = {
 
 ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE,
                  HFT_DISABLE_PLUGIN_AUTOLOAD)
+ALL_VARIABLES += WATCH_VARIABLES
 
 TOOLING_VARIABLES = frozenset({
     "HFT_AXOLOTL_SITE", "HFT_AXOLOTL_VENV", "HFT_LF_VENV", "HFT_ORLHF_VENV", "HFT_SWIFT_VENV",
@@ -240,6 +255,50 @@ def share_reference(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     text = environ.get(HFT_SHARE_REFERENCE)
     return True if text is None else parse_bool(HFT_SHARE_REFERENCE, text)
+
+
+def maybe_watching(environ: Mapping[str, str] | None = None) -> bool:
+    """The start-up hook's cheap test for ``HFT_WATCH_FORGETTING``: anything but unset or an explicit
+    off arms the hook (a malformed value then fails when training starts)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(HFT_WATCH_FORGETTING, "").strip().lower() not in ("", *_FALSE)
+
+
+def parse_max_kl(variable: str, text: str) -> float:
+    """A plain positive decimal (nats per token); else ConfigError naming ``variable``."""
+    value = text.strip()
+    if not _DECIMAL.fullmatch(value) or float(value) <= 0:
+        raise _error(f"{variable}={text!r} is not a positive number; it is the largest KL(base || model), in nats per "
+                     f"token, at which training goes on, e.g. {variable}=0.05. Unset it for no budget.")
+    return float(value)
+
+
+def watch_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The options of :func:`hft_plugin.watch_forgetting` that the variables set, or None when
+    ``HFT_WATCH_FORGETTING`` is unset or off. Raises ConfigError naming a malformed variable
+    (``HFT_WATCH_EVERY``, ``HFT_MAX_KL`` included, and ``HFT_MAX_KL`` set without the monitor).
+
+        >>> watch_settings({"HFT_WATCH_FORGETTING": "1", "HFT_WATCH_EVERY": "20", "HFT_MAX_KL": "0.1"})
+        {'every': 20, 'max_kl': 0.1}
+        >>> watch_settings({}) is None
+        True
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(HFT_WATCH_FORGETTING)
+    if text is None or not text.strip() or not parse_bool(HFT_WATCH_FORGETTING, text):
+        if environ.get(HFT_MAX_KL, "").strip():
+            raise _error(f"{HFT_MAX_KL}={environ[HFT_MAX_KL]!r} is a forgetting budget, but {HFT_WATCH_FORGETTING} is "
+                         f"{'unset' if text is None else repr(text)}, so nothing would measure it: set "
+                         f"{HFT_WATCH_FORGETTING}=1, or unset {HFT_MAX_KL}.")
+        return None
+    settings: dict[str, Any] = {}
+    if environ.get(HFT_WATCH_EVERY) is not None:
+        settings["every"] = parse_int(HFT_WATCH_EVERY, environ[HFT_WATCH_EVERY])
+        if settings["every"] < 1:
+            raise _error(f"{HFT_WATCH_EVERY}={environ[HFT_WATCH_EVERY]!r} must be at least 1 (optimizer steps).")
+    if environ.get(HFT_MAX_KL) is not None:
+        settings["max_kl"] = parse_max_kl(HFT_MAX_KL, environ[HFT_MAX_KL])
+    return settings
 
 
 def read_config_file(path: str) -> dict[str, Any]:

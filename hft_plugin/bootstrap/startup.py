@@ -54,7 +54,7 @@ ADAPTERS: dict[str, tuple[str, str]] = {
 PTH_NAME = "hft-plugin.pth"
 
 _state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None,
-               "excepthook": None}
+               "excepthook": None, "watch_only": False}
 
 STOPPED = "hft_plugin: stopped before training"
 """How the line that ends a worker stopped by a configuration error starts; a launcher process
@@ -76,7 +76,8 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
     if _state["active"]:
         return False
     try:
-        if not env.maybe_enabled(environ):
+        hft = env.maybe_enabled(environ)
+        if not hft and not env.maybe_watching(environ):
             return False
         import wrapt
 
@@ -84,8 +85,11 @@ def activate(environ: Mapping[str, str] | None = None) -> bool:
         unknown = skipped - set(ADAPTERS)
         if unknown:
             _warn(f"{env.HFT_DISABLE_ADAPTERS} names unknown adapters {sorted(unknown)}; known: {sorted(ADAPTERS)}.")
+        # HFT_WATCH_FORGETTING alone: only the Trainer's adapter, to start the monitor (the other
+        # frameworks' trainers are transformers Trainers too); it applies HFT only if HFT_ENABLE is on.
+        _state["watch_only"] = not hft
         for name, (module, _) in ADAPTERS.items():
-            if name in skipped:
+            if name in skipped or (not hft and name != "transformers"):
                 continue
             hook = _make_hook(name)
             wrapt.register_post_import_hook(hook, module)
@@ -164,6 +168,8 @@ def instrument(name: str) -> bool:
         # Not raised here: this import may be in a process that never trains. The guard raises
         # it when an optimizer is built, which is where it matters.
         _warn(f"the {name} adapter is not active: {reason}")
+        if _state["watch_only"]:
+            return False  # no HFT was asked for: training without the monitor loses nothing
         _state["failures"][name] = reason
         _arm_guard()
     except Exception as exc:  # noqa: BLE001 - a post-import hook must never break the import
@@ -178,7 +184,9 @@ def _check_variables() -> None:
     if _state["config_error"] is not None:
         return
     try:
-        env.load_config()
+        env.watch_settings()
+        if not _state["watch_only"]:
+            env.load_config()
     except HFTError as exc:
         _state["config_error"] = str(exc)
         _warn(f"{exc} Training will stop on it.")
@@ -194,7 +202,8 @@ def _try_instrument(name: str) -> str | None:
 
     try:
         module, _, attribute = ADAPTERS[name][1].partition(":")
-        adapter = getattr(importlib.import_module(module), attribute)(config=None)  # the variables, read at train time
+        options = {"watch_only": True} if _state["watch_only"] else {}
+        adapter = getattr(importlib.import_module(module), attribute)(config=None, **options)  # read at train time
         check_requirements(adapter.instruments)
         adapter.instrument()
     except (HFTError, IncompatibleVersionError) as exc:
@@ -229,7 +238,8 @@ def _refuse_optimizer(wrapped, instance, args, kwargs):
     if _state["config_error"] is not None:
         # Read again: the program may have fixed the variables since. A malformed one is the error
         # to see first, before any about adapters (it is the one to fix).
-        if not env.switched_off():
+        env.watch_settings()
+        if not env.switched_off() and not _state["watch_only"]:
             env.load_config()
     if not _state["failures"]:
         return wrapped(*args, **kwargs)
@@ -277,4 +287,4 @@ def deactivate() -> None:
         if sys.excepthook is ours:  # another hook installed after ours stays, with ours inside it
             sys.excepthook = previous
     _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None,
-                  excepthook=None)
+                  excepthook=None, watch_only=False)
