@@ -29,12 +29,16 @@ _EXPORTS = {
     "ReferenceModelError": "errors",
     "IntegrationError": "errors",
     "OptimizerMismatchError": "errors",
+    "ReplayError": "errors",
+    "ReplayUnsupportedError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
     "HFTHandle": "freeze",
     "enable_hft": "adapters.transformers",
     "disable_hft": "adapters.transformers",
+    "enable_replay": "adapters.trainer_replay",
+    "disable_replay": "adapters.trainer_replay",
     "half_reset": "reset",
     "half_reset_checkpoint": "reset",
 }
@@ -44,8 +48,9 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
-                         UnsupportedModelError)
+                         OptimizerMismatchError, ReferenceModelError, ReplayError, ReplayUnsupportedError,
+                         SelectionMismatchError, UnsupportedModelError)
+    from .adapters.trainer_replay import disable_replay, enable_replay
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half
 

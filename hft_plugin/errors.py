@@ -51,3 +51,14 @@ class OptimizerMismatchError(HFTError):
 class ReferenceModelError(UnsupportedModelError):
     """The reference model cannot share the policy's tensors as given (it is the policy itself,
     it is PEFT-wrapped, or it is on the meta device)."""
+
+
+class ReplayError(ConfigError):
+    """A replay source or share that cannot be used: a ratio outside [0, 1), an empty, unreadable or
+    damaged source, a source in a format the trainer cannot process, or ``"self"`` without a
+    tokenizer. Raised before training starts; the message names the value and the fix."""
+
+
+class ReplayUnsupportedError(IntegrationError):
+    """The trainer's data pipeline cannot take replay (it generates its batches itself, as online RL
+    trainers do, or it deals whole batches per rank itself)."""
