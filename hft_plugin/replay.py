@@ -194,7 +194,9 @@ class MixingSampler:
 
     def __iter__(self) -> Iterator[int]:
         order = [int(i) for i in self.inner]
-        return iter(epoch_stream(order, self.pool_size, self.layout, self.seed, self.epoch))
+        stream = epoch_stream(order, self.pool_size, self.layout, self.seed, self.epoch)
+        self.epoch += 1  # as accelerate's seeded sampler does after an epoch; set_epoch overrides both
+        return iter(stream)
 
 
 class MixedDataset:

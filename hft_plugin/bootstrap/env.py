@@ -61,6 +61,22 @@ HFT_SHARE_REFERENCE = "HFT_SHARE_REFERENCE"
 holding its own copy of them: a boolean. Default 1. An integration option, not a selection option:
 it changes no weight and goes into no manifest."""
 
+HFT_REPLAY = "HFT_REPLAY"
+"""Replay in every trainer zero-code activation reaches: ``self`` (texts the model samples from its
+BOS token when training starts, stored in ``output_dir/hft_replay_self.json``), ``earlier`` (the task
+data earlier rounds recorded in the loaded model's folder), or the path of a JSON, JSON-lines or text
+file of earlier data (several: separated by commas). Unset or empty: no replay. A trainer whose data
+pipeline cannot take replay (online RL) trains without it, with one log line."""
+
+HFT_REPLAY_RATIO = "HFT_REPLAY_RATIO"
+"""Share of each training batch from the ``HFT_REPLAY`` source, a decimal in [0, 1). Default 0.1."""
+
+HFT_REPLAY_TASK = "HFT_REPLAY_TASK"
+"""Path of this run's training data file, recorded in ``output_dir/hft_replay.json`` so the next round's
+``HFT_REPLAY=earlier`` replays it."""
+
+REPLAY_VARIABLES = (HFT_REPLAY, HFT_REPLAY_RATIO, HFT_REPLAY_TASK)
+
 CONFIG_VARIABLES = {
     "ratio": HFT_RATIO,
     "strategy": HFT_STRATEGY,
@@ -70,7 +86,8 @@ CONFIG_VARIABLES = {
 }
 """Which variable sets which :class:`~hft_plugin.HFTConfig` field."""
 
-ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE)
+ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE,
+                 *REPLAY_VARIABLES)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -227,6 +244,42 @@ def share_reference(environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     text = environ.get(HFT_SHARE_REFERENCE)
     return True if text is None else parse_bool(HFT_SHARE_REFERENCE, text)
+
+
+def replay_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """What ``HFT_REPLAY``, ``HFT_REPLAY_RATIO`` and ``HFT_REPLAY_TASK`` ask for, or None when
+    ``HFT_REPLAY`` is unset or empty. Raises ConfigError naming the variable on a malformed value.
+
+        >>> replay_settings({"HFT_REPLAY": "self", "HFT_REPLAY_RATIO": "0.2"})
+        {'source': 'self', 'ratio': 0.2, 'task_data': None}
+        >>> replay_settings({"HFT_REPLAY": "a.jsonl,b.jsonl"})["source"]
+        ['a.jsonl', 'b.jsonl']
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(HFT_REPLAY, "").strip()
+    ratio_text = environ.get(HFT_REPLAY_RATIO)
+    ratio = 0.1
+    if ratio_text is not None:
+        value = ratio_text.strip()
+        if not _DECIMAL.fullmatch(value):
+            raise _error(f"{HFT_REPLAY_RATIO}={ratio_text!r} is not a number; set it to a decimal in [0, 1), e.g. "
+                         f"{HFT_REPLAY_RATIO}=0.1.")
+        ratio = float(value)
+        if not 0.0 <= ratio < 1.0:
+            raise _error(f"{HFT_REPLAY_RATIO}={ratio_text!r} is outside [0, 1); it is the share of each batch "
+                         f"drawn from {HFT_REPLAY}, e.g. {HFT_REPLAY_RATIO}=0.1 (0 turns replay off).")
+    if not text:
+        if ratio_text is not None:
+            raise _error(f"{HFT_REPLAY_RATIO} is set but {HFT_REPLAY} is not; set {HFT_REPLAY}=self, "
+                         f"{HFT_REPLAY}=earlier or {HFT_REPLAY}=PATH, or unset {HFT_REPLAY_RATIO}.")
+        return None
+    if text.lower() in ("self", "earlier"):
+        source: Any = text.lower()
+    else:
+        paths = [p.strip() for p in text.split(",") if p.strip()]
+        source = paths[0] if len(paths) == 1 else paths
+    task = environ.get(HFT_REPLAY_TASK, "").strip() or None
+    return {"source": source, "ratio": ratio, "task_data": task}
 
 
 def read_config_file(path: str) -> dict[str, Any]:
