@@ -203,7 +203,7 @@ class MixedDataset:
     """A map-style dataset over the trainer's examples then the replay pool: index ``i < n_main`` is
     ``main[i]``, index ``n_main + j`` is ``pool[j]``. Each example is projected onto ``columns``
     (what the trainer would keep) and carries :data:`REPLAY_KEY` (its pool index, -1 for the
-    trainer's own), which the collator wrapper takes out before collating."""
+    trainer's own) as a :class:`Marked`, which the collator wrapper takes out before collating."""
 
     def __init__(self, main, pool, columns: Sequence[str] | None, sampler: MixingSampler | None = None):
         self.main, self.pool = main, pool
@@ -230,8 +230,24 @@ class MixedDataset:
             row = {k: row[k] for k in self.columns if k in row}
         else:
             row = dict(row)
-        row[REPLAY_KEY] = mark
-        return row
+        return Marked(row, mark)
+
+
+class Marked:
+    """One example and its replay mark (pool index, -1 for the trainer's own). Deliberately not a
+    dict: transformers' column-removing collator passes non-dict examples through untouched, so the
+    mark reaches the collator wrapper that takes it out."""
+
+    __slots__ = ("row", "mark")
+
+    def __init__(self, row: dict, mark: int):
+        self.row, self.mark = row, mark
+
+    def __getitem__(self, key: str) -> Any:
+        return self.row[key]
+
+    def __repr__(self) -> str:
+        return f"Marked({self.row!r}, mark={self.mark})"
 
 
 # -- sources ---------------------------------------------------------------------------------------------

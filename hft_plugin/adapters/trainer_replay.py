@@ -94,8 +94,18 @@ def _compat_dataloader(trainer, dataset, make_sampler):
     inner = trainer._get_train_sampler(trainer.train_dataset)
     sampler = make_sampler(_seeded(trainer, inner))
     dataset.sampler = sampler
-    return trainer._get_dataloader(dataset=dataset, description="Training", batch_size=trainer._train_batch_size,
-                                   sampler_fn=lambda _dataset: sampler, is_training=True)
+    # The trainer wraps whatever data_collator holds when it builds the loader (column removal around
+    # it): for that moment it holds the marking collator, so the marks survive to the trainer's own.
+    had = trainer.__dict__.get("data_collator", _MISSING)
+    trainer.data_collator = _MarkingCollator(trainer.data_collator)
+    try:
+        return trainer._get_dataloader(dataset=dataset, description="Training", batch_size=trainer._train_batch_size,
+                                       sampler_fn=lambda _dataset: sampler, is_training=True)
+    finally:
+        if had is _MISSING:
+            trainer.__dict__.pop("data_collator", None)
+        else:
+            trainer.data_collator = had
 
 
 def _compat_supported(trainer) -> str | None:
@@ -164,7 +174,7 @@ class Replay:
                 f"after {type(self.trainer).__name__}'s own preparation), seed {self.seed}")
         if self.layout is not None:
             per_batch = self.layout.batch_size * self.ratio
-            text += (f"; batch size {self.layout.batch_size}: {per_batch:g} replay examples per batch on average, "
+            text += (f"; {per_batch:g} of every {self.layout.batch_size} examples per batch on average, "
                      f"{self.layout.replay_slots:,} per epoch of {self.layout.batches:,} batches")
         loss = {True: "logged as replay/loss", False: "replay/loss not measured (the forward gives no per-row loss)",
                 None: "logged as replay/loss"}[self.measured]
@@ -217,9 +227,7 @@ class Replay:
                 self.layout = sampler.layout
                 return sampler
 
-            loader = _compat_dataloader(trainer, mixed, make_sampler)
-            loader.collate_fn = _MarkingCollator(loader.collate_fn)
-            return loader
+            return _compat_dataloader(trainer, mixed, make_sampler)
         return get_train_dataloader
 
     # -- the replay loss, from the forward's own outputs -------------------------------------------------
@@ -312,7 +320,7 @@ def _token_selection(marks, shape, device):
 
 
 class _MarkingCollator:
-    """Takes the replay marks out of the examples, lets the trainer's collator build the batch, and
+    """Takes the replay marks out of the examples (:class:`~hft_plugin.replay.Marked`), lets the trainer's collator build the batch, and
     puts them back as one tensor: [rows] when each example is a row, [1, tokens] when the collator
     packs the examples into one row (padding-free). Picklable, so loader workers can run it."""
 
@@ -322,9 +330,8 @@ class _MarkingCollator:
     def __call__(self, features):
         import torch
 
-        marks = [int(f.get(core.REPLAY_KEY, -1)) if isinstance(f, dict) else -1 for f in features]
-        features = [{k: v for k, v in f.items() if k != core.REPLAY_KEY} if isinstance(f, dict) else f
-                    for f in features]
+        marks = [f.mark if isinstance(f, core.Marked) else -1 for f in features]
+        features = [f.row if isinstance(f, core.Marked) else f for f in features]
         batch = self.inner(features)
         ids = batch.get("input_ids") if hasattr(batch, "get") else None
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
