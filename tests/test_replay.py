@@ -315,3 +315,16 @@ def test_zero_code_replay_reaches_a_trainer(tmp_path, monkeypatch, caplog):
     replay = replay_of(trainer)
     assert replay is not None and replay.ratio == 0.25 and len(replay.used) == 2
     assert "trains with Half Fine-Tuning" in caplog.text and "Replay: 25.0%" in caplog.text
+
+
+def test_the_continual_replay_example_runs(tmp_path, monkeypatch, capsys):
+    import os
+    import runpy
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr(sys, "argv", ["continual_replay.py", "--steps", "2", "--output-dir", str(tmp_path)])
+    runpy.run_path(os.path.join(root, "examples", "continual_replay.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "round 0 (counting): replayed 0" in out and "round 2 (reversal): replayed 112 earlier examples at 25%" in out
+    assert json.loads((tmp_path / "round2-reversal" / core.RECORD_NAME).read_text())["tasks"][0].endswith("counting.jsonl")
