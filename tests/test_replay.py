@@ -328,3 +328,23 @@ def test_the_continual_replay_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "round 0 (counting): replayed 0" in out and "round 2 (reversal): replayed 112 earlier examples at 25%" in out
     assert json.loads((tmp_path / "round2-reversal" / core.RECORD_NAME).read_text())["tasks"][0].endswith("counting.jsonl")
+
+
+def test_dpo_trainer_replays_earlier_preference_pairs(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    config = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                       use_cpu=True, save_strategy="no", logging_steps=1, max_length=48, disable_tqdm=True)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "base"), args=config,
+                         train_dataset=dpo_dataset(), processing_class=tiny_tokenizer())
+    earlier = dpo_dataset(6).map(lambda row: {"prompt": "old " + row["prompt"]})
+    replay = enable_replay(trainer, earlier, ratio=0.25)
+    assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(replay.pool.column_names)  # DPO's own preparation
+    assert "replay/loss not measured" in replay.summary()
+    loader = trainer.get_train_dataloader()
+    assert loader.dataset.n_main == 16 and len(loader) == 6  # 3 + 1 replay a batch: 16 pairs in 6 batches
+    trainer.train()
+    with pytest.raises(ReplayError, match="preference pairs"):
+        enable_replay(trainer, sft_dataset(4))

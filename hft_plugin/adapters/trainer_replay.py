@@ -155,7 +155,9 @@ class Replay:
         self.tasks, self.self_file, self.columns = tasks, self_file, columns
         self.used: list[list[int]] = []
         self.layout: core.EpochLayout | None = None
-        self.measured: bool | None = None  # whether the forward outputs gave a replay loss
+        # whether the forward outputs give a replay loss: not where examples are no single rows of
+        # input_ids (DPO's pairs go through one concatenated forward)
+        self.measured: bool | None = None if "input_ids" in getattr(pool, "column_names", ["input_ids"]) else False
         self._sum = self._count = None
         self._pending = None
         self._hooks: list[Any] = []
@@ -480,7 +482,7 @@ def _check_format(trainer, raw, prepared_by_trainer: bool) -> None:
         raise ReplayError(f"the replay source is a preference dataset (columns {sorted(columns)}), which {name} "
                           "cannot train on: it trains on text, messages or prompt/completion examples. Replay the "
                           "chosen answers: source.rename_column('chosen', 'completion').remove_columns('rejected').")
-    if wants_preference and not preference and "input_ids" not in columns and "chosen_input_ids" not in columns:
+    if wants_preference and not preference and not {"input_ids", "chosen_ids", "chosen_input_ids"} & columns:
         raise ReplayError(f"{name} trains on preference pairs and the replay source has columns {sorted(columns)}; "
                           "give earlier preference data (prompt/chosen/rejected).")
 
