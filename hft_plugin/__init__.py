@@ -29,6 +29,8 @@ _EXPORTS = {
     "ReferenceModelError": "errors",
     "IntegrationError": "errors",
     "OptimizerMismatchError": "errors",
+    "ReplayError": "errors",
+    "ReplayUnsupportedError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
@@ -38,6 +40,8 @@ _EXPORTS = {
     "watch_forgetting": "adapters.watch",
     "ProbeTextsError": "errors",
     "VocabularyMismatchError": "errors",
+    "enable_replay": "adapters.trainer_replay",
+    "disable_replay": "adapters.trainer_replay",
     "half_reset": "reset",
     "half_reset_checkpoint": "reset",
     "dequantize_for_training": "quantized",
@@ -48,8 +52,10 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .config import HFTConfig
     from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, ProbeTextsError, ReferenceModelError, SelectionMismatchError,
-                         UnsupportedModelError, VocabularyMismatchError)
+                         OptimizerMismatchError, ProbeTextsError, ReferenceModelError, ReplayError,
+                         ReplayUnsupportedError, SelectionMismatchError, UnsupportedModelError,
+                         VocabularyMismatchError)
+    from .adapters.trainer_replay import disable_replay, enable_replay
     from .adapters.watch import watch_forgetting
     from .freeze import HFTHandle, apply_selection
     from .quantized import dequantize_for_training

@@ -63,3 +63,14 @@ class ProbeTextsError(ConfigError):
 class VocabularyMismatchError(HFTError, ValueError):
     """Two models do not share one vocabulary (their output sizes or their tokenizers differ), so
     their next-token distributions cannot be compared token by token."""
+
+
+class ReplayError(ConfigError):
+    """A replay source or share that cannot be used: a ratio outside [0, 1), an empty, unreadable or
+    damaged source, a source in a format the trainer cannot process, or ``"self"`` without a
+    tokenizer. Raised before training starts; the message names the value and the fix."""
+
+
+class ReplayUnsupportedError(IntegrationError):
+    """The trainer's data pipeline cannot take replay (it generates its batches itself, as online RL
+    trainers do, or it deals whole batches per rank itself)."""

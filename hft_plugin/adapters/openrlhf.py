@@ -52,6 +52,11 @@ class OpenRLHFAdapter(Adapter):
     def _instrument(self, **options: Any) -> None:
         if "config" in options:
             self.config = options["config"]
+        import os
+
+        if os.environ.get("HFT_REPLAY", "").strip():  # its loops build their own batches (docs/replay.md)
+            logger.warning("hft_plugin: HFT_REPLAY cannot apply to OpenRLHF (its trainers build their batches in "
+                           "their own loops); it trains without replay. Mix earlier data into its dataset instead.")
         patch(STRATEGY_MODULE, PATCHED[0], self._init_train_model)
         patch(STRATEGY_MODULE, PATCHED[1], self._save)
         patch(STRATEGY_MODULE, PATCHED[2], self._save)

@@ -349,7 +349,8 @@ class _Session:
             # verbosity: with logging unconfigured, Python's last-resort handler prints it to stderr.
             logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__,
                            train_start_summary(self.selection, self.handle,
-                                               self.sharing.report.summary() if self.sharing else ""))
+                                               self.sharing.report.summary() if self.sharing else "",
+                                               *_replay_lines(trainer)))
         if trainer.args.should_save:
             self.selection.save(trainer.args.output_dir)
         self._report_metrics = True
@@ -494,6 +495,14 @@ def _reference_sharing(session: "_Session") -> SharedReference | None:
 def _reference_before_load(session: "_Session", checkpoint: str | None) -> None:
     if checkpoint is not None and session.sharing is not None:
         session.sharing.before_load(checkpoint)  # loading writes into the policy's (shared) tensors
+
+
+def _replay_lines(trainer) -> list[str]:
+    """Replay's line in the train-start block (hft_plugin.adapters.trainer_replay), if it is on."""
+    import sys
+
+    module = sys.modules.get("hft_plugin.adapters.trainer_replay")  # never imported here: no replay, no line
+    return module.summary_lines(trainer) if module is not None else []
 
 
 def _check_trainer(trainer) -> None:
@@ -664,6 +673,7 @@ def _auto_train(wrapped, instance, args, kwargs):
     # HFT_WATCH_FORGETTING: after HFT is applied (only the trainable half is kept), before a
     # checkpoint is loaded (the base is the model the run started from)
     watch_from_environment(instance)
+    _auto_replay(instance)
     if session is not None:
         # Here, not later, so a mismatched checkpoint is refused before its weights are loaded.
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
@@ -673,6 +683,17 @@ def _auto_train(wrapped, instance, args, kwargs):
         finally:
             session._checked = None
     return wrapped(*args, **kwargs)
+
+
+def _auto_replay(trainer) -> None:
+    """``HFT_REPLAY``: replay on every trainer zero-code activation reaches (before its loader exists)."""
+    from ..bootstrap import env
+
+    settings = env.replay_settings()
+    if settings is not None and trainer not in _OPTED_OUT:
+        from .trainer_replay import auto_replay
+
+        auto_replay(trainer, settings)
 
 
 def _auto_prepare(wrapped, instance, args, kwargs):

@@ -79,6 +79,22 @@ measurement of KL(base || model) above it. Needs ``HFT_WATCH_FORGETTING=1``. Def
 WATCH_VARIABLES = (HFT_WATCH_FORGETTING, HFT_WATCH_EVERY, HFT_MAX_KL)
 """The forgetting monitor's variables: integration options, in no manifest."""
 
+HFT_REPLAY = "HFT_REPLAY"
+"""Replay in every trainer zero-code activation reaches: ``self`` (texts the model samples from its
+BOS token when training starts, stored in ``output_dir/hft_replay_self.json``), ``earlier`` (the task
+data earlier rounds recorded in the loaded model's folder), or the path of a JSON, JSON-lines or text
+file of earlier data (several: separated by commas). Unset or empty: no replay. A trainer whose data
+pipeline cannot take replay (online RL) trains without it, with one log line."""
+
+HFT_REPLAY_RATIO = "HFT_REPLAY_RATIO"
+"""Share of each training batch from the ``HFT_REPLAY`` source, a decimal in [0, 1). Default 0.1."""
+
+HFT_REPLAY_TASK = "HFT_REPLAY_TASK"
+"""Path of this run's training data file, recorded in ``output_dir/hft_replay.json`` so the next round's
+``HFT_REPLAY=earlier`` replays it."""
+
+REPLAY_VARIABLES = (HFT_REPLAY, HFT_REPLAY_RATIO, HFT_REPLAY_TASK)
+
 CONFIG_VARIABLES = {
     "ratio": HFT_RATIO,
     "strategy": HFT_STRATEGY,
@@ -89,7 +105,7 @@ CONFIG_VARIABLES = {
 """Which variable sets which :class:`~hft_plugin.HFTConfig` field."""
 
 ALL_VARIABLES = (HFT_ENABLE, *CONFIG_VARIABLES.values(), HFT_CONFIG, HFT_DISABLE_ADAPTERS, HFT_SHARE_REFERENCE,
-                 HFT_DISABLE_PLUGIN_AUTOLOAD)
+                 HFT_DISABLE_PLUGIN_AUTOLOAD, *REPLAY_VARIABLES)
 ALL_VARIABLES += WATCH_VARIABLES
 
 TOOLING_VARIABLES = frozenset({
@@ -299,6 +315,42 @@ def watch_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
     if environ.get(HFT_MAX_KL) is not None:
         settings["max_kl"] = parse_max_kl(HFT_MAX_KL, environ[HFT_MAX_KL])
     return settings
+
+
+def replay_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """What ``HFT_REPLAY``, ``HFT_REPLAY_RATIO`` and ``HFT_REPLAY_TASK`` ask for, or None when
+    ``HFT_REPLAY`` is unset or empty. Raises ConfigError naming the variable on a malformed value.
+
+        >>> replay_settings({"HFT_REPLAY": "self", "HFT_REPLAY_RATIO": "0.2"})
+        {'source': 'self', 'ratio': 0.2, 'task_data': None}
+        >>> replay_settings({"HFT_REPLAY": "a.jsonl,b.jsonl"})["source"]
+        ['a.jsonl', 'b.jsonl']
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(HFT_REPLAY, "").strip()
+    ratio_text = environ.get(HFT_REPLAY_RATIO)
+    ratio = 0.1
+    if ratio_text is not None:
+        value = ratio_text.strip()
+        if not _DECIMAL.fullmatch(value):
+            raise _error(f"{HFT_REPLAY_RATIO}={ratio_text!r} is not a number; set it to a decimal in [0, 1), e.g. "
+                         f"{HFT_REPLAY_RATIO}=0.1.")
+        ratio = float(value)
+        if not 0.0 <= ratio < 1.0:
+            raise _error(f"{HFT_REPLAY_RATIO}={ratio_text!r} is outside [0, 1); it is the share of each batch "
+                         f"drawn from {HFT_REPLAY}, e.g. {HFT_REPLAY_RATIO}=0.1 (0 turns replay off).")
+    if not text:
+        if ratio_text is not None:
+            raise _error(f"{HFT_REPLAY_RATIO} is set but {HFT_REPLAY} is not; set {HFT_REPLAY}=self, "
+                         f"{HFT_REPLAY}=earlier or {HFT_REPLAY}=PATH, or unset {HFT_REPLAY_RATIO}.")
+        return None
+    if text.lower() in ("self", "earlier"):
+        source: Any = text.lower()
+    else:
+        paths = [p.strip() for p in text.split(",") if p.strip()]
+        source = paths[0] if len(paths) == 1 else paths
+    task = environ.get(HFT_REPLAY_TASK, "").strip() or None
+    return {"source": source, "ratio": ratio, "task_data": task}
 
 
 def read_config_file(path: str) -> dict[str, Any]:
