@@ -29,6 +29,8 @@ _EXPORTS = {
     "ReferenceModelError": "errors",
     "IntegrationError": "errors",
     "OptimizerMismatchError": "errors",
+    "CalibrationError": "errors",
+    "ScoresError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
@@ -43,8 +45,8 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import HFTConfig
-    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, ReferenceModelError, SelectionMismatchError,
+    from .errors import (CalibrationError, ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
+                         OptimizerMismatchError, ReferenceModelError, ScoresError, SelectionMismatchError,
                          UnsupportedModelError)
     from .freeze import HFTHandle, apply_selection
     from .selection import Selection, select_half

@@ -51,3 +51,15 @@ class OptimizerMismatchError(HFTError):
 class ReferenceModelError(UnsupportedModelError):
     """The reference model cannot share the policy's tensors as given (it is the policy itself,
     it is PEFT-wrapped, or it is on the meta device)."""
+
+
+class CalibrationError(HFTError, ValueError):
+    """Calibration texts cannot give a stable importance score: none, empty ones, tokens the model
+    does not have (another model's tokenizer), or fewer than the measured minimum. Raised by
+    :func:`hft_plugin.importance.compute_scores` before the model runs."""
+
+
+class ScoresError(SelectionMismatchError):
+    """An importance scores file (``hft_scores.json``) cannot be used: missing, not a scores file,
+    edited since it was written (its content hash), or computed for another model (fingerprint) or
+    another round. The message names the file and how to compute it again."""
