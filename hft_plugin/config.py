@@ -83,9 +83,10 @@ class HFTConfig:
             if not isinstance(self.scores, str) or not self.scores.strip():
                 raise ConfigError(f"scores={self.scores!r} is not a file path; pass the path that "
                                   "hft_plugin.importance.compute_scores(...).save(folder) returned.")
-            if self.strategy in SCORELESS_STRATEGIES:
+            if self.strategy in SCORELESS_STRATEGIES and self.round != NEXT_ROUND:
                 # These strategies are pure functions of the structure; a scores file given to them
-                # would be ignored silently, which hides a typo in the strategy name.
+                # would be ignored silently, which hides a typo in the strategy name. With
+                # round="next" the strategy may still come from the previous manifest: checked then.
                 raise ConfigError(f"scores={self.scores!r} is read only by strategy='shielded' (or a plugin's "
                                   f"data-driven strategy); strategy={self.strategy!r} chooses without scores. "
                                   "Pass strategy='shielded', or drop scores.")
