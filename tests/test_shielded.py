@@ -302,3 +302,15 @@ def test_scores_variable_is_checked():
     with pytest.raises(ConfigError, match="HFT_SCORES"):
         load_config({"HFT_STRATEGY": "shielded", "HFT_SCORES": " "})
     assert load_config({"HFT_STRATEGY": "shielded", "HFT_SCORES": "/x/hft_scores.json"}).scores == "/x/hft_scores.json"
+
+
+def test_ranks_agree_on_the_scores_content_not_only_the_path(tmp_path, scored):
+    from hft_plugin.checkpoints import selection_digest
+
+    model, path = scored("llama")
+    copy = tmp_path / SCORES_NAME
+    copy.write_text(open(path).read())
+    first = selection_digest(select_half(model, strategy="shielded", scores=str(copy)))
+    rescored = Scores.load(path)
+    copy.write_text(Scores(**{**rescored.__dict__, "calibration": {"source": "another rank's copy"}}).to_json())
+    assert selection_digest(select_half(model, strategy="shielded", scores=str(copy))) != first
