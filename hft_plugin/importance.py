@@ -48,8 +48,10 @@ KIND = "hft-importance-scores"
 
 MIN_TEXTS = 16
 """Fewer calibration texts than this are refused. Measured (benchmarks/shielded.py, SmolLM2-135M,
-its own samples of 128 tokens): from 16 texts on, the units chosen agree with those chosen from 256
-texts on at least 98% of the layers' parameters; below that, agreement falls quickly."""
+its own samples of 128 tokens, 4 draws per count): from 16 texts on, the half chosen agrees with
+the half chosen from a pool of 128 texts on 99.2% of the layers' parameters (worst draw 96.7%), and
+two disjoint draws agree on 98.8%. At 8 texts the draws agree on 97.1%, at 1 text on 96% with 88.8%
+in the worst draw against the pool. For scale, two category seeds agree on 51%."""
 
 DEFAULT_SAMPLES = 64
 DEFAULT_LENGTH = 128
