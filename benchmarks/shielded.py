@@ -263,7 +263,8 @@ def render(result: dict) -> str:
               f"Layers training 2 of the 3 MLP matrices: {s['layers_training_2_of_3_mlp']}.", "",
               "## On the meta device: what scoring a larger model needs", "",
               "| model | params | norm state (MB) | share of layers chosen by score | scoring-pass FLOPs | CPU hours "
-              "(samples + pass, at the rate measured here) | fp32 logits per batch of 8 (MB) |",
+              "(samples + pass, at the rate measured here) | fp32 logits of a batch of 8, were all positions kept (MB; "
+              "the pass keeps one) |",
               "|---|---|---|---|---|---|---|"]
     for name, r in m.items():
         lines.append(f"| {name} | {r['params']:,} | {r['norm_state_mb']} | {r['layers_share_chosen_by_score']:.1%} | "
