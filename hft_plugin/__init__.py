@@ -31,6 +31,8 @@ _EXPORTS = {
     "OptimizerMismatchError": "errors",
     "ReplayError": "errors",
     "ReplayUnsupportedError": "errors",
+    "CalibrationError": "errors",
+    "ScoresError": "errors",
     "Selection": "selection",
     "select_half": "selection",
     "apply_selection": "freeze",
@@ -51,9 +53,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import HFTConfig
-    from .errors import (ConfigError, HFTError, IntegrationError, LayoutError, ManifestError, NothingToTrainError,
-                         OptimizerMismatchError, ProbeTextsError, ReferenceModelError, ReplayError,
-                         ReplayUnsupportedError, SelectionMismatchError, UnsupportedModelError,
+    from .errors import (CalibrationError, ConfigError, HFTError, IntegrationError, LayoutError, ManifestError,
+                         NothingToTrainError, OptimizerMismatchError, ProbeTextsError, ReferenceModelError, ReplayError,
+                         ReplayUnsupportedError, ScoresError, SelectionMismatchError, UnsupportedModelError,
                          VocabularyMismatchError)
     from .adapters.trainer_replay import disable_replay, enable_replay
     from .adapters.watch import watch_forgetting

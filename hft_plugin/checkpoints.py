@@ -30,9 +30,13 @@ logger = logging.getLogger("hft_plugin")
 
 def selection_digest(selection: Selection) -> str:
     """A short hash of what trains: the model's fingerprint, the options, the trainable units and
-    the trainable regions of partly trained tensors. Equal digests mean the same half."""
-    payload = json.dumps([selection.fingerprint, selection.config.to_dict(), sorted(selection.trainable_units),
-                          {k: [list(map(list, b)) for b in v] for k, v in sorted(selection.plan().partial.items())}])
+    the trainable regions of partly trained tensors, and the content hash of the importance scores
+    a ``shielded`` half was chosen from. Equal digests mean the same half."""
+    items = [selection.fingerprint, selection.config.to_dict(), sorted(selection.trainable_units),
+             {k: [list(map(list, b)) for b in v] for k, v in sorted(selection.plan().partial.items())}]
+    if selection.scores_sha256 is not None:  # ranks must read the same scores, not only the same path
+        items.append(selection.scores_sha256)
+    payload = json.dumps(items)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -1,6 +1,6 @@
 """The ``hft`` command: see which half trains, reset a tuned half, run a trainer with HFT on.
 
-    hft plan MODEL [--round N|next | --rounds 0-3] [--strategy S] [--ratio R] [--seed N]
+    hft plan MODEL [--round N|next | --rounds 0-3] [--strategy S [--scores FILE]] [--ratio R] [--seed N]
                    [--train-embeddings | --freeze-embeddings] [--plot FILE.png]
                    [--format table|json|axolotl|spectrum [--expressible-only]]
     hft half-reset ...          (see ``hft half-reset --help``)
@@ -33,7 +33,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_ratio, parse_round
+from .bootstrap.env import flag_type, parse_int, parse_path, parse_ratio, parse_round
 
 PROG = "hft"
 
@@ -232,7 +232,8 @@ def run_plan(args: argparse.Namespace) -> int:
         model.config._name_or_path = folder
     # Only the options given on the command line: with --round next the others are the previous
     # round's, from the folder's hft_selection.json (as round="next" does in training).
-    options = {k: v for k in ("ratio", "strategy", "seed", "train_embeddings") if (v := getattr(args, k)) is not None}
+    options = {k: v for k in ("ratio", "strategy", "seed", "train_embeddings", "scores")
+               if (v := getattr(args, k)) is not None}
     check_model(model)
     selections = []
     for r in args.rounds or [args.round]:
@@ -283,7 +284,8 @@ def _export_text(selection, fmt: str, args: argparse.Namespace) -> str:
     from .export import ExportError, export
 
     c, s = selection.config, selection.stats()
-    command = (f"hft plan {args.model} --round {c.round} --strategy {c.strategy} --ratio {c.ratio:g} --seed {c.seed}"
+    command = (f"hft plan {args.model} --round {c.round} --strategy {c.strategy}"
+               f"{'' if c.scores is None else ' --scores ' + c.scores} --ratio {c.ratio:g} --seed {c.seed}"
                f"{'' if c.train_embeddings else ' --freeze-embeddings'} --format {fmt}")
     header = [
         f"Half Fine-Tuning, round {c.round}: {command} (hft-plugin {__version__})",
@@ -314,7 +316,11 @@ def _add_plan(subparsers) -> None:
                              "hft_selection.json, with its strategy, ratio and seed unless given here")
     rounds.add_argument("--rounds", type=parse_rounds, metavar="RANGE",
                         help="several rounds, e.g. 0-3 or 0,2,5: one table each, one picture side by side")
-    plan.add_argument("--strategy", help="category (default, the paper's), layer, model, or a plugin's")
+    plan.add_argument("--strategy", help="category (default, the paper's), layer, model, shielded (with --scores), "
+                                         "or a plugin's")
+    plan.add_argument("--scores", type=flag_type(parse_path, "--scores"), metavar="FILE",
+                      help="the importance scores file --strategy shielded reads (written by "
+                           "hft_plugin.importance.compute_scores); nothing is recomputed")
     plan.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), help="trainable share of the layers' parameters (default 0.5)")
     plan.add_argument("--seed", type=flag_type(parse_int, "--seed"), help="seeds the draw (default 0)")
     embeddings = plan.add_mutually_exclusive_group()

@@ -9,6 +9,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+SCORELESS_STRATEGIES = ("category", "layer", "model")
+"""The built-in strategies that choose from the model's structure alone and read no scores."""
+
 NEXT_ROUND = "next"
 """``round=NEXT_ROUND`` continues from the manifest of the folder the model was loaded from."""
 
@@ -28,6 +31,10 @@ class HFTConfig:
         seed: seeds the draw. The result never depends on the global random state.
         train_embeddings: train the parameters outside the transformer layers (embeddings,
             lm_head, final norm). The paper trains them; ``False`` is its ablation.
+        scores: the importance scores file a data-driven strategy reads (``strategy="shielded"``;
+            write it with :func:`hft_plugin.importance.compute_scores`). A path; every rank, a
+            resume and ``hft plan --scores FILE`` read the same file, so they choose the same half.
+            Left out of :meth:`to_dict` when unset, so manifests of other strategies are unchanged.
 
     Example:
         >>> HFTConfig(ratio=0.5, round=1).round
@@ -43,6 +50,7 @@ class HFTConfig:
     round: int | str = 0  # an int >= 0, or NEXT_ROUND until resolved against a model folder
     seed: int = 0
     train_embeddings: bool = True
+    scores: str | None = None
 
     def __post_init__(self) -> None:
         ratio = self.ratio
@@ -69,6 +77,19 @@ class HFTConfig:
             raise ConfigError(f"strategy={self.strategy!r} is not a strategy name; try 'category'.")
         if not isinstance(self.train_embeddings, bool):
             raise ConfigError(f"train_embeddings={self.train_embeddings!r} is not True or False.")
+        if self.scores is not None:
+            if hasattr(self.scores, "__fspath__"):  # a pathlib.Path: stored as text, so manifests stay JSON
+                object.__setattr__(self, "scores", str(self.scores.__fspath__()))
+            if not isinstance(self.scores, str) or not self.scores.strip():
+                raise ConfigError(f"scores={self.scores!r} is not a file path; pass the path that "
+                                  "hft_plugin.importance.compute_scores(...).save(folder) returned.")
+            if self.strategy in SCORELESS_STRATEGIES and self.round != NEXT_ROUND:
+                # These strategies are pure functions of the structure; a scores file given to them
+                # would be ignored silently, which hides a typo in the strategy name. With
+                # round="next" the strategy may still come from the previous manifest: checked then.
+                raise ConfigError(f"scores={self.scores!r} is read only by strategy='shielded' (or a plugin's "
+                                  f"data-driven strategy); strategy={self.strategy!r} chooses without scores. "
+                                  "Pass strategy='shielded', or drop scores.")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -110,4 +131,7 @@ class HFTConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values["scores"] is None:  # manifests and digests of scoreless runs stay as they were
+            del values["scores"]
+        return values

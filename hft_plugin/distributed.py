@@ -38,6 +38,7 @@ def check_ranks_agree(selection: Selection, agreed: str | None = None) -> str | 
         lines = "; ".join(f"rank {r}: {d} {c}" for r, (d, c) in enumerate(gathered))
         raise SelectionMismatchError(
             f"The ranks selected different halves (this is rank {rank}): {lines}. Give every rank the same "
-            "HFT options (ratio, strategy, round, seed) and the same model."
+            "HFT options (ratio, strategy, round, seed; with strategy='shielded' the same scores file, on a "
+            "shared file system or copied byte for byte) and the same model."
         )
     return digest

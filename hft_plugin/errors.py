@@ -74,3 +74,15 @@ class ReplayError(ConfigError):
 class ReplayUnsupportedError(IntegrationError):
     """The trainer's data pipeline cannot take replay (it generates its batches itself, as online RL
     trainers do, or it deals whole batches per rank itself)."""
+
+
+class CalibrationError(HFTError, ValueError):
+    """Calibration texts cannot give a stable importance score: none, empty ones, tokens the model
+    does not have (another model's tokenizer), or fewer than the measured minimum. Raised by
+    :func:`hft_plugin.importance.compute_scores` before the model runs."""
+
+
+class ScoresError(SelectionMismatchError):
+    """An importance scores file (``hft_scores.json``) cannot be used: missing, not a scores file,
+    edited since it was written (its content hash), or computed for another model (fingerprint) or
+    another round. The message names the file and how to compute it again."""

@@ -58,4 +58,10 @@ def hft_select_half(layout: "Layout", config: "HFTConfig", round: int, attempt: 
     ``hft_plugin.strategies.rng(config, round, attempt)``, never from the global random state, so
     every process of a distributed job chooses the same half without talking. ``attempt`` counts
     redraws: when round r's answer equals round r-1's, the core asks again with attempt + 1.
+
+    A data-driven strategy reads its data from a file named in the config (``config.scores``, as
+    the built-in ``shielded`` does): such a file is an input like the seed, so the answer is still
+    a pure function of the arguments. When ``config.scores`` is set the core asks once, for
+    ``config.round`` only, since earlier rounds chose from other scores; the strategy itself keeps
+    round r's answer different from round r-1's (the scores file can record the previous half).
     """

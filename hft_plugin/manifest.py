@@ -111,7 +111,10 @@ def selection_from_dict(cls, data: Any, source: str):
                                                 for h in history):
         raise bad("'history' is not a list of earlier rounds (objects with an integer 'round')")
     layout = Layout(need(data, "layout", str, "the file"), layers, list(outside), shapes)
-    selection = cls(config, layout, frozenset(trainable), tuple(history))
+    scores = data.get("scores")
+    scores_sha256 = scores.get("sha256") if isinstance(scores, dict) else None
+    selection = cls(config, layout, frozenset(trainable), tuple(history),
+                    scores_sha256 if isinstance(scores_sha256, str) else None)
     saved = need(data, "fingerprint", str, "the file")
     # Format 1 hashed names and shapes only; its parts carry the splits, so it upgrades losslessly.
     expected = fingerprint_shapes(shapes) if version == 1 else selection.fingerprint

@@ -68,6 +68,8 @@ class Selection:
     history: tuple[dict[str, Any], ...] = ()
     """The earlier rounds these weights went through, oldest first, as recorded in the manifest
     of the folder the model was loaded from (see :func:`resolve_round`)."""
+    scores_sha256: str | None = None
+    """The content hash of the importance scores file (``config.scores``) this half was chosen from."""
 
     # -- what trains ------------------------------------------------------------------------------
     def is_trainable(self, unit_key: str) -> bool:
@@ -181,6 +183,9 @@ class Selection:
         rows.append(("outside layers", outside_trains, outside, outside_trains / outside if outside else 0))
         lines.append(f"{'part':<22}{'trainable':>{w}}{'total':>{w}}{'share':>9}")
         lines += [f"{name:<22}{trains:>{w},}{total:>{w},}{share:>9.2%}" for name, trains, total, share in rows]
+        if c.scores is not None:
+            lines.append(f"importance scores: {c.scores} (sha256 {(self.scores_sha256 or '?')[:16]}); the most important "
+                         "units of each layer and role are frozen")
         frozen_by_user = s.get("frozen_by_user") or ()
         if frozen_by_user:
             n = len(frozen_by_user)
@@ -207,6 +212,8 @@ class Selection:
             ],
             "history": [dict(h) for h in self.history],
             "stats": self.stats(),
+            **({"scores": {"file": self.config.scores, "sha256": self.scores_sha256}}
+               if self.config.scores is not None else {}),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -320,6 +327,7 @@ def select_half(
     ratio: float | None = None,
     seed: int | None = None,
     train_embeddings: bool | None = None,
+    scores: str | None = None,
     config: HFTConfig | None = None,
 ) -> Selection:
     """Choose the half of ``model`` that trains in ``round``; touch nothing.
@@ -336,10 +344,13 @@ def select_half(
         model: a transformers causal LM (or any model a layout plugin reads).
         round: the fine-tuning round (0, 1, 2, ...): each round draws a new half. ``"next"``: the
             round after the one recorded in the model folder's manifest.
-        strategy: "category" (the paper's default), "layer", "model", or a plugin's.
+        strategy: "category" (the paper's default), "layer", "model", "shielded" (needs
+            ``scores``), or a plugin's.
         ratio: the trainable share of the transformer layers' parameters, in (0, 1). Default 0.5.
         seed: seeds the draw. Default 0.
         train_embeddings: train embeddings, lm_head and final norm (the paper's default, True).
+        scores: the importance scores file ``strategy="shielded"`` reads (written by
+            :func:`hft_plugin.importance.compute_scores`).
         config: an HFTConfig instead of the keyword arguments (its ``round`` is used).
         Options left out (None) are the defaults, or with ``round="next"`` the previous round's.
 
@@ -358,7 +369,8 @@ def select_half(
         (0.5, True)
     """
     if config is None:
-        options = dict(ratio=ratio, strategy=strategy, round=round, seed=seed, train_embeddings=train_embeddings)
+        options = dict(ratio=ratio, strategy=strategy, round=round, seed=seed, train_embeddings=train_embeddings,
+                       scores=scores)
         config = HFTConfig.from_dict({k: v for k, v in options.items() if v is not None})
     check_model(model)  # before any file is read: a PEFT or quantized model is refused first
     config, history = resolve_round(model, config)
@@ -372,7 +384,13 @@ def _select(model: nn.Module, config: HFTConfig, history: tuple[dict[str, Any], 
         raise ConfigError(f"Unknown strategy {config.strategy!r}; known strategies: {', '.join(known)}.")
     with gc_paused():
         layout = read_layout(model)
-        return Selection(config, layout, frozenset(_draw(layout, config)), tuple(history))
+        trainable = frozenset(_draw(layout, config))
+        scores_sha256 = None
+        if config.scores is not None:
+            from .importance import file_sha256
+
+            scores_sha256 = file_sha256(config.scores)  # checked again: the manifest names what was read
+        return Selection(config, layout, trainable, tuple(history), scores_sha256)
 
 
 # -- rounds: the manifest of the folder a model was loaded from ----------------------------------------
@@ -571,6 +589,14 @@ def _draw(layout: Layout, config: HFTConfig) -> set[str]:
     from .plugins import get_manager
 
     hook = get_manager().hook.hft_select_half
+    if config.scores is not None:
+        # A strategy that reads scores chooses from the model as it enters this round; earlier rounds
+        # chose from other scores, which cannot be replayed here. It keeps "round r differs from
+        # round r - 1" itself, from the previous half its scores file records.
+        chosen = hook(layout=layout, config=config, round=config.round, attempt=0)
+        if chosen is None:
+            raise ConfigError(f"No plugin implements strategy {config.strategy!r}.")
+        return set(chosen)
     previous: set[str] | None = None
     for round in range(config.round + 1):
         for attempt in range(_MAX_ATTEMPTS):

@@ -47,6 +47,11 @@ HFT_TRAIN_EMBEDDINGS = "HFT_TRAIN_EMBEDDINGS"
 """Train the parameters outside the layers (embeddings, lm_head, final norm): ``1``/``true``/
 ``yes``/``on`` or ``0``/``false``/``no``/``off``; empty is an error. Default 1."""
 
+HFT_SCORES = "HFT_SCORES"
+"""The importance scores file that ``HFT_STRATEGY=shielded`` reads: a path, as
+``hft_plugin.importance.compute_scores(model).save(folder)`` returned it (absolute, so every worker
+finds it whatever its directory). Read by every rank; nothing is recomputed."""
+
 HFT_CONFIG = "HFT_CONFIG"
 """Path of a YAML (``.yaml``/``.yml``) or JSON file holding the same keys in lower case (``ratio``,
 ``strategy``, ``round``, ``seed``, ``train_embeddings``). The single variables override it."""
@@ -101,6 +106,7 @@ CONFIG_VARIABLES = {
     "round": HFT_ROUND,
     "seed": HFT_SEED,
     "train_embeddings": HFT_TRAIN_EMBEDDINGS,
+    "scores": HFT_SCORES,
 }
 """Which variable sets which :class:`~hft_plugin.HFTConfig` field."""
 
@@ -121,7 +127,7 @@ _FALSE = ("0", "false", "no", "off")
 _BOOLEANS = f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}"
 _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-BUILTIN_STRATEGIES = ("category", "layer", "model")
+BUILTIN_STRATEGIES = ("category", "layer", "model", "shielded")
 
 
 def _error(message: str) -> Exception:
@@ -170,6 +176,15 @@ def parse_ratio(variable: str, text: str) -> float:
     if not 0.0 < ratio < 1.0:
         raise _error(f"{variable}={text!r} is outside (0, 1); it is the trainable share, e.g. {variable}=0.5.")
     return ratio
+
+
+def parse_path(variable: str, text: str) -> str:
+    """A file path (spaces around ignored); empty is a ConfigError naming ``variable``."""
+    value = text.strip()
+    if not value:
+        raise _error(f"{variable}={text!r} is empty; set it to the scores file that "
+                     "hft_plugin.importance.compute_scores(model).save(folder) wrote, or unset it.")
+    return value
 
 
 def flag_type(parse: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
@@ -225,6 +240,7 @@ PARSERS = {  # field -> parser(name to report, text); the name is the variable, 
     "round": parse_round,
     "seed": parse_int,
     "train_embeddings": parse_bool,
+    "scores": parse_path,
 }
 
 

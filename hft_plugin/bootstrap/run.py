@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         usage="hft-run [options] -- COMMAND [ARGS ...]",
     )
     parser.add_argument("--ratio", type=str, help="trainable share of the layers, in (0, 1) [HFT_RATIO]")
-    parser.add_argument("--strategy", type=str, help="category, layer or model [HFT_STRATEGY]")
+    parser.add_argument("--strategy", type=str, help="category, layer, model or shielded [HFT_STRATEGY]")
+    parser.add_argument("--scores", type=str, help="importance scores file for --strategy shielded [HFT_SCORES]")
     parser.add_argument("--round", type=str, help="fine-tuning round, 0, 1, 2, ... [HFT_ROUND]")
     parser.add_argument("--seed", type=str, help="seed of the draw [HFT_SEED]")
     embeddings = parser.add_mutually_exclusive_group()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from . import category, layer, model
+from . import category, layer, model, shielded
 
-STRATEGIES = {"category": category.select, "layer": layer.select, "model": model.select}
+STRATEGIES = {"category": category.select, "layer": layer.select, "model": model.select,
+              "shielded": shielded.select}
 
 
 @hookimpl(trylast=True)
