@@ -380,39 +380,16 @@ def sample_probes(model: nn.Module, *, count: int = DEFAULT_SAMPLES, length: int
         raise ProbeTextsError(f"{type(model).__name__} names no beginning- or end-of-sequence token to start samples "
                               "from (neither its tokenizer nor its config); pass probe texts instead.")
     stops = stop_token_ids(model, tokenizer)
-    device = _device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.full((count, 1), start, dtype=torch.long, device=device)
-    past = None
-    cache_argument = _cache_argument(model)
-    with torch.no_grad(), eval_mode(model):
-        for _ in range(length - 1):
-            if past is None:  # the first step, or a model that returns no cache: the whole prefix
-                out = model(input_ids=ids, use_cache=True)
-            else:
-                out = model(input_ids=ids[:, -1:], use_cache=True, **{cache_argument: past})
-            past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            probs = out.logits[:, -1].float().softmax(-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    from .sampling import sample_token_ids  # the one sampler of the model's own texts (replay, importance scores)
+
+    with eval_mode(model):  # every module's own train/eval flag restored, not only the root's
+        ids, _ = sample_token_ids(model, count, length, seed=seed, batch_size=count, bos_token_id=start)
     rows = []
     for row in ids.tolist():
         end = next((i for i, token in enumerate(row[1:], 1) if token in stops), len(row) - 1)
         rows.append(row[:end + 1])
     texts = [tokenizer.decode(row) if tokenizer is not None else None for row in rows]
     return Probes(rows, texts, "samples", vocab_size(model), seed, length, start)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """The name under which the model's forward takes its key/value cache: ``cache`` from
-    transformers 5.25 on, ``past_key_values`` before."""
-    import inspect
-
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
-    try:
-        parameters = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 # -- the base: starting values of what trains ----------------------------------------------------------
