@@ -181,6 +181,8 @@ class VerifyReport:
             + (f"; {_n(len(s['unmoved_tensors']), 'trainable tensor')} did not move at all "
                f"(e.g. {s['unmoved_tensors'][0]})" if s["unmoved_tensors"] else ""),
         ]
+        if s["trainable_elements"] and not s["moved_elements"]:
+            lines.append("note: no trainable element moved: is TUNED the base itself, or saved before any step?")
         if s["unlisted_tensors"]:
             lines.append(f"not in the manifest (compared, not judged): {', '.join(s['unlisted_tensors'])}")
         if self.unplaced:
@@ -349,7 +351,7 @@ def _check_holds_everything(role: str, folder: str, view: ConvertedCheckpoint, s
             hint = (f" It stores {len(view.unplaced)} keys the model of TUNED's config.json does not take (e.g. "
                     f"{view.unplaced[0]}): saved from another model, or in a layout this transformers cannot convert.")
         raise SelectionMismatchError(
-            f"{role} {folder} lacks {len(missing)} tensors that {manifest_path} names, e.g. "
+            f"{role} {folder} lacks {_n(len(missing), 'tensor')} that {manifest_path} names, e.g. "
             f"{', '.join(missing[:3])} ({view.conversion}).{hint} Pass the checkpoint of the same model."
         )
     for name, shape in shapes.items():

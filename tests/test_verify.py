@@ -155,6 +155,15 @@ def test_one_changed_frozen_element_breaks_it(runs, family, tmp_path, capsys):
     assert bad.base_value != bad.tuned_value
 
 
+def test_a_tuned_checkpoint_that_did_not_move_is_pointed_out(runs, capsys):
+    """TUNED given as BASE too holds (nothing frozen moved), but nothing trained either: say so."""
+    _, tuned, _ = runs("llama")
+    code, out, _ = cli(capsys, tuned, tuned)
+    assert code == 0 and "no trainable element moved: is TUNED the base itself" in out
+    base, tuned, _ = runs("llama")
+    assert "no trainable element moved" not in cli(capsys, base, tuned)[1]
+
+
 def test_json_format(runs, capsys):
     base, tuned, _ = runs("mixtral")
     code, out, _ = cli(capsys, base, tuned, "--format", "json")
@@ -209,9 +218,9 @@ def test_missing_tensors_are_named(runs, tmp_path):
     base, tuned, _ = runs("llama")
     broken = copy_of(tuned, tmp_path)
     rewrite(broken, lambda tensors: tensors.pop("model.layers.1.self_attn.q_proj.weight"))
-    with pytest.raises(SelectionMismatchError, match=r"TUNED .* lacks 1 tensors .*model\.layers\.1\.self_attn\.q_proj\.weight"):
+    with pytest.raises(SelectionMismatchError, match=r"TUNED .* lacks 1 tensor .*model\.layers\.1\.self_attn\.q_proj\.weight"):
         verify_checkpoint(base, broken)
-    with pytest.raises(SelectionMismatchError, match=r"BASE .* lacks 1 tensors"):
+    with pytest.raises(SelectionMismatchError, match=r"BASE .* lacks 1 tensor "):
         verify_checkpoint(broken, tuned)
 
 

@@ -434,6 +434,9 @@ def _self_texts(trainer, *, seed: int, samples: int, sample_length: int) -> tupl
             logger.warning("hft_plugin: %s was drawn with other settings (%s); drawing again with %s.", here,
                            {k: stored.get(k) for k in wanted}, wanted)
         model = _unwrapped(trainer.model)
+        # once per run (then read from the file): it can take minutes on a CPU, so say so first
+        logger.warning("hft_plugin: replay 'self': sampling %d texts of up to %d tokens from the model, once; they "
+                       "are stored in %s.", samples, sample_length, here)
         texts = sample_texts(model, tokenizer, samples, max_new_tokens=sample_length, seed=seed)
         data = {"format": 1, **wanted, "temperature": 1.0, "model": str(getattr(model, "name_or_path", "") or
                                                                        type(model).__name__), "texts": texts}
