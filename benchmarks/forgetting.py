@@ -1111,8 +1111,10 @@ def write_plot(path: str, result: dict) -> None:
 FFT_LRS = "1e-5,1.15e-5,1.32e-5,1.52e-5,1.74e-5,2e-5,2.83e-5,4e-5,5.66e-5"
 HFT_LRS = "2e-5,2.3e-5,2.64e-5,3.03e-5,3.48e-5,4e-5,5.66e-5,8e-5,1.13e-4"
 STRATEGY_LRS = "4e-5,5.66e-5,8e-5"
-# LoRA's grid (docs/forgetting.md, "LoRA"): placed by a pilot on seed 0 to span FFT's plasticity range.
-LORA_LRS = "1e-4,2e-4,4e-4,8e-4,1.6e-3"
+# LoRA's grid (docs/forgetting.md, "LoRA"): placed by a pilot on seed 0 to span FFT's plasticity range:
+# LoRA needs about 10x FFT's rate (plasticity 0.09 at 1e-4, 0.67 at 2e-4); sqrt 2 steps through the
+# rise, factor 2 beyond it.
+LORA_LRS = "1.41e-4,2e-4,4e-4,8e-4,1.6e-3"
 SEEDS = "0,1,2,3,4"
 CACHE_VERSION = 2  # bump when a change to the code changes a run's numbers
 
