@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         import forgetting
 
         write(dict(rows=rows, machine=speed.machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   command="python benchmarks/methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   command=" ".join(["python benchmarks/methods.py", *(argv if argv is not None else sys.argv[1:])]),
                    load_at_start=load, peft=peft.__version__, lora=forgetting.LORA,
                    settings=dict(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                                  memory_steps=args.memory_steps, threads=args.threads, dtype="float32")), args.out)
