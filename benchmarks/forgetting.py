@@ -305,11 +305,24 @@ OPTIMIZER = "adamw_torch_fused"
 MAX_LENGTH = 64  # tokens; the longest training example is about 16
 
 
+def lora_config():
+    """The LoRA setting of the ``lora`` method (see LORA): a fresh ``peft.LoraConfig``."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **LORA)
+
+
 def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_size: int, seed: int,
-               hft: dict | None, workdir: str, device: str = "cpu") -> dict[str, Any]:
-    """One task with TRL's SFTTrainer; ``hft`` = enable_hft options, or None for full fine-tuning."""
+               hft: dict | None, workdir: str, device: str = "cpu", lora: bool = False) -> dict[str, Any]:
+    """One task with TRL's SFTTrainer; ``hft`` = enable_hft options, or None for full fine-tuning.
+
+    ``lora``: train a fresh LoRA adapter (``LORA``) through SFTTrainer's ``peft_config``, as LoRA users do,
+    then merge it into the weights (``merge_and_unload``): the model that is scored, and that the next task
+    starts from, is the LoRA model, merged in fp32. The model comes back as a plain model with its
+    parameters' ``requires_grad`` as given.
+    """
     from datasets import Dataset
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from hft_plugin import disable_hft, enable_hft
@@ -323,17 +336,33 @@ def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_si
         bf16=False, fp16=False,
     )
     timer = _StepTimer()
+    extra = {}
+    if lora:
+        # SFTTrainer wraps the model before the Trainer seeds the run: seed LoRA's random A matrices here
+        set_seed(seed)
+        extra["peft_config"] = lora_config()
+        grads = {name: p.requires_grad for name, p in model.named_parameters()}
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[timer.callback])
+                         callbacks=[timer.callback], **extra)
     trainer.remove_callback(PrinterCallback)  # one line per run is printed instead of each task's summary
     handle = enable_hft(trainer, **hft) if hft is not None else None
+    merged = False
     try:
         trainer.train()
         state_bytes = optimizer_state_bytes(trainer.optimizer)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if lora:
+            if trainer.model.merge_and_unload() is not model:
+                raise RuntimeError("merge_and_unload did not hand back the model that was trained")
+            merged = True
     finally:
         if handle is not None:
             disable_hft(trainer)
+        if lora:
+            if not merged and hasattr(trainer.model, "unload"):
+                trainer.model.unload()  # training failed: hand the model back without its adapter
+            for name, p in model.named_parameters():
+                p.requires_grad_(grads[name])
     times = timer.times[1:] or timer.times  # the first step pays one-off costs
     del trainer  # (the trainer's own end of training already ran the garbage collector)
     return {"step_time_s": mean(times), "optimizer_state_bytes": state_bytes, "trainable_params": trainable}
@@ -347,7 +376,12 @@ METHODS = {
     "hft-layer": {"strategy": "layer"},
     "hft-model": {"strategy": "model"},
     "fft+half-reset": None,  # FFT, then the category half HFT would freeze is reset to the model before the task
+    "lora": None,  # a fresh LoRA adapter (LORA) per task through SFTTrainer's peft_config, merged after the task
 }
+# LoRA as its users set it up (docs/forgetting.md, "LoRA"): every linear layer of the transformer blocks,
+# embeddings, lm_head and norms frozen; rank 16 with alpha = 2 x rank, no dropout (FFT and HFT have none).
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 REFERENCE = "fft"
 STRATEGIES = [m for m in METHODS if m != REFERENCE]
 
@@ -377,7 +411,7 @@ def run_sequence(model, tokenizer, base_state, method: str, lr: float, seed: int
             before = {k: v.detach().clone() for k, v in model.state_dict().items()} if method == "fft+half-reset" else None
             stats = train_task(model, tokenizer, train_items, lr=lr, steps=settings["steps"],
                                batch_size=settings["batch_size"], seed=seed * 1000 + j, hft=hft, workdir=workdir,
-                               device=settings["device"])
+                               device=settings["device"], lora=method == "lora")
             if before is not None:
                 half_reset(model, before, strategy="category", round=j, seed=seed)
                 del before
@@ -462,6 +496,43 @@ class RunCache:
         except FileExistsError:
             return False
         return True
+
+
+def import_runs(path: str, cache: RunCache, settings: dict) -> int:
+    """Put the runs of a results JSON that the cache lacks into it; returns how many.
+
+    Only a results file whose settings (model, steps, batch, evaluation and probe sizes, optimizer,
+    device, cache version) are ``settings`` is accepted: its runs are then the runs this invocation
+    would make (same data, data order and evaluation sets per seed). The cache's model.json (the
+    probe) is written from it when missing, and must name the same probe otherwise.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    if meta.get("settings") != settings:
+        raise SystemExit(f"--import-runs {path}: its settings {meta.get('settings')} are not this run's {settings}")
+    keys = {r["probe_key"] for r in data["runs"]}
+    if len(keys) != 1:
+        raise SystemExit(f"--import-runs {path}: its runs used {len(keys)} different probes")
+    probe_key = keys.pop()
+    info = cache.read("model.json")
+    if info is None:
+        cache.write("model.json", {
+            "probe": meta["probe"], "probe_key": probe_key, "probe_candidates": meta["probe_candidates"],
+            "base_probe_em": meta["base_probe_em"], "base_probe_nll": meta["base_probe_nll"], "params": meta["params"],
+            "threads": meta["threads"], "device": meta["device"], "device_name": meta["device_name"],
+            "torch": meta["torch"], "transformers": meta["transformers"], "trl": meta["trl"], "python": meta["python"],
+            "imported_from": path,
+        })
+    elif info["probe_key"] != probe_key:
+        raise SystemExit(f"--import-runs {path}: its probe ({probe_key}) is not the cache's ({info['probe_key']})")
+    count = 0
+    for record in data["runs"]:
+        job = (record["seed"], record["method"], record["lr"])
+        if cache.get(job) is None:
+            cache.put(job, dict(record, imported_from=os.path.basename(path)))
+            count += 1
+    return count
 
 
 def resolve_device(name: str) -> str:
@@ -844,7 +915,7 @@ def write_markdown(path: str, result: dict) -> None:
     meta, summary, an = result["meta"], result["summary"], result["analysis"]
     timing = meta.get("timing", {})
     lines = [
-        "# Forgetting: HFT against full fine-tuning at equal plasticity",
+        "# Forgetting: HFT and LoRA against full fine-tuning at equal plasticity",
         "",
         f"Command: `{meta['command']}`  ",
         f"Model: `{meta['model_name']}` ({meta['params'] / 1e6:.1f}M parameters, fp32, {meta['device']} "
@@ -961,7 +1032,7 @@ def write_markdown(path: str, result: dict) -> None:
 
 
 STYLES = {"fft": ("tab:red", "o"), "hft-category": ("tab:blue", "s"), "hft-layer": ("tab:green", "^"),
-          "hft-model": ("tab:purple", "v"), "fft+half-reset": ("tab:orange", "D")}
+          "hft-model": ("tab:purple", "v"), "fft+half-reset": ("tab:orange", "D"), "lora": ("tab:brown", "P")}
 
 
 def write_plot(path: str, result: dict) -> None:
@@ -1032,6 +1103,10 @@ def write_plot(path: str, result: dict) -> None:
 FFT_LRS = "1e-5,1.15e-5,1.32e-5,1.52e-5,1.74e-5,2e-5,2.83e-5,4e-5,5.66e-5"
 HFT_LRS = "2e-5,2.3e-5,2.64e-5,3.03e-5,3.48e-5,4e-5,5.66e-5,8e-5,1.13e-4"
 STRATEGY_LRS = "4e-5,5.66e-5,8e-5"
+# LoRA's grid (docs/forgetting.md, "LoRA"): placed by a pilot on seed 0 to span FFT's plasticity range:
+# LoRA needs about 10x FFT's rate (plasticity 0.09 at 1e-4, 0.67 at 2e-4); sqrt 2 steps through the
+# rise, factor 2 beyond it.
+LORA_LRS = "1.41e-4,2e-4,4e-4,8e-4,1.6e-3"
 SEEDS = "0,1,2,3,4"
 CACHE_VERSION = 2  # bump when a change to the code changes a run's numbers
 
@@ -1044,7 +1119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fft-lrs", default=FFT_LRS, help="full fine-tuning's learning rates")
     parser.add_argument("--hft-lrs", default=HFT_LRS, help="HFT (category)'s learning rates")
     parser.add_argument("--strategy-lrs", default=STRATEGY_LRS, help="learning rates of hft-layer, hft-model, fft+half-reset")
+    parser.add_argument("--lora-lrs", default=LORA_LRS, help="LoRA's learning rates")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--import-runs", metavar="JSON", action="append", default=[],
+                        help="put the runs of an earlier results JSON into the cache first (only if its settings "
+                             "are this run's), so they are not run again; may be given more than once")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per task")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-size", type=int, default=50, help="held-out examples per task")
@@ -1087,7 +1166,7 @@ def grids_of(args) -> dict[str, list[float]]:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; pick from {', '.join(METHODS)}")
-    lrs = {"fft": _floats(args.fft_lrs), "hft-category": _floats(args.hft_lrs)}
+    lrs = {"fft": _floats(args.fft_lrs), "hft-category": _floats(args.hft_lrs), "lora": _floats(args.lora_lrs)}
     return {m: lrs.get(m, _floats(args.strategy_lrs)) for m in METHODS if m in methods}
 
 
@@ -1129,6 +1208,9 @@ def main(argv=None, *, loaded=None) -> dict:
     scratch = tempfile.TemporaryDirectory(prefix="hft-forgetting-cache-") if args.no_cache else None
     folder = os.path.join(scratch.name if scratch else args.cache, f"{args.name}-{settings_key(settings)}")
     cache = RunCache(folder)
+    for source in args.import_runs:
+        imported = import_runs(source, cache, settings)
+        print(f"{imported} runs imported from {source} into {folder}", flush=True)
 
     def load():
         if loaded is not None:

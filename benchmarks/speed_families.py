@@ -158,6 +158,25 @@ class Run:
         return ", ".join(f"{m} x{n}" for m, n in sorted(counts.items())) or "none"
 
 
+def alternate(runs: dict[str, "Run"], steps: int, warmup: int, vocab: int, batch: int, seq: int,
+              device: str = "cpu") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Step every run on the same random batches, rotating their order each step; the measured steps'
+    wall and CPU times per run (the first ``warmup`` steps are left out)."""
+    gen = torch.Generator().manual_seed(1)
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + steps):
+        ids = torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            elapsed, cpu_elapsed = runs[name].step(ids)
+            if i >= warmup:
+                times[name].append(elapsed)
+                cpu[name].append(cpu_elapsed)
+    return times, cpu
+
+
 def measure(family: str, steps: int, warmup: int, batch: int, seq: int, before: str | None = None,
             device: str = "cpu", dtype: torch.dtype = torch.float32, gpu: bool = False, log=print) -> dict:
     """One row: FFT, HFT (and HFT with the ``before`` copy) alternating, rotating the order each step."""
@@ -166,18 +185,8 @@ def measure(family: str, steps: int, warmup: int, batch: int, seq: int, before: 
     if before:
         runs["hft_before"] = Run(build(family, device=device, dtype=dtype, gpu=gpu), load_plugin(before))
     total = sum(p.numel() for p in runs["fft"].model.parameters())
-    gen = torch.Generator().manual_seed(1)
     names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + steps):
-        ids = torch.randint(3, VOCAB, (batch, seq), generator=gen).to(device)
-        order = names[i % len(names):] + names[:i % len(names)]
-        for name in order:
-            elapsed, cpu_elapsed = runs[name].step(ids)
-            if i >= warmup:
-                times[name].append(elapsed)
-                cpu[name].append(cpu_elapsed)
+    times, cpu = alternate(runs, steps, warmup, VOCAB, batch, seq, device)
     fft = runs["fft"]
     row: dict[str, Any] = dict(family=family, params=total, steps=steps, fft_step_s=statistics.median(times["fft"]),
                                fft_cpu_s=statistics.median(cpu["fft"]),

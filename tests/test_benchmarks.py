@@ -94,3 +94,37 @@ def test_optimizer_share_on_meta_models():
     row = optimizer_share.probe("qwen3_moe")
     assert row["mask_owns"] > 0.95 and row["auto_owns"] == pytest.approx(row["trainable_share"])
     assert row["auto_mechanisms"] == {"experts": row["partial_tensors"]}
+
+
+def test_methods_side_by_side(tmp_path):
+    pytest.importorskip("peft")
+    methods = pytest.importorskip("methods")
+    rows = methods.measure("tiny", steps=1, warmup=0, batch=1, seq=8, log=lambda *_: None)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["fft", "hft", "lora"] and by["fft"]["cpu_ratio"] == 1.0
+    # AdamW holds state for exactly what trains: two fp32 moments per trainable element
+    for row in rows:
+        assert row["state_bytes"] == 2 * 4 * row["trainable"]
+    assert by["fft"]["trainable_share"] == 1.0 and 0.5 < by["hft"]["trainable_share"] < 0.6
+    assert by["lora"]["trainable"] == sum(16 * (m.in_features + m.out_features) for name, m in
+                                          methods.make_run("tiny", "fft")[0].model.named_modules()
+                                          if name.rsplit(".", 1)[-1] in methods.lora_config().target_modules)
+    # FFT and HFT save the whole model each round, LoRA its adapter
+    assert by["hft"]["disk_bytes"] == by["fft"]["disk_bytes"] and "model.safetensors" in by["hft"]["disk_files"]
+    assert "adapter_model.safetensors" in by["lora"]["disk_files"] and by["lora"]["disk_bytes"] < by["fft"]["disk_bytes"]
+    methods.attach_memory(rows, {m: {"peak_rss_bytes": 200 + i, "rss_before_training_bytes": 100}
+                                 for i, m in enumerate(methods.METHODS)})
+    assert by["hft"]["peak_ratio"] == 201 / 200 and by["lora"]["training_memory_ratio"] == 1.02
+    result = dict(rows=rows, machine={"cpu": "x", "cores": 2, "threads": 1, "torch": "t"}, date="now", command="test",
+                  load_at_start="1", peft="p", lora={"r": 16}, settings=dict(model="tiny", batch=1, seq=8, steps=1,
+                                                                              warmup=0, memory_steps=1, threads=1))
+    methods.write(result, str(tmp_path / "methods"))
+    text = (tmp_path / "methods.md").read_text()
+    assert "| full fine-tuning | 1.0000 |" in text and "| LoRA (r 16, all linear layers) |" in text
+
+
+def test_methods_peak_memory_child_runs_lora():
+    pytest.importorskip("peft")
+    methods = pytest.importorskip("methods")
+    result = methods.peak_memory_child("tiny", "lora", steps=1, batch=1, seq=8)
+    assert result["peak_rss_bytes"] >= 0.99 * result["rss_before_training_bytes"] > 0

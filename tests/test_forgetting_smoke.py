@@ -270,7 +270,8 @@ def test_the_plan_is_seed_major_and_the_default_grids_are_dense(bench):
     grids = bench.grids_of(args)
     assert list(grids) == list(bench.METHODS)
     assert len(grids["fft"]) >= 6 and len(grids["hft-category"]) >= 6
-    assert all(len(grids[m]) >= 3 for m in ("hft-layer", "hft-model", "fft+half-reset"))
+    assert all(len(grids[m]) >= 3 for m in ("hft-layer", "hft-model", "fft+half-reset", "lora"))
+    assert min(grids["lora"]) > max(grids["fft"])  # LoRA needs a higher rate for the same plasticity
     for lrs in (grids["fft"], grids["hft-category"]):
         assert all(b / a <= 1.5 for a, b in zip(lrs, lrs[1:]))  # spaced by about 1.4
     assert args.steps >= 20 and args.eval_size >= 50 and args.probe_size >= 50
@@ -337,14 +338,14 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     argv = ["--seeds", "0,1", "--fft-lrs", "1e-3,1e-2", "--hft-lrs", "1e-3,1e-2", "--strategy-lrs", "1e-2",
-            "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--probe-size", "5", "--threads", "1",
+            "--lora-lrs", "1e-2", "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--probe-size", "5", "--threads", "1",
             "--resamples", "50", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path), "--name", "smoke"]
     result = bench.main(argv, loaded=(model, tokenizer))
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
     runs = [r for r in result["runs"] if r["method"] != "base"]
     planned = {(m, lr, s) for m in ("fft", "hft-category") for lr in (1e-3, 1e-2) for s in (0, 1)}
-    planned |= {(m, 1e-2, s) for m in ("hft-layer", "hft-model", "fft+half-reset") for s in (0, 1)}
+    planned |= {(m, 1e-2, s) for m in ("hft-layer", "hft-model", "fft+half-reset", "lora") for s in (0, 1)}
     assert {(r["method"], r["lr"], r["seed"]) for r in runs} == planned and len(runs) == len(planned)
     for r in runs:
         S = r["S"]
@@ -362,7 +363,8 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     assert by[("fft", 1e-3, 0)]["S"] != by[("fft", 1e-3, 1)]["S"] or by[("fft", 1e-3, 0)]["probe_nll"] != by[("fft", 1e-3, 1)]["probe_nll"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is handed back as given
     assert all(p.requires_grad for p in model.parameters())
-    assert set(result["analysis"]["verdicts"]) == {"hft-category", "hft-layer", "hft-model", "fft+half-reset"}
+    assert set(result["analysis"]["verdicts"]) == {"hft-category", "hft-layer", "hft-model", "fft+half-reset", "lora"}
+    assert by[("lora", 1e-2, 0)]["trainable_params"] < 0.5 * fft["trainable_params"]  # the adapter only
 
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["meta"]["timing"]["runs"] == len(planned) + 2 and saved["meta"]["timing"]["resumed"] == 0
@@ -375,3 +377,76 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     (tmp_path / "smoke.md").unlink()
     rebuilt = bench.main(["--report", str(tmp_path / "smoke.json"), "--resamples", "50"])
     assert rebuilt["summary"] == saved["summary"] and (tmp_path / "smoke.md").exists()
+
+
+# -- LoRA ---------------------------------------------------------------------------------------------------------
+
+def lora_elements(model, bench):
+    """What rank-r adapters on the benchmark's target modules hold: r x (in + out) per module."""
+    r = bench.LORA["r"]
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if name.rsplit(".", 1)[-1] in bench.LORA["target_modules"])
+
+
+def test_lora_trains_a_merged_adapter_per_task_and_hands_back_a_plain_model(bench):
+    pytest.importorskip("peft")
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = {"steps": 2, "batch_size": 2, "eval_size": 3, "probe_size": 3, "eval_batch": 8, "device": "cpu"}
+    data = bench.seed_data(tokenizer, 0, settings)
+    probe = bench.encode(tokenizer, bench.FACTS[:3])
+    run = bench.run_sequence(model, tokenizer, base, "lora", 1e-2, 0, data, probe, settings)
+    assert run["trainable_params"] == lora_elements(model, bench)
+    assert run["optimizer_state_bytes"] >= 2 * 4 * run["trainable_params"]  # AdamW's two fp32 moments, adapter only
+    # merged into the weights: a plain model again, every parameter trainable as it was given
+    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
+    targets = {k for k in base if k.rsplit(".", 2)[-2] in bench.LORA["target_modules"]}
+    assert changed == targets  # embeddings, lm_head and norms frozen; every target weight moved
+    again = bench.run_sequence(model, tokenizer, base, "lora", 1e-2, 0, data, probe, settings)
+    assert again["S"] == run["S"] and again["probe_nll"] == run["probe_nll"]  # seeded adapters: the same run
+
+
+def test_the_merged_lora_model_scores_as_the_adapter_model(bench):
+    # the benchmark scores LoRA merged; merging must not change what is scored beyond float rounding
+    peft = pytest.importorskip("peft")
+    model, tokenizer = tiny_model("llama", seed=1), tiny_tokenizer()
+    wrapped = peft.get_peft_model(model, bench.lora_config())
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    _, eval_items = bench.task_data("rev", seed=0, n_train=0, n_eval=16)
+    encoded = bench.encode(tokenizer, eval_items + bench.FACTS[:16])
+    hits, nlls = bench.score(wrapped, encoded)
+    merged = wrapped.merge_and_unload()
+    merged_hits, merged_nlls = bench.score(merged, encoded)
+    assert merged_nlls == pytest.approx(nlls, rel=1e-5, abs=1e-6) and merged_hits == hits
+    assert max(abs(a - b) for a, b in zip(nlls, bench.score(tiny_model("llama", seed=1), encoded)[1])) > 0.01
+
+
+def test_import_runs_fills_the_cache_only_from_results_with_the_same_settings(bench, tmp_path):
+    settings = {"model": "m", "steps": 20, "device": "cpu", "version": 2}
+    runs = [dict(run("fft", 1e-5, s, 0.5, 0.9), probe_key="k1") for s in (0, 1)]
+    runs.append({"method": "base", "lr": 0.0, "seed": 0, "task_em": {}, "probe_key": "k1"})
+    meta = {"settings": settings, "probe": [["q", "a"]], "probe_candidates": 154, "base_probe_em": 1.0,
+            "base_probe_nll": 0.5, "params": 10, "threads": 1, "device": "cpu", "device_name": "x", "torch": "t",
+            "transformers": "t", "trl": "t", "python": "p"}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": meta, "runs": runs}))
+    cache = bench.RunCache(str(tmp_path / "cache"))
+    kept = dict(runs[1], marker="run here")
+    cache.put((1, "fft", 1e-5), kept)
+    assert bench.import_runs(str(path), cache, settings) == 2  # seed 0's run and its base job
+    assert cache.get((0, "fft", 1e-5))["plasticity"] == 0.5 and cache.get((0, "base", 0.0)) is not None
+    assert cache.get((1, "fft", 1e-5)) == kept  # what the cache held is kept
+    assert cache.read("model.json")["probe_key"] == "k1"
+    assert bench.import_runs(str(path), cache, settings) == 0
+    with pytest.raises(SystemExit, match="settings"):
+        bench.import_runs(str(path), cache, dict(settings, steps=4))
+    other = bench.RunCache(str(tmp_path / "other"))
+    other.write("model.json", {"probe_key": "k2"})
+    with pytest.raises(SystemExit, match="probe"):
+        bench.import_runs(str(path), other, settings)
