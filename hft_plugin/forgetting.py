@@ -142,13 +142,9 @@ class Probes:
 
     def save(self, folder: str) -> str:
         """Write ``hft_probes.json`` into ``folder`` (atomically: a reader never sees half a file)."""
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, PROBES_FILE)
-        temporary = f"{path}.tmp{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, ensure_ascii=False)
-        os.replace(temporary, path)
-        return path
+        from .files import write_atomic
+
+        return write_atomic(os.path.join(folder, PROBES_FILE), json.dumps(self.to_dict(), ensure_ascii=False))
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Probes":

@@ -106,17 +106,9 @@ class Scores:
     def save(self, folder: str, name: str = SCORES_NAME) -> str:
         """Write ``folder/name`` atomically (beside the run's manifest: pass the output_dir) and
         return its absolute path, the value to pass as ``scores=``."""
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.abspath(os.path.join(folder, name))
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return path
+        from .files import write_atomic
+
+        return write_atomic(os.path.abspath(os.path.join(folder, name)), self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "Scores":

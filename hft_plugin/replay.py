@@ -353,16 +353,9 @@ def earlier_tasks(folder: str | None) -> list[str]:
 
 def write_json(path: str, data: dict) -> str:
     """Write ``data`` to ``path`` atomically (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, ensure_ascii=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    from .files import write_atomic
+
+    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def read_self_samples(path: str) -> dict | None:

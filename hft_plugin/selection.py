@@ -238,17 +238,9 @@ class Selection:
 
     def save(self, directory: str) -> str:
         """Write ``directory/hft_selection.json`` (atomically: a reader never sees half a file)."""
-        path = os.path.join(directory, MANIFEST_NAME)
-        os.makedirs(directory, exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-        return path
+        from .files import write_atomic
+
+        return write_atomic(os.path.join(directory, MANIFEST_NAME), self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "Selection":
