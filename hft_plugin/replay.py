@@ -333,12 +333,7 @@ def read_record(folder: str | None) -> dict | None:
     path = os.path.join(folder, RECORD_NAME)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise ReplayError(f"{path} cannot be read ({exc}); restore it or delete it (earlier rounds' data are then "
-                          "named again).") from None
+    data = _read_json(path, "restore it or delete it (earlier rounds' data are then named again)")
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise ReplayError(f"{path} has no list of task data files ('tasks'); restore it or delete it.")
@@ -349,6 +344,15 @@ def earlier_tasks(folder: str | None) -> list[str]:
     """The task data files the rounds that trained ``folder`` recorded (oldest first)."""
     record = read_record(folder)
     return list(record["tasks"]) if record else []
+
+
+def _read_json(path: str, remedy: str) -> Any:
+    """``path``'s JSON; ReplayError naming it and ``remedy`` if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ReplayError(f"{path} cannot be read ({exc}); {remedy}.") from None
 
 
 def write_json(path: str, data: dict) -> str:
@@ -362,11 +366,7 @@ def read_self_samples(path: str) -> dict | None:
     """A stored ``hft_replay_self.json`` (its settings and ``texts``), or None if absent."""
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise ReplayError(f"{path} cannot be read ({exc}); delete it to draw the samples again.") from None
+    data = _read_json(path, "delete it to draw the samples again")
     if not isinstance(data, dict) or not isinstance(data.get("texts"), list) or not data["texts"]:
         raise ReplayError(f"{path} holds no list of sampled texts; delete it to draw the samples again.")
     return data
