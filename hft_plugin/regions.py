@@ -131,6 +131,7 @@ class PartialTensor:
             self.regions.append(Region(f"{name}{REGION_TAG}{i}", nn.Parameter(param.data[index]), box, index))
         self._hooks: list = []
         self._hooked: torch.Tensor | None = None
+        self._linked: tuple | None = None  # what the regions view, as of the last link
         param.requires_grad_(True)
         self._hook(param)
 
@@ -184,7 +185,14 @@ class PartialTensor:
             if not param.requires_grad:
                 param.requires_grad_(True)
             self._hook(param)
-        data, grad = param.data, param.grad
+        grad = param.grad
+        # Called after every backward and before every step: views are made only when the storage, dtype,
+        # device or gradient changed since the last link (a step reuses the links its backward made).
+        state = (id(param), param.data_ptr(), param.dtype, param.device, id(grad),
+                 None if grad is None else grad.data_ptr())
+        if state == self._linked and all((r.param.grad is None) == (grad is None) for r in self.regions):
+            return
+        data = param.data
         for region in self.regions:
             view = data[region.index]
             if not _views(region.param.data, view):
@@ -195,6 +203,7 @@ class PartialTensor:
                 grad_view = grad[region.index]
                 if region.param.grad is None or not _views(region.param.grad, grad_view):
                     region.param.grad = grad_view
+        self._linked = state
 
     def _fully_sharded(self) -> bool:
         root = self._root() if self._root is not None else None
