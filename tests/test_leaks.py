@@ -428,30 +428,26 @@ def test_counts_sizes_and_flops_are_those_of_the_model(family):
 
     model = tiny(family)
     inputs = {"input_ids": batches(1, 1)[0][0]}
-    before = dict(
-        names=[n for n, _ in model.named_parameters()],
-        count=len(list(model.parameters())),
-        numel=sum(p.numel() for p in model.parameters()),
-        num_parameters=model.num_parameters(),
-        footprint=model.get_memory_footprint(),
-        num_parameters_without_embeddings=model.num_parameters(exclude_embeddings=True),
-        flops=Trainer.floating_point_ops(SimpleNamespace(model=model), inputs),
-    )
+
+    def counts():
+        return dict(
+            names=[n for n, _ in model.named_parameters()],
+            count=len(list(model.parameters())),
+            numel=sum(p.numel() for p in model.parameters()),
+            num_parameters=model.num_parameters(),
+            footprint=model.get_memory_footprint(),
+            num_parameters_without_embeddings=model.num_parameters(exclude_embeddings=True),
+            flops=Trainer.floating_point_ops(SimpleNamespace(model=model), inputs),
+        )
+
+    before = counts()
     selection = select_half(model, round=0)
     by_hand = frozen_by_hand(model, selection.plan())
     handle = apply_selection(model, selection)
     optimizer = adamw(handle.parameters())
     handle.attach(optimizer)
     train(model, clipped(model, handle), optimizer, batches(1, 1), 1.0)  # counted after a step too
-    after = dict(
-        names=[n for n, _ in model.named_parameters()],
-        count=len(list(model.parameters())),
-        numel=sum(p.numel() for p in model.parameters()),
-        num_parameters=model.num_parameters(),
-        footprint=model.get_memory_footprint(),
-        num_parameters_without_embeddings=model.num_parameters(exclude_embeddings=True),
-        flops=Trainer.floating_point_ops(SimpleNamespace(model=model), inputs),
-    )
+    after = counts()
     assert after == before
     assert flags(model) == flags(by_hand)
     assert model.num_parameters(only_trainable=True) == by_hand.num_parameters(only_trainable=True)
