@@ -337,7 +337,7 @@ class HFTHandle:
             >>> _ = handle.attach(optimizer)
             >>> handle.remove()
         """
-        self._trainable  # links the regions to the tensors as they are now
+        self._link()  # the regions view the tensors as they are now
         replacements = {id(partial.tensor): [r.param for r in partial.regions] for partial in self._partials.values()}
         return optimizers.replace_in_groups(optimizer, replacements)
 
