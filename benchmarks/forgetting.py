@@ -313,19 +313,22 @@ def lora_config():
 
 
 def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_size: int, seed: int,
-               hft: dict | None, workdir: str, device: str = "cpu", lora: bool = False) -> dict[str, Any]:
+               hft: dict | None, workdir: str, device: str = "cpu", lora: bool = False,
+               replay: tuple[Any, dict] | None = None) -> dict[str, Any]:
     """One task with TRL's SFTTrainer; ``hft`` = enable_hft options, or None for full fine-tuning.
 
     ``lora``: train a fresh LoRA adapter (``LORA``) through SFTTrainer's ``peft_config``, as LoRA users do,
     then merge it into the weights (``merge_and_unload``): the model that is scored, and that the next task
     starts from, is the LoRA model, merged in fp32. The model comes back as a plain model with its
     parameters' ``requires_grad`` as given.
+
+    ``replay``: ``(source, options)`` for :func:`hft_plugin.enable_replay` (share ``REPLAY_RATIO``), or None.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from hft_plugin import disable_hft, enable_hft
+    from hft_plugin import disable_hft, disable_replay, enable_hft, enable_replay
 
     dataset = Dataset.from_list([{"prompt": p, "completion": a} for p, a in train_items])
     args = SFTConfig(
@@ -346,9 +349,12 @@ def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_si
                          callbacks=[timer.callback], **extra)
     trainer.remove_callback(PrinterCallback)  # one line per run is printed instead of each task's summary
     handle = enable_hft(trainer, **hft) if hft is not None else None
+    if replay is not None:
+        enable_replay(trainer, replay[0], ratio=REPLAY_RATIO, **replay[1])
     merged = False
     try:
         trainer.train()
+        frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
         state_bytes = optimizer_state_bytes(trainer.optimizer)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if lora:
@@ -356,6 +362,8 @@ def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_si
                 raise RuntimeError("merge_and_unload did not hand back the model that was trained")
             merged = True
     finally:
+        if replay is not None:
+            disable_replay(trainer)
         if handle is not None:
             disable_hft(trainer)
         if lora:
@@ -365,7 +373,8 @@ def train_task(model, tokenizer, train_items, *, lr: float, steps: int, batch_si
                 p.requires_grad_(grads[name])
     times = timer.times[1:] or timer.times  # the first step pays one-off costs
     del trainer  # (the trainer's own end of training already ran the garbage collector)
-    return {"step_time_s": mean(times), "optimizer_state_bytes": state_bytes, "trainable_params": trainable}
+    return {"step_time_s": mean(times), "optimizer_state_bytes": state_bytes, "trainable_params": trainable,
+            "frozen": frozen}
 
 
 # -- one method through the task sequence ----------------------------------------------------------------
@@ -377,7 +386,31 @@ METHODS = {
     "hft-model": {"strategy": "model"},
     "fft+half-reset": None,  # FFT, then the category half HFT would freeze is reset to the model before the task
     "lora": None,  # a fresh LoRA adapter (LORA) per task through SFTTrainer's peft_config, merged after the task
+    # importance-shielded halves: per round, scores of the model entering it on the base's own samples (CALIBRATION)
+    "hft-shielded": {"strategy": "shielded"},
+    # replay (REPLAY): 10% of each batch from the base's own samples ("self") or earlier tasks' training examples
+    "fft+replay-self": None,
+    "fft+replay-earlier": None,
+    "hft+replay-self": {"strategy": "category"},
+    "hft+replay-earlier": {"strategy": "category"},
 }
+# The replay arms' sources (docs/forgetting.md, "Replay, shielded and KL"): "self" = SELF_REPLAY samples of the
+# base model, drawn once per seed (what enable_replay(trainer, "self") draws and stores for later rounds);
+# "earlier" = every earlier task's training examples (nothing at the first task), the paper's Replay.
+REPLAY = {"fft+replay-self": "self", "fft+replay-earlier": "earlier",
+          "hft+replay-self": "self", "hft+replay-earlier": "earlier"}
+REPLAY_RATIO = 0.1  # the paper's share
+SELF_REPLAY = {"samples": 64, "sample_length": 64}
+# Shielded's calibration texts: 32 of the base model's own samples of up to 128 tokens (twice the measured minimum
+# of 16 for a stable choice, benchmarks/results/shielded.md), drawn once per seed with the seed; each round scores
+# the model that enters it on them.
+CALIBRATION = {"count": 32, "length": 128}
+# The forgetting monitor's KL after every task (hft_plugin.forgetting, its defaults): KL(base || model) per token
+# on 16 of the base's own samples of 64 tokens, drawn once with seed 0, the same for every run.
+KL_PROBES = {"count": 16, "length": 64, "seed": 0}
+# Secondary comparisons (docs/forgetting.md): a method's frontier against another's than FFT's.
+COMPARISONS = [("hft-shielded", "hft-category"), ("hft+replay-self", "hft-category"),
+               ("hft+replay-earlier", "hft-category")]
 # LoRA as its users set it up (docs/forgetting.md, "LoRA"): every linear layer of the transformer blocks,
 # embeddings, lm_head and norms frozen; rank 16 with alpha = 2 x rank, no dropout (FFT and HFT have none).
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "bias": "none",
@@ -395,23 +428,48 @@ def seed_data(tokenizer, seed: int, settings: dict) -> list[tuple[list, list, li
     return data
 
 
-def run_sequence(model, tokenizer, base_state, method: str, lr: float, seed: int, data, probe, settings: dict) -> dict[str, Any]:
-    """Learn the tasks in order from the base model; score every task seen so far after each, the probe at the end."""
-    from hft_plugin import half_reset
+def run_sequence(model, tokenizer, base_state, method: str, lr: float, seed: int, data, probe, settings: dict,
+                 extras: dict | None = None) -> dict[str, Any]:
+    """Learn the tasks in order from the base model; score every task seen so far after each, the probe at the end.
 
+    ``extras`` (from :func:`seed_extras`): ``"kl"``, the monitor's probes and the base's kept log-probabilities,
+    measured after every task; ``"calibration"``, shielded's texts; ``"self"``, the self-replay samples.
+    """
+    from datasets import Dataset
+
+    from hft_plugin import half_reset
+    from hft_plugin.forgetting import measure
+    from hft_plugin.importance import compute_scores
+    from hft_plugin.replay import SELF_NAME, write_json
+
+    extras = extras or {}
     model.load_state_dict(base_state)
     n = len(data)
     S: list[list[float | None]] = [[None] * n for _ in range(n)]
-    train_stats = []
+    train_stats, kl, nll_delta, calibration = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="hft-forgetting-") as workdir:
+        if REPLAY.get(method) == "self":  # as the first round stores them, so every round replays the same ones
+            write_json(os.path.join(workdir, SELF_NAME), extras["self"])
         for j, (train_items, _, _) in enumerate(data):
             hft = METHODS[method]
             if hft is not None:
                 hft = dict(hft, round=j, seed=seed)
+            if method == "hft-shielded":
+                t0, c0 = time.perf_counter(), time.process_time()
+                scores = compute_scores(model, extras["calibration"], tokenizer, round=j, length=CALIBRATION["length"])
+                hft["scores"] = scores.save(workdir, f"hft_scores_round{j}.json")
+                calibration.append({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                                    "sha256": scores.sha256})
+            replay = None
+            if REPLAY.get(method) == "self":
+                replay = ("self", dict(seed=seed, **SELF_REPLAY))
+            elif REPLAY.get(method) == "earlier" and j > 0:
+                earlier = [item for d in data[:j] for item in d[0]]
+                replay = (Dataset.from_list([{"prompt": p, "completion": a} for p, a in earlier]), {})
             before = {k: v.detach().clone() for k, v in model.state_dict().items()} if method == "fft+half-reset" else None
             stats = train_task(model, tokenizer, train_items, lr=lr, steps=settings["steps"],
                                batch_size=settings["batch_size"], seed=seed * 1000 + j, hft=hft, workdir=workdir,
-                               device=settings["device"], lora=method == "lora")
+                               device=settings["device"], lora=method == "lora", replay=replay)
             if before is not None:
                 half_reset(model, before, strategy="category", round=j, seed=seed)
                 del before
@@ -419,8 +477,12 @@ def run_sequence(model, tokenizer, base_state, method: str, lr: float, seed: int
             for i in range(j + 1):
                 hits, _ = score(model, data[i][2], settings["eval_batch"])
                 S[j][i] = mean(hits)
+            if "kl" in extras:
+                found = measure(model, *extras["kl"])
+                kl.append(found.kl)
+                nll_delta.append(found.nll_delta)
     probe_hits, probe_nll = score(model, probe, settings["eval_batch"])
-    return {
+    record = {
         "method": method, "lr": lr, "seed": seed, "S": S,
         "op": metrics.op(S), "bwt": metrics.bwt(S), "plasticity": metrics.plasticity(S),
         "probe_em": mean(probe_hits), "probe_nll": mean(probe_nll),
@@ -428,6 +490,46 @@ def run_sequence(model, tokenizer, base_state, method: str, lr: float, seed: int
         "optimizer_state_bytes": max(s["optimizer_state_bytes"] for s in train_stats),
         "trainable_params": max(s["trainable_params"] for s in train_stats),
     }
+    if kl:
+        record.update(kl=kl, nll_delta=nll_delta)
+    if calibration:
+        record["calibration"] = calibration
+    if method.startswith("hft"):
+        record["frozen"] = [s["frozen"] for s in train_stats]
+    return record
+
+
+def seed_extras(model, tokenizer, seed: int, methods: set[str], cache: "RunCache", kl) -> dict:
+    """What the runs of one seed share, drawn from the base model once and kept in the cache folder.
+
+    ``model`` must hold the base's values. Drawing is deterministic (a seed of its own, no global random
+    state touched), so two workers that both draw a seed's samples store the same ones.
+    """
+    from hft_plugin.sampling import sample_texts
+
+    extras = {"kl": kl} if kl is not None else {}
+    wanted = {"calibration": "hft-shielded" in methods, "self": any(REPLAY.get(m) == "self" for m in methods)}
+    if not any(wanted.values()):
+        return extras
+    name = f"seed{seed}-samples.json"
+    stored = cache.read(name) if os.path.exists(os.path.join(cache.folder, name)) else {}
+    changed = False
+    if wanted["calibration"] and "calibration" not in stored:
+        stored["calibration"] = sample_texts(model, tokenizer, CALIBRATION["count"],
+                                             max_new_tokens=CALIBRATION["length"], seed=seed)
+        changed = True
+    if wanted["self"] and "self" not in stored:
+        texts = sample_texts(model, tokenizer, SELF_REPLAY["samples"], max_new_tokens=SELF_REPLAY["sample_length"],
+                             seed=seed)
+        # the record enable_replay(trainer, "self", seed=seed, **SELF_REPLAY) writes, so it reuses these texts
+        stored["self"] = {"format": 1, "seed": seed, "samples": SELF_REPLAY["samples"],
+                          "max_new_tokens": SELF_REPLAY["sample_length"], "temperature": 1.0, "model": "base",
+                          "texts": texts}
+        changed = True
+    if changed:
+        cache.write(name, stored)
+    extras.update({k: stored[k] for k, on in wanted.items() if on})
+    return extras
 
 
 # -- the plan, the run cache and the workers ---------------------------------------------------------------
@@ -529,10 +631,23 @@ def import_runs(path: str, cache: RunCache, settings: dict) -> int:
     count = 0
     for record in data["runs"]:
         job = (record["seed"], record["method"], record["lr"])
-        if cache.get(job) is None:
+        cached = cache.get(job)
+        if cached is None:
             cache.put(job, dict(record, imported_from=os.path.basename(path)))
             count += 1
+        elif record.get("kl") and not cached.get("kl"):
+            # the same run again with the KL measured: it adds the KL only if it reproduces the run exactly
+            differs = [k for k in REPRODUCED if record[k] != cached[k]]
+            if differs:
+                raise SystemExit(f"--import-runs {path}: {job} does not reproduce the cached run ({', '.join(differs)} "
+                                 f"differ): the two cannot be one run with and without the KL.")
+            cache.put(job, dict(cached, kl=record["kl"], nll_delta=record["nll_delta"],
+                                kl_from=os.path.basename(path)))
+            count += 1
     return count
+
+
+REPRODUCED = ("S", "plasticity", "probe_em", "probe_nll")  # what a rerun must give exactly to add its KL
 
 
 def resolve_device(name: str) -> str:
@@ -564,6 +679,12 @@ def work(model, tokenizer, jobs, cache: RunCache, settings: dict, *, claims: str
     probe = encode(tokenizer, known) if known else encode(tokenizer, FACTS[:1])
     base_hits, base_nll = score(model, probe, settings["eval_batch"])
     probe_key = hashlib.sha1(json.dumps(known).encode()).hexdigest()[:12]
+    kl = None
+    if settings.get("kl"):
+        from hft_plugin.forgetting import KeptBase, sample_probes
+
+        kl_probes = sample_probes(model, **KL_PROBES)
+        kl = (kl_probes, KeptBase(model, kl_probes))
     cache.write("model.json", {
         "probe": known, "probe_key": probe_key, "probe_candidates": len(FACTS),
         "base_probe_em": mean(base_hits), "base_probe_nll": mean(base_nll),
@@ -574,7 +695,8 @@ def work(model, tokenizer, jobs, cache: RunCache, settings: dict, *, claims: str
         "python": platform.python_version(),
     })
     done = 0
-    data_seed, data = None, None
+    data_seed, data, extras = None, None, None
+    methods = {job[1] for job in jobs}
     try:
         for job in jobs:
             if cache.get(job) is not None or not cache.claim(job, claims):
@@ -582,13 +704,15 @@ def work(model, tokenizer, jobs, cache: RunCache, settings: dict, *, claims: str
             seed, method, lr = job
             if seed != data_seed:
                 data_seed, data = seed, seed_data(tokenizer, seed, settings)
+                model.load_state_dict(base_state)  # the seed's samples come from the base model
+                extras = seed_extras(model, tokenizer, seed, methods, cache, kl)
             t0, c0 = time.perf_counter(), time.process_time()
             if method == "base":
                 model.load_state_dict(base_state)  # the previous job left its trained weights
                 record = {"method": "base", "lr": 0.0, "seed": seed,
                           "task_em": {name: mean(score(model, d[2], settings["eval_batch"])[0]) for name, d in zip(TASKS, data)}}
             else:
-                record = run_sequence(model, tokenizer, base_state, method, lr, seed, data, probe, settings)
+                record = run_sequence(model, tokenizer, base_state, method, lr, seed, data, probe, settings, extras)
             record.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
                           load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                           probe_key=probe_key, pid=os.getpid())
@@ -755,6 +879,8 @@ def _curve_stats(points: dict[tuple[str, float], tuple[float, float]], band_x: d
             continue
         out["mean_gap"][m] = mean_gap(fronts[m], ref)
         out["band"][m] = _band(fronts[m], ref, band_x.get(m, []))
+    out["vs"] = {(m, other): mean_gap(fronts[m], fronts[other]) for m, other in COMPARISONS
+                 if m in fronts and other in fronts}
     return out
 
 
@@ -778,6 +904,8 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
         raise SystemExit("no seed has a run of every method and learning rate: nothing to analyse")
     P = np.array([[by[(m, lr, s)]["plasticity"] for m, lr in keys] for s in seeds])
     R = np.array([[by[(m, lr, s)]["probe_em"] for m, lr in keys] for s in seeds])
+    # S[last][0]: the first task after the last one (does replay of earlier tasks keep it?)
+    F = np.array([[by[(m, lr, s)]["S"][-1][0] for m, lr in keys] for s in seeds])
 
     def points_of(p_row, r_row):
         return {k: (float(p), float(r)) for k, p, r in zip(keys, p_row, r_row)}
@@ -797,7 +925,7 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
         for col in range(n):
             counts[np.arange(resamples), picks[:, col]] += 1
         weights = counts / n
-        PB, RB = weights @ P, weights @ R
+        PB, RB, FB = weights @ P, weights @ R, weights @ F
         boot = [_curve_stats(points_of(PB[b], RB[b]), band_x) for b in range(resamples)]
 
     def ci(values, expanded=True):
@@ -821,6 +949,7 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
             "plasticity_sd": float(P[:, i].std(ddof=1)) if n > 1 else 0.0,
             "probe_em_sd": float(R[:, i].std(ddof=1)) if n > 1 else 0.0,
             "plasticity_ci": ci(reps_p), "probe_em_ci": ci(reps_r),
+            "first_task_last": float(F[:, i].mean()), "first_task_last_ci": ci([float(x) for x in FB[:, i]] if boot else []),
             "on_frontier": list(estimate_points[(m, lr)]) in result["frontiers"].get(m, []),
         })
     for (m, lr), gap in est["point_gap"].items():
@@ -847,6 +976,16 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
             "x": band_x[m], "gap": band,
             "ci": [ci(list(col)) if g is not None else None for g, col in zip(band, columns)],
         }
+    result["comparisons"] = []
+    for (m, other), found in est["vs"].items():
+        reps = [None if b["vs"].get((m, other)) is None else b["vs"][(m, other)][0] for b in boot]
+        interval = ci(reps) if found is not None else None
+        result["comparisons"].append({
+            "method": m, "reference": other, "gap": None if found is None else found[0],
+            "range": None if found is None else [found[1], found[2]], "ci": interval,
+            "ci_percentile": ci(reps, False) if found is not None else None, "defined_share": share(reps),
+            "verdict": verdict(interval),
+        })
     for (m, lr), (d_r, d_p) in est["equal_lr"].items():
         reps = [b["equal_lr"][(m, lr)] for b in boot]
         result["equal_lr"].append({
@@ -859,6 +998,128 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
         result["spacing"][m] = {"range": [xs[0], xs[-1]] if xs else None,
                                 "largest_step": max((b - a for a, b in zip(xs, xs[1:])), default=None)}
     return result
+
+# -- the KL to the base against forgetting (docs/forgetting.md, "Replay, shielded and KL") ----------------------
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties at their average rank.
+
+    >>> ranks([0.3, 0.1, 0.3, 0.2])
+    [3.5, 1.0, 3.5, 2.0]
+    """
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks); None if either side is constant.
+
+    >>> spearman([1, 2, 3, 4], [10, 20, 30, 40]), spearman([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    """
+    rx, ry = ranks(x), ranks(y)
+    mx, my = mean(rx), mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def kl_analysis(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rng_seed: int = 0) -> dict | None:
+    """Does the KL to the base after the last task predict the probe's retention, and at equal KL, who keeps more?
+
+    Over the runs that carry a KL (``kl``: after each task), seeds that hold every such (method, lr):
+    - ``spearman``: rank correlation of the final KL with retention (probe EM), over all runs pooled and per method;
+      also of the final NLL change on the monitor's probes. Intervals: the seeds resampled with replacement (each
+      drawn seed brings all its runs), the statistic recomputed, the expanded percentile interval.
+    - ``equal_kl``: each method's curve of mean retention against mean log10 KL (its learning rates in KL order,
+      joined by straight lines) against FFT's: the gap at each point's KL and the mean gap over the common range,
+      with intervals and verdicts as for the plasticity frontier (positive: keeps more than FFT at the same KL, i.e.
+      the KL overstates its forgetting).
+    None if no run has a KL.
+    """
+    import numpy as np
+
+    runs = [r for r in runs if r["method"] != "base" and r.get("kl")]
+    if not runs:
+        return None
+    keys = sorted({(r["method"], r["lr"]) for r in runs}, key=lambda k: (list(METHODS).index(k[0]), k[1]))
+    by = {(r["method"], r["lr"], r["seed"]): r for r in runs}
+    seeds = sorted(s for s in {r["seed"] for r in runs} if all((m, lr, s) in by for m, lr in keys))
+    n = len(seeds)
+    if n == 0:
+        return None
+    methods = sorted({m for m, _ in keys}, key=list(METHODS).index)
+    K = np.array([[math.log10(by[(m, lr, s)]["kl"][-1]) for m, lr in keys] for s in seeds])
+    D = np.array([[by[(m, lr, s)]["nll_delta"][-1] for m, lr in keys] for s in seeds])
+    R = np.array([[by[(m, lr, s)]["probe_em"] for m, lr in keys] for s in seeds])
+
+    def correlations(counts) -> dict:
+        rows = [i for i, c in enumerate(counts) for _ in range(int(c))]
+        out = {}
+        for label, cols in [("all", range(len(keys)))] + [(m, [i for i, k in enumerate(keys) if k[0] == m]) for m in methods]:
+            cols = list(cols)
+            r = [R[i, c] for i in rows for c in cols]
+            out[label] = {"kl": spearman([K[i, c] for i in rows for c in cols], r),
+                          "nll_delta": spearman([D[i, c] for i in rows for c in cols], r)}
+        return out
+
+    def curves(weights) -> dict:
+        kx, ry = weights @ K, weights @ R
+        curve = {m: sorted((float(kx[i]), float(ry[i])) for i, k in enumerate(keys) if k[0] == m) for m in methods}
+        ref = curve.get(REFERENCE, [])
+        out = {"point": {}, "mean": {}}
+        for i, (m, lr) in enumerate(keys):
+            if m != REFERENCE:
+                at = front_at(ref, float(kx[i]))
+                out["point"][(m, lr)] = None if at is None else float(ry[i]) - at
+        for m in methods:
+            if m != REFERENCE:
+                out["mean"][m] = mean_gap(curve[m], ref)
+        out["curve"] = curve
+        return out
+
+    estimate = curves(np.full(n, 1 / n))
+    found = correlations([1] * n)
+    boot_c, boot_g = [], []
+    if n >= 2 and resamples > 0:
+        rng = np.random.default_rng(rng_seed)
+        picks = rng.integers(0, n, size=(resamples, n))
+        for row in picks:
+            counts = np.bincount(row, minlength=n)
+            boot_c.append(correlations(counts))
+            boot_g.append(curves(counts / n))
+
+    def ci(values):
+        return bootstrap_interval(values, n, level) if values else None
+
+    result: dict[str, Any] = {"seeds": seeds, "n_seeds": n, "resamples": len(boot_c), "spearman": {}, "points": [],
+                              "equal_kl": {}, "point_gaps": []}
+    for label, pair in found.items():
+        result["spearman"][label] = {
+            q: {"rho": pair[q], "ci": ci([b[label][q] for b in boot_c if b[label][q] is not None]) if pair[q] is not None else None}
+            for q in ("kl", "nll_delta")}
+    for i, (m, lr) in enumerate(keys):
+        result["points"].append({"method": m, "lr": lr, "log10_kl": float(K[:, i].mean()), "kl": float((10 ** K[:, i]).mean()),
+                                 "nll_delta": float(D[:, i].mean()), "probe_em": float(R[:, i].mean())})
+    for (m, lr), gap in estimate["point"].items():
+        reps = [b["point"][(m, lr)] for b in boot_g]
+        result["point_gaps"].append({"method": m, "lr": lr, "gap": gap, "ci": ci(reps) if gap is not None else None})
+    for m, g in estimate["mean"].items():
+        reps = [None if b["mean"][m] is None else b["mean"][m][0] for b in boot_g]
+        interval = ci(reps) if g is not None else None
+        result["equal_kl"][m] = {"gap": None if g is None else g[0], "range": None if g is None else [g[1], g[2]],
+                                 "ci": interval, "verdict": verdict(interval)}
+    return result
+
 
 # -- reporting -----------------------------------------------------------------------------------------------
 
@@ -1005,6 +1266,62 @@ def write_markdown(path: str, result: dict) -> None:
         defined = "n/a" if g["defined_share"] is None else f"{g['defined_share']:.2f}"
         lines.append(f"| {m} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | {_ci(g['ci_percentile'])} | {defined} | "
                      f"{g['verdict']} |")
+    if an.get("comparisons"):
+        lines += [
+            "", "## Against another method's frontier (secondary comparisons)", "",
+            "The same statistic with the named method's frontier as the reference instead of FFT's (e.g. shielded "
+            "against category: the score at equal granularity).",
+            "",
+            f"| method | reference | common plasticity range | mean gap | {level}% CI | percentile CI | defined | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g in an["comparisons"]:
+            rng = "none" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"
+            defined = "n/a" if g["defined_share"] is None else f"{g['defined_share']:.2f}"
+            lines.append(f"| {g['method']} | {g['reference']} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | "
+                         f"{_ci(g['ci_percentile'])} | {defined} | {g['verdict']} |")
+    lines += [
+        "", "## The first task after the last (S[2][0])", "",
+        f"Mean over seeds with its {level}% interval: exact match on the first task's held-out examples after all tasks.",
+        "",
+        f"| method | lr | plasticity | S[2][0] | {level}% CI |",
+        "|---|---|---|---|---|",
+    ]
+    for p in an["points"]:
+        if "first_task_last" in p:
+            lines.append(f"| {p['method']} | {p['lr']:.3g} | {p['plasticity']:.3f} | {p['first_task_last']:.3f} | "
+                         f"{_ci(p['first_task_last_ci'], '.3f')} |")
+    ka = result.get("kl_analysis")
+    if ka:
+        lines += [
+            "", "## The KL to the base against forgetting", "",
+            f"KL(base || model) per token on the forgetting monitor's default probes (16 of the base's own samples of 64 "
+            f"tokens), after the last task; runs with a KL: {ka['n_seeds']} seeds. Spearman's rho with retention (probe "
+            f"EM; negative: more KL, less kept), {level}% interval over resampled seeds.",
+            "",
+            f"| runs | rho (final KL, retention) | {level}% CI | rho (final NLL change, retention) | {level}% CI |",
+            "|---|---|---|---|---|",
+        ]
+        for label, q in ka["spearman"].items():
+            kl_, dl = q["kl"], q["nll_delta"]
+            lines.append(f"| {label} | {_num(kl_['rho'])} | {_ci(kl_['ci'])} | {_num(dl['rho'])} | {_ci(dl['ci'])} |")
+        lines += [
+            "", "Retention at equal KL: each method's mean points (log10 KL, retention) joined in KL order, against FFT's "
+            "curve; positive gap: keeps more than FFT at the same KL (the KL overstates its forgetting).",
+            "",
+            "| method | lr | mean KL (nats/token) | NLL change | probe EM | gap to FFT at equal KL | CI |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        gaps = {(g["method"], g["lr"]): g for g in ka["point_gaps"]}
+        for p in ka["points"]:
+            g = gaps.get((p["method"], p["lr"]))
+            gap = "reference" if g is None else ("outside" if g["gap"] is None else _num(g["gap"]))
+            lines.append(f"| {p['method']} | {p['lr']:.3g} | {p['kl']:.4f} | {p['nll_delta']:+.4f} | {p['probe_em']:.3f} | "
+                         f"{gap} | {_ci(g['ci']) if g else ''} |")
+        lines += ["", "| method | common log10 KL range | mean gap at equal KL | CI | verdict |", "|---|---|---|---|---|"]
+        for m, g in ka["equal_kl"].items():
+            rng = "none" if g["range"] is None else f"{g['range'][0]:.2f} to {g['range'][1]:.2f}"
+            lines.append(f"| {m} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | {g['verdict']} |")
     lines += [
         "", "## Equal learning rate (the paper's setting: not a comparison at equal learning)", "",
         "The strategy minus FFT at the same learning rate, where both ran it. A higher retention here can come from "
@@ -1026,13 +1343,19 @@ def write_markdown(path: str, result: dict) -> None:
               f"expanded percentile bootstrap over {an['n_seeds']} paired seeds):", ""]
     for m, g in an["mean_gaps"].items():
         lines.append(verdict_sentence(m, g, an))
+    for g in an.get("comparisons", []):
+        if g["gap"] is not None:
+            lines.append(f"- **{g['method']}** against **{g['reference']}**'s frontier: {g['verdict']} (mean gap "
+                         f"{g['gap']:+.3f}, {level}% CI {_ci(g['ci'])}, plasticity {g['range'][0]:.2f} to {g['range'][1]:.2f}).")
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
 STYLES = {"fft": ("tab:red", "o"), "hft-category": ("tab:blue", "s"), "hft-layer": ("tab:green", "^"),
-          "hft-model": ("tab:purple", "v"), "fft+half-reset": ("tab:orange", "D"), "lora": ("tab:brown", "P")}
+          "hft-model": ("tab:purple", "v"), "fft+half-reset": ("tab:orange", "D"), "lora": ("tab:brown", "P"),
+          "hft-shielded": ("tab:cyan", "X"), "fft+replay-self": ("tab:pink", "<"), "fft+replay-earlier": ("tab:olive", ">"),
+          "hft+replay-self": ("tab:gray", "p"), "hft+replay-earlier": ("black", "h")}
 
 
 def write_plot(path: str, result: dict) -> None:
@@ -1107,6 +1430,12 @@ STRATEGY_LRS = "4e-5,5.66e-5,8e-5"
 # LoRA needs about 10x FFT's rate (plasticity 0.09 at 1e-4, 0.67 at 2e-4); sqrt 2 steps through the
 # rise, factor 2 beyond it.
 LORA_LRS = "1.41e-4,2e-4,4e-4,8e-4,1.6e-3"
+# Shielded's and replay's grids (docs/forgetting.md, "Replay, shielded and KL"): shielded trains category's
+# shares, so category's range at factor sqrt 2; replay keeps 90% of each batch for the task, so each base
+# method's rates across its frontier's rise and collapse, at factor about 2.
+SHIELDED_LRS = "2e-5,2.83e-5,4e-5,5.66e-5,8e-5,1.13e-4"
+REPLAY_FFT_LRS = "1.52e-5,2.83e-5,5.66e-5"
+REPLAY_HFT_LRS = "3.03e-5,5.66e-5,1.13e-4"
 SEEDS = "0,1,2,3,4"
 CACHE_VERSION = 2  # bump when a change to the code changes a run's numbers
 
@@ -1119,6 +1448,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fft-lrs", default=FFT_LRS, help="full fine-tuning's learning rates")
     parser.add_argument("--hft-lrs", default=HFT_LRS, help="HFT (category)'s learning rates")
     parser.add_argument("--strategy-lrs", default=STRATEGY_LRS, help="learning rates of hft-layer, hft-model, fft+half-reset")
+    parser.add_argument("--shielded-lrs", default=SHIELDED_LRS, help="HFT (shielded)'s learning rates")
+    parser.add_argument("--replay-fft-lrs", default=REPLAY_FFT_LRS, help="learning rates of fft+replay-self/-earlier")
+    parser.add_argument("--replay-hft-lrs", default=REPLAY_HFT_LRS, help="learning rates of hft+replay-self/-earlier")
+    parser.add_argument("--no-kl", action="store_true", help="skip the KL to the base after every task (about 6 s each)")
     parser.add_argument("--lora-lrs", default=LORA_LRS, help="LoRA's learning rates")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--import-runs", metavar="JSON", action="append", default=[],
@@ -1166,7 +1499,9 @@ def grids_of(args) -> dict[str, list[float]]:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; pick from {', '.join(METHODS)}")
-    lrs = {"fft": _floats(args.fft_lrs), "hft-category": _floats(args.hft_lrs), "lora": _floats(args.lora_lrs)}
+    lrs = {"fft": _floats(args.fft_lrs), "hft-category": _floats(args.hft_lrs), "lora": _floats(args.lora_lrs),
+           "hft-shielded": _floats(args.shielded_lrs)}
+    lrs.update({m: _floats(args.replay_fft_lrs if m.startswith("fft") else args.replay_hft_lrs) for m in REPLAY})
     return {m: lrs.get(m, _floats(args.strategy_lrs)) for m in METHODS if m in methods}
 
 
@@ -1204,7 +1539,7 @@ def main(argv=None, *, loaded=None) -> dict:
     settings = {"model": model_id, "steps": args.steps, "batch_size": args.batch_size, "eval_size": args.eval_size,
                 "probe_size": args.probe_size, "max_length": MAX_LENGTH, "optimizer": OPTIMIZER, "device": device,
                 "version": CACHE_VERSION}
-    run_settings = dict(settings, eval_batch=args.eval_batch)
+    run_settings = dict(settings, eval_batch=args.eval_batch, kl=not args.no_kl)
     scratch = tempfile.TemporaryDirectory(prefix="hft-forgetting-cache-") if args.no_cache else None
     folder = os.path.join(scratch.name if scratch else args.cache, f"{args.name}-{settings_key(settings)}")
     cache = RunCache(folder)
@@ -1290,7 +1625,8 @@ def main(argv=None, *, loaded=None) -> dict:
 def report(meta: dict, runs: list[dict], *, resamples: int = 10000) -> dict:
     """Analyse the runs and write the JSON, the markdown report and the plot named in ``meta``."""
     work_runs = [r for r in runs if r["method"] != "base"]
-    result = {"meta": meta, "summary": aggregate(work_runs), "analysis": analyse(work_runs, resamples=resamples), "runs": runs}
+    result = {"meta": meta, "summary": aggregate(work_runs), "analysis": analyse(work_runs, resamples=resamples),
+              "kl_analysis": kl_analysis(work_runs, resamples=resamples), "runs": runs}
     with open(meta["json"], "w") as f:
         json.dump(result, f, indent=1)
     write_markdown(meta["md"], result)

@@ -338,14 +338,16 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     argv = ["--seeds", "0,1", "--fft-lrs", "1e-3,1e-2", "--hft-lrs", "1e-3,1e-2", "--strategy-lrs", "1e-2",
-            "--lora-lrs", "1e-2", "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--probe-size", "5", "--threads", "1",
+            "--lora-lrs", "1e-2", "--shielded-lrs", "1e-2", "--replay-fft-lrs", "1e-2", "--replay-hft-lrs", "1e-2",
+            "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--probe-size", "5", "--threads", "1",
             "--resamples", "50", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path), "--name", "smoke"]
     result = bench.main(argv, loaded=(model, tokenizer))
     for ext in ("md", "json", "png"):
         assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
     runs = [r for r in result["runs"] if r["method"] != "base"]
     planned = {(m, lr, s) for m in ("fft", "hft-category") for lr in (1e-3, 1e-2) for s in (0, 1)}
-    planned |= {(m, 1e-2, s) for m in ("hft-layer", "hft-model", "fft+half-reset", "lora") for s in (0, 1)}
+    planned |= {(m, 1e-2, s) for m in ("hft-layer", "hft-model", "fft+half-reset", "lora", "hft-shielded",
+                                        *bench.REPLAY) for s in (0, 1)}
     assert {(r["method"], r["lr"], r["seed"]) for r in runs} == planned and len(runs) == len(planned)
     for r in runs:
         S = r["S"]
@@ -363,7 +365,9 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     assert by[("fft", 1e-3, 0)]["S"] != by[("fft", 1e-3, 1)]["S"] or by[("fft", 1e-3, 0)]["probe_nll"] != by[("fft", 1e-3, 1)]["probe_nll"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is handed back as given
     assert all(p.requires_grad for p in model.parameters())
-    assert set(result["analysis"]["verdicts"]) == {"hft-category", "hft-layer", "hft-model", "fft+half-reset", "lora"}
+    assert set(result["analysis"]["verdicts"]) == set(bench.METHODS) - {"fft"}
+    assert [(c["method"], c["reference"]) for c in result["analysis"]["comparisons"]] == bench.COMPARISONS
+    assert all(len(r["kl"]) == 3 for r in runs) and result["kl_analysis"]["n_seeds"] == 2
     assert by[("lora", 1e-2, 0)]["trainable_params"] < 0.5 * fft["trainable_params"]  # the adapter only
 
     saved = json.loads((tmp_path / "smoke.json").read_text())
@@ -450,3 +454,68 @@ def test_import_runs_fills_the_cache_only_from_results_with_the_same_settings(be
     other.write("model.json", {"probe_key": "k2"})
     with pytest.raises(SystemExit, match="probe"):
         bench.import_runs(str(path), other, settings)
+
+
+# -- shielded, replay and the KL after every task ---------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["hft-shielded", "fft+replay-self", "fft+replay-earlier", "hft+replay-self",
+                                    "hft+replay-earlier"])
+def test_the_new_arms_run_through_the_tasks_with_the_kl_after_each(bench, tmp_path, method):
+    from hft_plugin.forgetting import KeptBase, sample_probes
+
+    model, tokenizer = tiny_model("llama", seed=0), tiny_tokenizer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = {"steps": 2, "batch_size": 4, "eval_size": 3, "probe_size": 3, "eval_batch": 8, "device": "cpu"}
+    data = bench.seed_data(tokenizer, 0, settings)
+    probe = bench.encode(tokenizer, bench.FACTS[:3])
+    probes = sample_probes(model, count=2, length=8)
+    cache = bench.RunCache(str(tmp_path / "cache"))
+    extras = bench.seed_extras(model, tokenizer, 0, {method}, cache, (probes, KeptBase(model, probes)))
+    again = bench.seed_extras(model, tokenizer, 0, {method}, cache, None)  # read back, not drawn again
+    assert {k: v for k, v in extras.items() if k != "kl"} == again
+    run = bench.run_sequence(model, tokenizer, base, method, 1e-2, 0, data, probe, settings, extras)
+    assert len(run["kl"]) == 3 and all(k > 0 for k in run["kl"]) and len(run["nll_delta"]) == 3
+    if method.startswith("hft"):
+        assert len(run["frozen"]) == 3 and run["frozen"][0] != run["frozen"][1]
+    if method == "hft-shielded":
+        assert [len(c["sha256"]) for c in run["calibration"]] == [64] * 3
+    # the KL after the last task is the monitor's measurement of the model as handed back
+    from hft_plugin.forgetting import measure
+
+    base_model = tiny_model("llama", seed=0)
+    assert measure(model, probes, base_model).kl == pytest.approx(run["kl"][-1], rel=1e-6)
+
+
+def test_kept_base_measures_as_the_base_model_does():
+    from hft_plugin.forgetting import KeptBase, measure, sample_probes
+
+    base, model = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    probes = sample_probes(base, count=3, length=8)
+    kept, direct = measure(model, probes, KeptBase(base, probes)), measure(model, probes, base)
+    assert kept.kl == pytest.approx(direct.kl, rel=1e-9) and kept.nll == direct.nll and kept.base_nll == direct.base_nll
+    with pytest.raises(ValueError, match="other probes"):
+        measure(model, sample_probes(base, count=3, length=8, seed=5), KeptBase(base, probes))
+
+
+def test_importing_a_rerun_adds_its_kl_only_if_it_reproduces_the_run(bench, tmp_path):
+    settings = {"model": "m", "steps": 1}
+    run = {"method": "fft", "lr": 1e-3, "seed": 0, "S": [[0.5]], "plasticity": 0.5, "probe_em": 0.9,
+           "probe_nll": 0.4, "probe_key": "k"}
+    meta = {"settings": settings, "probe": [], "probe_candidates": 1, "base_probe_em": 1.0, "base_probe_nll": 0.1,
+            "params": 1, "threads": 1, "device": "cpu", "device_name": "x", "torch": "t", "transformers": "t",
+            "trl": "t", "python": "p"}
+
+    def results(name, runs):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": meta, "runs": runs}))
+        return str(path)
+
+    cache = bench.RunCache(str(tmp_path / "cache"))
+    assert bench.import_runs(results("old.json", [run]), cache, settings) == 1
+    rerun = dict(run, kl=[0.1], nll_delta=[0.01])
+    assert bench.import_runs(results("kl.json", [rerun]), cache, settings) == 1
+    assert cache.get((0, "fft", 1e-3))["kl"] == [0.1]
+    cache2 = bench.RunCache(str(tmp_path / "cache2"))
+    bench.import_runs(results("old.json", [run]), cache2, settings)
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        bench.import_runs(results("other.json", [dict(rerun, probe_em=0.8)]), cache2, settings)
