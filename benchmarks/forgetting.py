@@ -1436,6 +1436,11 @@ LORA_LRS = "1.41e-4,2e-4,4e-4,8e-4,1.6e-3"
 SHIELDED_LRS = "2e-5,2.83e-5,4e-5,5.66e-5,8e-5,1.13e-4"
 REPLAY_FFT_LRS = "1.52e-5,2.83e-5,5.66e-5"
 REPLAY_HFT_LRS = "3.03e-5,5.66e-5,1.13e-4"
+# Self replay's samples are long (64 tokens) beside the tasks' completions, so they take a larger share of the
+# loss than of the examples: the pilot's plasticity at 2.83e-5 was 0.81 (< 0.85), so by the plan's rule the
+# self arms' grids are the replay grids times sqrt 2.
+REPLAY_SELF_FFT_LRS = "2.15e-5,4e-5,8e-5"
+REPLAY_SELF_HFT_LRS = "4.29e-5,8e-5,1.6e-4"
 SEEDS = "0,1,2,3,4"
 CACHE_VERSION = 2  # bump when a change to the code changes a run's numbers
 
@@ -1449,8 +1454,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hft-lrs", default=HFT_LRS, help="HFT (category)'s learning rates")
     parser.add_argument("--strategy-lrs", default=STRATEGY_LRS, help="learning rates of hft-layer, hft-model, fft+half-reset")
     parser.add_argument("--shielded-lrs", default=SHIELDED_LRS, help="HFT (shielded)'s learning rates")
-    parser.add_argument("--replay-fft-lrs", default=REPLAY_FFT_LRS, help="learning rates of fft+replay-self/-earlier")
-    parser.add_argument("--replay-hft-lrs", default=REPLAY_HFT_LRS, help="learning rates of hft+replay-self/-earlier")
+    parser.add_argument("--replay-fft-lrs", default=REPLAY_FFT_LRS, help="learning rates of fft+replay-earlier")
+    parser.add_argument("--replay-hft-lrs", default=REPLAY_HFT_LRS, help="learning rates of hft+replay-earlier")
+    parser.add_argument("--replay-self-fft-lrs", default=REPLAY_SELF_FFT_LRS, help="learning rates of fft+replay-self")
+    parser.add_argument("--replay-self-hft-lrs", default=REPLAY_SELF_HFT_LRS, help="learning rates of hft+replay-self")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL to the base after every task (about 6 s each)")
     parser.add_argument("--lora-lrs", default=LORA_LRS, help="LoRA's learning rates")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
@@ -1501,7 +1508,8 @@ def grids_of(args) -> dict[str, list[float]]:
             raise SystemExit(f"unknown method {m!r}; pick from {', '.join(METHODS)}")
     lrs = {"fft": _floats(args.fft_lrs), "hft-category": _floats(args.hft_lrs), "lora": _floats(args.lora_lrs),
            "hft-shielded": _floats(args.shielded_lrs)}
-    lrs.update({m: _floats(args.replay_fft_lrs if m.startswith("fft") else args.replay_hft_lrs) for m in REPLAY})
+    lrs.update({"fft+replay-earlier": _floats(args.replay_fft_lrs), "hft+replay-earlier": _floats(args.replay_hft_lrs),
+                "fft+replay-self": _floats(args.replay_self_fft_lrs), "hft+replay-self": _floats(args.replay_self_hft_lrs)})
     return {m: lrs.get(m, _floats(args.strategy_lrs)) for m in METHODS if m in methods}
 
 

@@ -339,6 +339,7 @@ def test_pipeline_on_a_tiny_model(bench, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     argv = ["--seeds", "0,1", "--fft-lrs", "1e-3,1e-2", "--hft-lrs", "1e-3,1e-2", "--strategy-lrs", "1e-2",
             "--lora-lrs", "1e-2", "--shielded-lrs", "1e-2", "--replay-fft-lrs", "1e-2", "--replay-hft-lrs", "1e-2",
+            "--replay-self-fft-lrs", "1e-2", "--replay-self-hft-lrs", "1e-2",
             "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--probe-size", "5", "--threads", "1",
             "--resamples", "50", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path), "--name", "smoke"]
     result = bench.main(argv, loaded=(model, tokenizer))
