@@ -1121,6 +1121,32 @@ def kl_analysis(runs: list[dict], *, level: float = 0.95, resamples: int = 10000
     return result
 
 
+def selection_stats(runs: list[dict]) -> dict:
+    """Per HFT method with recorded halves: how often each role was frozen per round, how much consecutive rounds'
+    frozen halves overlap, and (shielded) the calibration's cost per round. Decides nothing (docs/forgetting.md)."""
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        group = [r for r in runs if r["method"] == method and r.get("frozen")]
+        if not group:
+            continue
+        rounds = len(group[0]["frozen"])
+        roles: dict[str, list[float]] = {}
+        for j in range(rounds):
+            for r in group:
+                for name in r["frozen"][j]:
+                    role = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name
+                    roles.setdefault(role, [0.0] * rounds)[j] += 1 / len(group)
+        overlap = [mean(len(set(r["frozen"][j]) & set(r["frozen"][j + 1])) / max(1, len(set(r["frozen"][j]) | set(r["frozen"][j + 1])))
+                        for r in group) for j in range(rounds - 1)]
+        entry = {"runs": len(group), "frozen_per_round": roles, "jaccard_consecutive": overlap}
+        calibrated = [r["calibration"] for r in group if r.get("calibration")]
+        if calibrated:
+            entry["calibration_cpu_s"] = [mean(c[j]["cpu_s"] for c in calibrated) for j in range(rounds)]
+            entry["calibration_wall_s"] = [mean(c[j]["wall_s"] for c in calibrated) for j in range(rounds)]
+        out[method] = entry
+    return out
+
+
 # -- reporting -----------------------------------------------------------------------------------------------
 
 FIELDS = ("plasticity", "op", "bwt", "probe_em", "probe_nll", "step_time_s", "optimizer_state_bytes")
@@ -1322,6 +1348,20 @@ def write_markdown(path: str, result: dict) -> None:
         for m, g in ka["equal_kl"].items():
             rng = "none" if g["range"] is None else f"{g['range'][0]:.2f} to {g['range'][1]:.2f}"
             lines.append(f"| {m} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | {g['verdict']} |")
+    if result.get("selection"):
+        lines += ["", "## Which halves were frozen (deciding nothing)", "",
+                  "Tensors frozen per role and round (mean over the method's runs with recorded halves), the Jaccard "
+                  "overlap of consecutive rounds' frozen tensors (category at random: about 1/3), and shielded's "
+                  "calibration (scoring pass) per round.", ""]
+        for m, st in result["selection"].items():
+            roles = ", ".join(f"{role} {'/'.join(f'{c:.1f}' for c in counts)}"
+                              for role, counts in sorted(st["frozen_per_round"].items()))
+            line = (f"- {m} ({st['runs']} runs): frozen per round: {roles}; overlap of consecutive rounds "
+                    f"{', '.join(f'{x:.2f}' for x in st['jaccard_consecutive'])}")
+            if "calibration_cpu_s" in st:
+                line += (f"; calibration {', '.join(f'{x:.0f}' for x in st['calibration_cpu_s'])} s of CPU time "
+                         f"({', '.join(f'{x:.0f}' for x in st['calibration_wall_s'])} s wall) per round")
+            lines.append(line + ".")
     lines += [
         "", "## Equal learning rate (the paper's setting: not a comparison at equal learning)", "",
         "The strategy minus FFT at the same learning rate, where both ran it. A higher retention here can come from "
@@ -1414,6 +1454,41 @@ def write_plot(path: str, result: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_kl_plot(path: str, result: dict) -> bool:
+    """The monitor's KL after each task, per (method, lr) with a KL (mean over seeds): left, against the tasks
+    learned; right, the final KL against retention. False (nothing written) if no run has a KL."""
+    runs = [r for r in result["runs"] if r["method"] != "base" and r.get("kl")]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    plasticity = {(p["method"], p["lr"]): p["plasticity"] for p in result["analysis"]["points"]}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.5))
+    for (method, lr), group in sorted(groups.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
+        color, marker = STYLES[method]
+        tasks = range(1, len(group[0]["kl"]) + 1)
+        kl = [mean(r["kl"][j] for r in group) for j in range(len(group[0]["kl"]))]
+        label = f"{method} lr {lr:.3g} (plasticity {plasticity.get((method, lr), float('nan')):.2f})"
+        ax.plot(tasks, kl, color=color, marker=marker, alpha=0.8, label=label)
+        bx.scatter([mean(r["kl"][-1] for r in group)], [mean(r["probe_em"] for r in group)], color=color,
+                   marker=marker, s=40)
+    ax.set(yscale="log", xlabel="tasks learned", ylabel="KL(base || model), nats per token (mean over seeds)",
+           title="The forgetting monitor's KL after each task", xticks=[1, 2, 3])
+    ax.legend(fontsize=6.5, loc="lower right")
+    bx.set(xscale="log", xlabel="KL after the last task (nats per token)", ylabel="probe retention (exact match)",
+           title="Final KL against retention (one point per method and lr)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 # -- the run -------------------------------------------------------------------------------------------------------
 
@@ -1634,11 +1709,13 @@ def report(meta: dict, runs: list[dict], *, resamples: int = 10000) -> dict:
     """Analyse the runs and write the JSON, the markdown report and the plot named in ``meta``."""
     work_runs = [r for r in runs if r["method"] != "base"]
     result = {"meta": meta, "summary": aggregate(work_runs), "analysis": analyse(work_runs, resamples=resamples),
-              "kl_analysis": kl_analysis(work_runs, resamples=resamples), "runs": runs}
+              "kl_analysis": kl_analysis(work_runs, resamples=resamples), "selection": selection_stats(work_runs),
+              "runs": runs}
     with open(meta["json"], "w") as f:
         json.dump(result, f, indent=1)
     write_markdown(meta["md"], result)
     write_plot(meta["plot"], result)
+    write_kl_plot(os.path.splitext(meta["plot"])[0] + "_kl.png", result)
     with open(meta["md"]) as f:
         print(f.read())
     return result
