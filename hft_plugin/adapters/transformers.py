@@ -40,18 +40,13 @@ import os
 import weakref
 from typing import Any, Callable, Mapping
 
-from ..checkpoints import check_checkpoint, load_renamed
 from ..config import HFTConfig
-from ..distributed import check_ranks_agree
-from ..errors import (ConfigError, HFTError, IntegrationError, OptimizerMismatchError, SelectionMismatchError,
-                      UnsupportedModelError)
-from ..freeze import HFTHandle, apply_selection
-from ..optimizers import drop_frozen, unfuse_strided, unwrap
-from ..report import stats_metrics, train_start_summary
-from ..selection import Selection, applied_counts, select_half
-from ..sharing import FSDP, SharedReference, keep_shared, share_option, unshareable_reason
+from ..errors import ConfigError, HFTError, IntegrationError, UnsupportedModelError
+from ..freeze import HFTHandle
+from ..run import HFTRun
+from ..selection import Selection, applied_counts
+from ..sharing import FSDP, share_option, unshareable_reason
 from .base import Adapter, patch, unpatch
-from .deepspeed import ZeroGradientMasks, check_zero_optimizer
 from .fsdp import check_fsdp, fsdp_plugin, is_fsdp2_module
 
 logger = logging.getLogger("hft_plugin")
@@ -65,8 +60,6 @@ _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "DeepSpeedEngine", "FullySha
 _SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
 # trainers on which disable_hft was called: zero-code activation leaves them alone
 _OPTED_OUT: "weakref.WeakSet[Any]" = weakref.WeakSet()
-# optimizers a trainer's create_optimizer built while HFT was on: HFT may drop and rebuild them
-_BUILT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _trainer_class():
@@ -98,44 +91,46 @@ def _resolve_checkpoint(trainer, resume) -> str | None:
 
 
 class _Session:
-    """HFT on one trainer: the selection, the handle, and the wrappers on the trainer instance."""
+    """HFT on one trainer: translates the trainer's events into calls on its :class:`HFTRun`.
 
-    def __init__(self, trainer, config: HFTConfig, selection: Selection):
+    Where transformers has a public event (``TrainerCallback``) that fires at the same moment with
+    the same data, it would be used; the events HFT needs have none: ``_prepare_for_training``
+    (before and after the optimizer exists), ``create_optimizer`` (the optimizer just built),
+    ``save_model`` (every folder weights go to, checkpoints and the final save; ``on_save`` sees
+    checkpoints only), ``log`` (before the entry goes to ``log_history``; ``on_log`` sees it
+    after) and the clipping methods (before the gradient norm is taken). So the instance's methods
+    are wrapped, and put back by :meth:`stop`.
+    """
+
+    def __init__(self, trainer, run: HFTRun):
         # weak: _SESSIONS is keyed by the trainer, and the trainer keeps its session alive through
         # the wrapped methods; a strong reference would keep every trainer (and model) forever
         self._trainer = weakref.ref(trainer)
-        self.config = config
-        self.selection = selection
-        self.handle: HFTHandle | None = None
+        self.run = run
         self._wrapped: dict[str, Any] = {}
-        self._zero_masks = ZeroGradientMasks()
-        self._input_grads_enabled = False
-        self._attached_to: Any = None
-        self._agreed_digest: str | None = None
-        self._report_metrics = False
         self._in_prepare = False
         # (checkpoint, selection) checked in the train() call under way: the instance wrapper, the
         # class-level patch of zero-code activation and the prepare step each reach the same checks
         self._checked: tuple[str | None, Selection] | None = None
         self.automatic = False  # started by zero-code activation
-        self.requested: HFTConfig = config  # the options asked for (round="next" unresolved)
-        self.share_reference = True
-        self.sharing: SharedReference | None = None
+        self.requested: HFTConfig = run.requested  # the options asked for (round="next" unresolved)
 
-    @property
-    def trainer(self):
-        return self._trainer()
+    trainer = property(lambda self: self._trainer())
+    handle = property(lambda self: self.run.handle)
+    selection = property(lambda self: self.run.selection)
+    config = property(lambda self: self.run.config)
+    sharing = property(lambda self: self.run.sharing)
 
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
-        self.handle = self.apply(self.selection)
         try:
             self.settle_optimizer()
         except HFTError:
-            self.handle.remove()  # the model as it was
+            self.run.stop()  # the model as it was
             raise
+        self.run.claimed = True
         _SESSIONS[self.trainer] = self
-        self.sharing = _reference_sharing(self)
+        self.share_reference()
         for name, make in (
             ("train", self._wrap_train),
             ("_prepare_for_training", self._wrap_prepare),
@@ -147,12 +142,6 @@ class _Session:
             self._wrap(name, make)
         self._wrap_clipping_if_masked()
         return self.handle
-
-    def apply(self, selection: Selection) -> HFTHandle:
-        """Apply ``selection``: region parameters, or, where gradients live in flat partitions
-        (DeepSpeed ZeRO) or in shards (FSDP), the gradient mask for partly trained tensors."""
-        sharded = getattr(self.trainer, "is_deepspeed_enabled", False) or getattr(self.trainer, "is_fsdp_enabled", False)
-        return apply_selection(self.trainer.model, selection, partial="mask" if sharded else "auto")
 
     def _wrap(self, name: str, make: Callable) -> None:
         original = getattr(self.trainer, name, None)
@@ -169,34 +158,19 @@ class _Session:
             self._wrap("_get_grad_norm", self._wrap_mask_before_norm)
 
     def settle_optimizer(self) -> None:
-        """The optimizer of a round owns exactly that round's trainable elements. A trainer's
-        optimizer that does not fit is dropped with its scheduler (the Trainer builds both again);
-        one passed to the Trainer (``optimizers=(opt, sched)``) is refused, naming what is missing
-        or extra."""
+        """A trainer's optimizer that does not fit the round is dropped with its scheduler (the
+        Trainer builds both again); one passed to the Trainer is refused (:meth:`HFTRun.settle`)."""
         trainer = self.trainer
         optimizer = trainer.optimizer
         if optimizer is None or getattr(trainer, "is_deepspeed_enabled", False):
             return
-        fit = self.handle.optimizer_fit(optimizer)
-        if fit:
-            return
-        if unwrap(optimizer) not in _BUILT and trainer.callback_handler.optimizer is optimizer:  # given by the user
-            raise OptimizerMismatchError(
-                f"{fit.message()} The optimizer given to the Trainer (optimizers=(...)) cannot be used for HFT round "
-                f"{self.selection.config.round}: pass one built from handle.parameters() of this round, or none "
-                "(set trainer.optimizer = trainer.lr_scheduler = None) to let the Trainer build it."
-            )
-        self._drop_optimizer()
-        logger.warning("hft_plugin: the trainer's optimizer did not fit HFT round %d (it %s); the Trainer builds a new "
-                       "optimizer and scheduler for this round.", self.selection.config.round,
-                       fit.problems() or "runs a fused kernel over strided regions")
+        if self.run.settle(optimizer, given=trainer.callback_handler.optimizer is optimizer):
+            self._drop_optimizer()
 
     def _drop_optimizer(self) -> None:
-        if self.handle is not None and self.trainer.optimizer is not None:
-            self.handle.detach(self.trainer.optimizer)
+        self.run.release(self.trainer.optimizer)
         self.trainer.optimizer = None
         self.trainer.lr_scheduler = None
-        self._attached_to = None
 
     def stop(self) -> None:
         for name, previous in self._wrapped.items():
@@ -205,25 +179,23 @@ class _Session:
             else:
                 setattr(self.trainer, name, previous)
         self._wrapped.clear()
-        self._zero_masks.remove()
-        if self._input_grads_enabled:
-            model = self.handle.model if self.handle is not None else None
-            if model is not None and hasattr(model, "disable_input_require_grads"):
-                model.disable_input_require_grads()
-            self._input_grads_enabled = False
         optimizer = self.trainer.optimizer
-        if optimizer is not None and unwrap(optimizer) in _BUILT:
+        if self.run.built_under_hft(optimizer):
             # It owns only this round's half: the next train() builds one for what trains then.
             self._drop_optimizer()
             logger.info("hft_plugin: HFT disabled; the next train() builds a new optimizer and scheduler.")
         elif optimizer is not None and not getattr(self.trainer, "is_deepspeed_enabled", False):
             logger.warning("hft_plugin: HFT disabled, but the optimizer given to the Trainer owns only the half that "
                            "trained with HFT; give the Trainer a new optimizer to train the whole model.")
-        if self.handle is not None:
-            self.handle.remove()  # a shared reference gets its own copy back first
-        self.sharing = None
+        self.run.stop()
         if _SESSIONS.get(self.trainer) is self:
             del _SESSIONS[self.trainer]
+
+    def share_reference(self) -> None:
+        """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one)
+        shares the policy's frozen half, or keeps sharing it; checked each time training starts."""
+        reference = getattr(self.trainer, "ref_model", None)
+        self.run.share_with(reference, _sharing_declined(self.trainer) if reference is not None else None)
 
     # -- the wrappers --------------------------------------------------------------------------------
     def _wrap_train(self, original: Callable) -> Callable:
@@ -242,7 +214,7 @@ class _Session:
         if self._checked is not None and self._checked[0] == checkpoint and self._checked[1] is self.selection:
             return
         self.check_resume(checkpoint)
-        _reference_before_load(self, checkpoint)
+        self.run.before_load(checkpoint)
         self._checked = (checkpoint, self.selection)
 
     def _wrap_prepare(self, original: Callable) -> Callable:
@@ -254,16 +226,7 @@ class _Session:
         def create_optimizer(*args, **kwargs):
             optimizer = original(*args, **kwargs)
             if optimizer is not None:
-                _BUILT.add(unwrap(optimizer))
-                self.handle.own_regions(optimizer)
-                if drop_frozen(optimizer):
-                    logger.warning("hft_plugin: %s put frozen tensors in the optimizer; they were removed.",
-                                   type(self.trainer).__name__)
-                trainable = {id(p): n for n, p in self.handle.named_parameters()}
-                strided = unfuse_strided(optimizer, trainable)
-                if strided:
-                    logger.info("hft_plugin: %d trainable regions are strided views (e.g. %s); the optimizer groups "
-                                "holding them run without fused kernels.", len(strided), strided[0])
+                self.run.adopt(optimizer, type(self.trainer).__name__)
             return optimizer
         return create_optimizer
 
@@ -271,15 +234,14 @@ class _Session:
         def save_model(output_dir=None, *args, **kwargs):
             result = original(output_dir, *args, **kwargs)
             if self.trainer.args.should_save:
-                self.selection.save(output_dir or self.trainer.args.output_dir)
+                self.run.save_manifest(output_dir or self.trainer.args.output_dir)
             return result
         return save_model
 
     def _wrap_log(self, original: Callable) -> Callable:
         def log(logs, *args, **kwargs):
-            if self._report_metrics and isinstance(logs, dict):
-                logs.update(stats_metrics(self.selection))
-                self._report_metrics = False
+            if isinstance(logs, dict):
+                logs.update(self.run.metrics())
             return original(logs, *args, **kwargs)
         return log
 
@@ -290,14 +252,14 @@ class _Session:
 
     def _wrap_mask_first(self, original: Callable) -> Callable:
         def with_mask(*args, **kwargs):
-            self.mask_gradients()
+            self.run.mask_gradients()
             return original(*args, **kwargs)
         return with_mask
 
     def _wrap_mask_before_norm(self, original: Callable) -> Callable:
         def with_mask(model, grad_norm=None, *args, **kwargs):
             if grad_norm is None:  # not clipped this step (max_grad_norm=0): the norm is measured here
-                self.mask_gradients()
+                self.run.mask_gradients()
             return original(model, grad_norm, *args, **kwargs)
         return with_mask
 
@@ -316,107 +278,41 @@ class _Session:
             self._in_prepare = False
 
     def before_prepare(self, resume: str | None) -> None:
-        trainer = self.trainer
-        model = trainer.model
-        if self.handle is None or self.handle.model is not _unwrapped(model):
-            # model_init built a new model inside train(): select on it, same config.
-            self.selection = select_half(model, config=self.config)
-            self.handle = self.apply(self.selection)
-            self._attached_to = None
-            self._zero_masks.remove()
-        elif self.handle.removed:
-            # Another trainer applied its own round to this model object; put ours back.
-            self.handle = self.apply(self.selection)
-            self._attached_to = None
+        trainer, run = self.trainer, self.run
+        run.follow(trainer.model)
         checkpoint = _resolve_checkpoint(trainer, resume)
         if self._checked is None or self._checked[0] != checkpoint or self._checked[1] is not self.selection:
             self.check_resume(checkpoint)  # e.g. model_init built a new model and selection inside train()
-        sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
-        if checkpoint is not None and not sharded:  # the Trainer loaded the checkpoint just before this step
-            load_renamed(_unwrapped(model), checkpoint,
-                         before_write=self.sharing.unshare if self.sharing is not None and self.sharing.active else None)
-        self.sharing = _reference_sharing(self)
+        if checkpoint is not None and not _shards(trainer):  # the Trainer loaded the checkpoint just before this step
+            run.load_checkpoint(checkpoint)
+        self.share_reference()
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
-        self.check_ranks_agree()
+        run.check_ranks_agree()
         if getattr(trainer, "is_deepspeed_enabled", False):
-            self._zero_masks.install(self.handle)
-        self._enable_input_grads_if_needed()
+            run.install_zero_masks()
+        run.enable_input_grads_if_needed()
         self._wrap_clipping_if_masked()
         self.settle_optimizer()
         if trainer.is_world_process_zero():
             # WARNING, the level transformers and TRL use for what a user must see at their default
             # verbosity: with logging unconfigured, Python's last-resort handler prints it to stderr.
             logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__,
-                           train_start_summary(self.selection, self.handle,
-                                               self.sharing.report.summary() if self.sharing else "",
-                                               *_replay_lines(trainer)))
+                           run.summary(_replay_lines(trainer)))
         if trainer.args.should_save:
-            self.selection.save(trainer.args.output_dir)
-        self._report_metrics = True
+            run.save_manifest(trainer.args.output_dir)
+        run.training_started()
 
     def after_prepare(self) -> None:
         trainer = self.trainer
-        if self.sharing is not None:
-            self.sharing.check()  # preparing may have moved or cast the policy's tensors
+        self.run.check_sharing()
         if getattr(trainer, "is_deepspeed_enabled", False):
-            check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None), self.handle)
-            return
-        optimizer = unwrap(trainer.optimizer)
-        if optimizer is None:
-            return
-        if self._attached_to is not optimizer:
-            self.handle.attach(optimizer)  # refuses an optimizer that does not fit the round
-            self._attached_to = optimizer
+            self.run.check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None))
         else:
-            # Weights may have been loaded since the last run (a resumed checkpoint): restore
-            # the frozen slices to what they are now, not to what they were then.
-            self.handle.refresh()
+            self.run.attach(trainer.optimizer)  # refuses an optimizer that does not fit the round
 
-    def mask_gradients(self) -> None:
-        if self.handle is not None:
-            self.handle.mask_gradients()
-
-    # -- the checks ----------------------------------------------------------------------------------
     def check_resume(self, checkpoint: str | None) -> None:
-        """Refuse a checkpoint written by another model, round or HFT configuration (before its
-        weights are loaded); resume with the checkpoint's half if it drew another one."""
-        if checkpoint is None:
-            return
-        resumed = check_checkpoint(checkpoint, self.selection)
-        if resumed is self.selection:
-            return
-        if self.trainer.optimizer is not None:
-            raise SelectionMismatchError(
-                f"{checkpoint} trained another half than this installation selects for the same options, and "
-                "this trainer's optimizer already exists. Create a new Trainer, enable HFT, and resume."
-            )
-        logger.warning("hft_plugin: %s trained another half than this installation selects for the same "
-                       "options; resuming with the checkpoint's half.", checkpoint)
-        self.selection = resumed
-        self.handle = self.apply(resumed)
-        self._attached_to = None
-
-    def check_ranks_agree(self) -> None:
-        """Every rank must train the same half: compare a digest once per selection."""
-        self._agreed_digest = check_ranks_agree(self.selection, self._agreed_digest)
-
-    def _enable_input_grads_if_needed(self) -> None:
-        """Reentrant checkpointing gives layer weights no gradient when nothing before them requires
-        grad; with frozen embeddings that is every layer, so make the embeddings' output require it."""
-        model = self.handle.model
-        checkpointing = getattr(model, "is_activation_checkpointing", None)
-        if checkpointing is None:  # transformers before the rename
-            checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if self._input_grads_enabled or not checkpointing:
-            return
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if embeddings is None or any(p.requires_grad for p in embeddings.parameters()):
-            return
-        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
-            return  # the trainer (e.g. for PEFT) or the user already did it
-        model.enable_input_require_grads()
-        self._input_grads_enabled = True
+        self.run.check_resume(checkpoint, optimizer_exists=self.trainer.optimizer is not None)
 
 
 _MISSING = object()
@@ -467,10 +363,8 @@ def _refuse_peft(trainer) -> None:
 
 
 # -- the reference model shares the policy's frozen half (hft_plugin.sharing) ---------------------------
-def _sharing_declined(trainer, enabled: bool) -> str | None:
+def _sharing_declined(trainer) -> str | None:
     """Why this trainer's reference must keep its own copy, in one line, or None."""
-    if not enabled:
-        return "turned off (share_reference=False or HFT_SHARE_REFERENCE=0)"
     if getattr(trainer, "is_fsdp_enabled", False):
         return FSDP
     if getattr(trainer, "is_deepspeed_enabled", False):
@@ -480,21 +374,6 @@ def _sharing_declined(trainer, enabled: bool) -> str | None:
     if getattr(trainer.args, "sync_ref_model", False) or any(type(c).__name__ == "SyncRefModelCallback" for c in callbacks):
         return "the trainer syncs the policy into the reference (sync_ref_model), which writes into its tensors"
     return None
-
-
-def _reference_sharing(session: "_Session") -> SharedReference | None:
-    """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one) shares
-    the policy's frozen half, or keeps sharing it; checked each time a training run starts."""
-    reference = getattr(session.trainer, "ref_model", None)
-    if reference is None:
-        return None
-    declined = _sharing_declined(session.trainer, session.share_reference)
-    return keep_shared(session.sharing, session.handle, reference, declined=declined)
-
-
-def _reference_before_load(session: "_Session", checkpoint: str | None) -> None:
-    if checkpoint is not None and session.sharing is not None:
-        session.sharing.before_load(checkpoint)  # loading writes into the policy's (shared) tensors
 
 
 def _replay_lines(trainer) -> list[str]:
@@ -584,13 +463,26 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         logger.warning("hft_plugin: HFT is already enabled on this trainer; nothing changed%s. Call disable_hft "
                        "first to change it.", note)
         return existing.handle
-    selection = select_half(trainer.model, config=cfg)  # refuses PEFT, quantized, unreadable models
-    # the session keeps the resolved options (round="next" is a number from here on), so a resumed
-    # checkpoint is compared with the round that trains
-    session = _Session(trainer, selection.config, selection)
-    session.requested = cfg
-    session.share_reference = share
-    return session.start()
+    return _Session(trainer, _run_for(trainer, cfg, share)).start()
+
+
+def _shards(trainer) -> bool:
+    """Gradients live in flat partitions (DeepSpeed ZeRO) or shards (FSDP): partly trained
+    tensors train through the gradient mask there, not region parameters."""
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False))
+
+
+def _run_for(trainer, config: HFTConfig, share: bool) -> HFTRun:
+    """The run for ``trainer.model``: the one its set-up started (LLaMA-Factory's model loader
+    applies HFT before the trainer exists), so HFT is applied once, or a new one."""
+    partial = "mask" if _shards(trainer) else "auto"
+    run = HFTRun.of(trainer.model)
+    if run is not None and not run.claimed and run.handle is not None and not run.handle.removed \
+            and run.requested == config:
+        run.share_reference = share
+        run.use_partial(partial)
+        return run
+    return HFTRun(trainer.model, config, partial=partial, share_reference=share).start()
 
 
 def disable_hft(trainer) -> bool:
