@@ -128,8 +128,6 @@ class HFTRun:
             logger.warning("hft_plugin: the model's set-up applied HFT with region parameters, but the trainer shards "
                            "gradients (DeepSpeed or FSDP): applied again with the gradient mask.")
             self.apply(self.selection)
-        elif self.handle is not None:
-            self.handle.partial = partial
 
     def follow(self, model) -> None:
         """Before a training run starts: keep the selection applied to the model that trains."""
