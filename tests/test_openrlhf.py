@@ -188,7 +188,8 @@ class TestOpenRLHFContract(AdapterContract):
     adapter_class = OpenRLHFAdapter
     trigger = "openrlhf.utils.deepspeed.deepspeed"
     targets = tuple(("openrlhf.utils.deepspeed.deepspeed", path) for path in (
-        "DeepspeedStrategy._ds_init_train_model", "DeepspeedStrategy.save_model", "DeepspeedStrategy.save_ckpt"))
+        "DeepspeedStrategy._ds_init_train_model", "DeepspeedStrategy.save_model", "DeepspeedStrategy.save_ckpt",
+        "DeepspeedStrategy.load_ckpt"))
     prelude = FLASH_ATTN_STUB
 
     def prepare(self):

@@ -247,14 +247,14 @@ def test_the_variable_is_the_first_error_even_when_an_adapter_failed():
 def test_a_resumed_train_reads_the_checkpoints_manifest_once(tmp_path, monkeypatch, zero_code):
     # enable_hft's wrapper, the class-level patch of zero-code activation and the prepare step all
     # reach the resume check: one train() call reads the checkpoint's manifest once
-    from hft_plugin.adapters import transformers as adapter_module
+    from hft_plugin import run as run_module
     from hft_plugin.checkpoints import check_checkpoint
 
     first = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     enable_hft(first, round=1)
     first.train()
     reads = []
-    monkeypatch.setattr(adapter_module, "check_checkpoint",
+    monkeypatch.setattr(run_module, "check_checkpoint",
                         lambda *a, **k: reads.append(a[0]) or check_checkpoint(*a, **k))
     adapter = TransformersAdapter(round=1) if zero_code else None
     if adapter is not None:

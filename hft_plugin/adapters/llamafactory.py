@@ -12,9 +12,10 @@ value head is added after this step and trains in full.
 ``finetuning_type`` must be ``full``: HFT with ``lora``, ``oft`` or ``freeze`` is an error, raised
 when the trainable model is set up (before any training), since HFT chooses the trained half itself.
 
-The optimizer side (checking the optimizer against the trainable half, ``hft_selection.json`` in
-the output and in every checkpoint) is the transformers adapter's work for the Trainer-based
-stages; the PPO stage builds its optimizer itself, so ``CustomPPOTrainer.create_optimizer`` is
+This set-up starts the model's :class:`~hft_plugin.run.HFTRun`; for the Trainer-based stages the
+transformers adapter finds that run when the stage's Trainer starts (HFT is applied once) and does
+the optimizer side (checking the optimizer against the trainable half, ``hft_selection.json`` in
+the output and in every checkpoint); the PPO stage builds its optimizer itself, so ``CustomPPOTrainer.create_optimizer`` is
 wrapped here to attach it to the handle (which checks it, and masks tensors of the mask mechanism).
 
 Configure HFT through the ``HFT_*`` variables (LLaMA-Factory rejects unknown YAML keys).
@@ -39,6 +40,22 @@ logger = logging.getLogger("hft_plugin")
 ADAPTER_MODULE = "llamafactory.model.adapter"
 PPO_TRAINER_MODULE = "llamafactory.train.ppo.trainer"
 OTHER_TUNING = ("_setup_freeze_tuning", "_setup_lora_tuning")
+
+
+def _trainer_shards_gradients() -> bool:
+    """Whether the Trainer that will train this model keeps gradients in flat partitions or shards
+    (DeepSpeed ZeRO, FSDP). LLaMA-Factory parses its TrainingArguments before it loads the model,
+    and their DeepSpeed config is then registered with transformers; a launcher (accelerate)
+    announces DeepSpeed or FSDP by its variables. An FSDP set-up only the Trainer learns of is met
+    there: the run is applied again with the gradient mask (a warning says so)."""
+    import os
+    import sys
+
+    deepspeed = sys.modules.get("transformers.integrations.deepspeed")  # imported by the arguments that use it
+    if deepspeed is not None and deepspeed.deepspeed_config() is not None:
+        return True
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+               for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
 
 
 def _bind_setup(model, finetuning_args, is_trainable, cast_trainable_params_to_fp32, *rest, **kwargs):
@@ -86,7 +103,7 @@ class LlamaFactoryAdapter(Adapter):
         model, finetuning_args, is_trainable, cast = _bind_setup(*args, **kwargs)
         if not is_trainable:
             return wrapped(*args, **kwargs)
-        from ..freeze import apply_selection
+        from ..run import HFTRun
         from ..selection import select_half
 
         config = self.resolve_config()  # a bad HFT_* value fails here, before the model changes
@@ -94,18 +111,18 @@ class LlamaFactoryAdapter(Adapter):
         # LLaMA-Factory's own step (freezes the modules it forbids, e.g. a frozen vision tower),
         # without its upcast: that would turn the frozen half into fp32 as well.
         wrapped(model, finetuning_args, is_trainable, False)
-        handle = apply_selection(model, selection)
+        # The stage's Trainer finds this run (the transformers adapter) rather than applying again;
+        # the mechanism is the one that Trainer will need, so the model is frozen once.
+        run = HFTRun(model, config, selection, partial="mask" if _trainer_shards_gradients() else "auto").start()
+        handle = run.handle
         self.handles.append(handle)
         if cast:
             import torch
 
             # trainable tensors, and partly trained ones whole with their regions (which share their storage)
             handle.cast_trainable_(torch.float32)
-        from ..report import train_start_summary
-
         logger.warning("hft_plugin: LLaMA-Factory %s stage, round %d, trains with Half Fine-Tuning\n%s",
-                       getattr(finetuning_args, "stage", "?"), selection.config.round,
-                       train_start_summary(selection, handle))
+                       getattr(finetuning_args, "stage", "?"), selection.config.round, run.summary())
         return None
 
     def _refuse_other_tuning(self, wrapped, instance, args, kwargs):

@@ -7,8 +7,11 @@ Since v0.10.2 OpenRLHF has no ``create_optimizer``: every trained model goes thr
 ``DeepspeedStrategy._ds_init_train_model(model, cfg)``, which collects the parameters with
 ``requires_grad`` and lets DeepSpeed build the optimizer from its config. That method is wrapped:
 the half is chosen and frozen before it runs. Reference, reward and EMA models go through
-``_ds_init_eval_model`` and are never touched. ``save_model`` and ``save_ckpt`` are wrapped to
-write ``hft_selection.json`` beside the weights (rank 0).
+``_ds_init_eval_model`` and are never touched. Each trained model gets its
+:class:`~hft_plugin.run.HFTRun`: the ranks compare their selections before DeepSpeed starts;
+``save_model`` and ``save_ckpt`` are wrapped to write ``hft_selection.json`` beside the weights
+(rank 0), and ``load_ckpt`` to refuse a checkpoint of another model, round or half before its
+weights are loaded.
 
 DeepSpeed owns the gradients here (flat ZeRO buffers), so a per-element mask cannot be applied:
 a selection that trains part of a fused tensor (qkv_proj, gate_up_proj, ...) is refused before
@@ -32,7 +35,8 @@ from .base import Adapter, patch, unpatch
 logger = logging.getLogger("hft_plugin")
 
 STRATEGY_MODULE = "openrlhf.utils.deepspeed.deepspeed"
-PATCHED = ("DeepspeedStrategy._ds_init_train_model", "DeepspeedStrategy.save_model", "DeepspeedStrategy.save_ckpt")
+PATCHED = ("DeepspeedStrategy._ds_init_train_model", "DeepspeedStrategy.save_model", "DeepspeedStrategy.save_ckpt",
+           "DeepspeedStrategy.load_ckpt")
 
 
 def _inner_model(model):
@@ -60,13 +64,14 @@ class OpenRLHFAdapter(Adapter):
         patch(STRATEGY_MODULE, PATCHED[0], self._init_train_model)
         patch(STRATEGY_MODULE, PATCHED[1], self._save)
         patch(STRATEGY_MODULE, PATCHED[2], self._save)
+        patch(STRATEGY_MODULE, PATCHED[3], self._load_ckpt)
 
     def _uninstrument(self) -> None:
         for path in PATCHED:
             unpatch(STRATEGY_MODULE, path)
 
     def _init_train_model(self, wrapped, instance, args, kwargs):
-        from ..freeze import apply_selection
+        from ..run import HFTRun
         from ..selection import select_half
 
         model = args[0] if args else kwargs["model"]
@@ -80,24 +85,23 @@ class OpenRLHFAdapter(Adapter):
                 "DeepSpeed's flat gradient buffers cannot mask in OpenRLHF. Set HFT_STRATEGY=layer "
                 "(whole tensors only) for this model."
             )
-        handle = apply_selection(inner, selection)
-        self.handles.append(handle)
+        run = HFTRun(inner, config, selection)
+        run.check_ranks_agree()  # every rank prepares its trained models in the same order: collective here
+        run.start()
+        self.handles.append(run.handle)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException:
-            handle.remove()  # nothing is lost: the model's flags are as they were
-            self.handles.remove(handle)
+            run.stop()  # nothing is lost: the model's flags are as they were
+            self.handles.remove(run.handle)
             raise
+        run.claimed = True
         if getattr(instance, "is_rank_0", lambda: True)():
-            from ..report import train_start_summary
-
             logger.warning("hft_plugin: OpenRLHF %s, round %d, trains with Half Fine-Tuning\n%s", type(model).__name__,
-                           selection.config.round, train_start_summary(selection, handle))
+                           selection.config.round, run.summary())
         return result
 
     def _save(self, wrapped, instance, args, kwargs):
-        from ..freeze import active_handle
-
         result = wrapped(*args, **kwargs)
         # save_model(model, tokenizer, output_dir, ...); save_ckpt(model, save_dir, ...)
         model = args[0] if args else kwargs.get("model")
@@ -107,11 +111,34 @@ class OpenRLHFAdapter(Adapter):
             directory = args[1] if len(args) > 1 else kwargs.get("save_dir")
         if model is None or directory is None or not getattr(instance, "is_rank_0", lambda: True)():
             return result
-        handle = None
-        for module in model.modules():
-            handle = active_handle(module)
+        run = _run_of(model)
+        if run is not None:
+            run.save_manifest(directory)
+        else:  # a selection applied by hand (apply_selection), with no run
+            from ..freeze import active_handle
+
+            handle = next((h for h in map(active_handle, model.modules()) if h is not None), None)
             if handle is not None:
-                break
-        if handle is not None:
-            handle.selection.save(directory)
+                handle.selection.save(directory)
         return result
+
+    def _load_ckpt(self, wrapped, instance, args, kwargs):
+        # load_ckpt(model, load_dir, ...): DeepSpeed built the optimizer for this run's half before
+        # this, so a checkpoint of another half is refused, not switched to
+        model = args[0] if args else kwargs.get("model")
+        directory = args[1] if len(args) > 1 else kwargs.get("load_dir")
+        run = _run_of(model) if model is not None else None
+        if run is not None and directory is not None:
+            run.check_resume(directory, optimizer_exists=True)
+        return wrapped(*args, **kwargs)
+
+
+def _run_of(model):
+    """The run of the model inside ``model`` (a DeepSpeed engine, an Actor, or the model itself)."""
+    from ..run import HFTRun
+
+    for module in model.modules():
+        run = HFTRun.of(module)
+        if run is not None and run.handle is not None and not run.handle.removed:
+            return run
+    return None

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import IntegrationError
-from ..masking import frozen_boxes
+from .errors import IntegrationError
+from .masking import frozen_boxes
 
 # Optimizers under which a zero gradient with zero state moves nothing (when weight decay is 0),
 # by the class names DeepSpeed builds from a config "optimizer" block.
