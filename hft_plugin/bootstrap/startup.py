@@ -15,7 +15,8 @@ Failure policy. A process that never trains must never be broken: any exception 
 a post-import hook, becomes one warning. A process that does train with ``HFT_ENABLE=1`` must not
 silently fine-tune everything: if an adapter of a framework in use could not be instrumented,
 :func:`activate` arms a guard that raises :class:`~hft_plugin.IntegrationError` when an optimizer is
-built (the moment training would start without HFT). A malformed variable (``HFT_ENABLE=ture``,
+built (the moment training would start without HFT) over any trainable tensor of a model without HFT
+applied; an optimizer of a model with HFT applied passes. A malformed variable (``HFT_ENABLE=ture``,
 ``HFT_ROUND=1_0``) is one warning at import and, when training starts, its own
 :class:`~hft_plugin.ConfigError`: raised by the adapter before the model changes, or by the guard
 before any IntegrationError, so the first error a user sees is the one to fix.
