@@ -72,10 +72,17 @@ def plugin_state() -> dict:
     return state
 
 
+_UNTOUCHED = {"start-up hook": (False, False, [], [], 0, None)}  # a module's state before anything used it
+
+
 def _differences(before: dict, after: dict) -> list[str]:
-    return [f"{what}: before {before.get(what)!r}, after {after.get(what)!r}"
-            for what in sorted(set(before) | set(after)) if before.get(what, []) != after.get(what, [])
-            and not (before.get(what) is None and not after.get(what))]
+    differences = []
+    for what in sorted(set(before) | set(after)):
+        untouched = _UNTOUCHED.get(what, [])
+        was, now = before.get(what, untouched), after.get(what, untouched)
+        if was != now:
+            differences.append(f"{what}: before {was!r}, after {now!r}")
+    return differences
 
 
 def pytest_configure(config):
