@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 import sys
 
+from . import switches
 from .bootstrap import env, startup
 
 if not os.environ.get(env.HFT_ENABLE, "").strip():
     os.environ[env.HFT_ENABLE] = "1"
-if os.environ[env.HFT_ENABLE].strip().lower() in ("0", "false", "no", "off"):
+    startup._state["set_enable"] = "1"  # ours to take back: startup.deactivate() unsets it
+if switches.read(os.environ[env.HFT_ENABLE]) is False:
     sys.stderr.write("hft_plugin: `import hft_plugin.auto` ignored because HFT_ENABLE is set to off.\n")
 else:
     startup.activate()

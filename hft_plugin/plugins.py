@@ -12,7 +12,7 @@ import os
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, switches
 
 logger = logging.getLogger("hft_plugin")
 
@@ -34,10 +34,16 @@ def get_manager() -> pluggy.PluginManager:
         # Among trylast implementations the first registered runs last: named rules before the generic reader.
         for plugin in (builtin_layouts.NamedLayouts(), builtin_layouts.GenericLayout(), builtin_strategies):
             manager.register(plugin)
-        # documented with the other variables in bootstrap/env.py (not imported: no upward import)
-        if os.environ.get("HFT_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("1", "true", "yes"):
+        if not autoload_disabled():
             _load_entry_points()
     return manager
+
+
+def autoload_disabled(environ=None) -> bool:
+    """Whether ``HFT_DISABLE_PLUGIN_AUTOLOAD`` is on (an on word of :mod:`hft_plugin.switches`).
+    Documented with the other variables in bootstrap/env.py, not read through it: no upward import."""
+    environ = os.environ if environ is None else environ
+    return switches.read(environ.get("HFT_DISABLE_PLUGIN_AUTOLOAD", "")) is True
 
 
 def _load_entry_points() -> None:

@@ -97,18 +97,25 @@ class AxolotlAdapter(Adapter):
 
     name = "axolotl"
     instruments = ("axolotl >= 0.19, < 0.20",)
-    _registered = False  # whether this instance added the plugin (and so removes it)
-
     def _instrument(self, **options: Any) -> None:
+        # Every active instance holds the registration and the last to go removes it (if this module
+        # made it), so one uninstrument() cannot take the plugin away from another instance.
         plugins = _manager().plugins
-        if PLUGIN_KEY in plugins:  # another adapter instance registered it
-            logger.warning("hft_plugin: the HFT plugin is already registered with Axolotl.")
-            self._registered = False
-            return
-        plugins[PLUGIN_KEY] = plugin_class()()
-        self._registered = True
+        if not _REGISTRATION["holders"]:
+            _REGISTRATION["ours"] = PLUGIN_KEY not in plugins
+            if _REGISTRATION["ours"]:
+                plugins[PLUGIN_KEY] = plugin_class()()
+            else:
+                logger.warning("hft_plugin: the HFT plugin is already registered with Axolotl.")
+        _REGISTRATION["holders"].append(self)
 
     def _uninstrument(self) -> None:
-        if self._registered:
+        holders = _REGISTRATION["holders"]
+        if self in holders:
+            holders.remove(self)
+        if not holders and _REGISTRATION["ours"]:
             _manager().plugins.pop(PLUGIN_KEY, None)
-            self._registered = False
+            _REGISTRATION["ours"] = False
+
+
+_REGISTRATION: dict[str, Any] = {"holders": [], "ours": False}  # the instances holding it; whether we added it

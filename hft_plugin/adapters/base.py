@@ -15,14 +15,22 @@ An adapter is a small class::
 ``instrument()`` checks the installed versions, patches once (a second call warns and returns) and
 ``uninstrument()`` undoes it (a second call is harmless). Patches are wrapt proxies carrying a
 marker, so a patch is never applied twice, even by two adapter instances.
+
+Each patch records its owners: two adapters of one class (two ``TransformersAdapter`` s, say) share
+one proxy, and it is removed only when the last of them lets go, so one ``uninstrument()`` cannot
+switch off another's patch. A ``patch``/``unpatch`` called inside ``instrument()``/``uninstrument()``
+belongs to that adapter without naming it; elsewhere pass ``owner=``. While several own a patch,
+the wrapper in force is that of the earliest owner still holding it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import importlib.metadata
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import wrapt
 from packaging.requirements import Requirement
@@ -33,6 +41,16 @@ logger = logging.getLogger("hft_plugin")
 
 # wrapt proxies keep attributes named _self_* on the proxy itself (others go to the wrapped object).
 MARKER = "_self_hft_patched"
+OWNERS = "_self_hft_owners"  # [(owner, wrapper)], earliest first
+
+# Who holds a patch made with no owner named: the adapter whose instrument()/uninstrument() runs, so a
+# third party's adapter gets ownership without changing its calls; outside one, every such call
+# shares this one anonymous owner (the behaviour before owners existed).
+ANONYMOUS = "anonymous"
+_CURRENT_OWNER: contextvars.ContextVar[Any] = contextvars.ContextVar("hft_patch_owner", default=ANONYMOUS)
+
+# Every place patched now: (object, attribute) by id, for leak checks (see live_patches()).
+_PATCHED: dict[tuple[int, str], tuple[Any, str]] = {}
 
 
 class IncompatibleVersionError(IntegrationError):
@@ -70,31 +88,85 @@ def is_patched(module: str | Any, path: str) -> bool:
     return getattr(owner.__dict__.get(attribute, getattr(owner, attribute, None)), MARKER, False)
 
 
-def patch(module: str | Any, path: str, wrapper: Callable) -> bool:
-    """Wrap ``module.path`` (e.g. ``"Trainer._prepare_for_training"``) with a wrapt ``wrapper``.
+def patch(module: str | Any, path: str, wrapper: Callable, owner: Any = None) -> bool:
+    """Wrap ``module.path`` (e.g. ``"Trainer._prepare_for_training"``) with a wrapt ``wrapper``,
+    held by ``owner`` (default: the adapter being instrumented, else the anonymous owner).
 
-    Returns False, changing nothing, if it is already patched.
+    Returns False if it was already patched: then nothing changes but that ``owner`` is added to
+    the patch's owners (once), so the patch outlives the owner that made it.
     """
-    if is_patched(module, path):
+    owner = _owner(owner)
+    target, attribute = _resolve(module, path)
+    current = target.__dict__.get(attribute, getattr(target, attribute, None))
+    if getattr(current, MARKER, False):
+        owners = getattr(current, OWNERS, None)
+        if owners is not None and not any(held is owner for held, _ in owners):
+            owners.append((owner, wrapper))
         return False
-    owner, attribute = _resolve(module, path)
-    wrapt.wrap_function_wrapper(owner, attribute, wrapper)
-    proxy = owner.__dict__.get(attribute, getattr(owner, attribute))
+    owners = [(owner, wrapper)]
+
+    def dispatch(wrapped, instance, args, kwargs):
+        return owners[0][1](wrapped, instance, args, kwargs)
+
+    wrapt.wrap_function_wrapper(target, attribute, dispatch)
+    proxy = target.__dict__.get(attribute, getattr(target, attribute))
     setattr(proxy, MARKER, True)
+    setattr(proxy, OWNERS, owners)
+    _PATCHED[(id(target), attribute)] = (target, attribute)
     return True
 
 
-def unpatch(module: str | Any, path: str) -> bool:
-    """Undo :func:`patch`. Only a real patch of ours is unwrapped; a second call is harmless."""
+def unpatch(module: str | Any, path: str, owner: Any = None) -> bool:
+    """Let go of ``owner``'s hold on a :func:`patch` (default owner as there). The patch is
+    unwrapped when its last owner lets go: returns True then, else False (other owners hold it, or
+    ``owner`` held none: a second call is harmless). Only a real patch of ours is unwrapped."""
+    owner = _owner(owner)
     try:
-        owner, attribute = _resolve(module, path)
+        target, attribute = _resolve(module, path)
     except (ImportError, AttributeError):
         return False
-    current = owner.__dict__.get(attribute)
-    if getattr(current, MARKER, False) and hasattr(current, "__wrapped__"):
-        setattr(owner, attribute, current.__wrapped__)
-        return True
-    return False
+    current = target.__dict__.get(attribute)
+    if not (getattr(current, MARKER, False) and hasattr(current, "__wrapped__")):
+        return False
+    owners = getattr(current, OWNERS, [])
+    remaining = [(held, wrapper) for held, wrapper in owners if held is not owner]
+    if len(remaining) == len(owners):
+        return False
+    owners[:] = remaining  # dispatch() reads this list: the next owner's wrapper is in force at once
+    if owners:
+        return False
+    setattr(target, attribute, current.__wrapped__)
+    _PATCHED.pop((id(target), attribute), None)
+    return True
+
+
+def live_patches() -> list[tuple[str, int]]:
+    """Each place patched now, as ("module.Class.attribute", number of owners): what a leak check
+    compares before and after a test."""
+    live = []
+    for key, (target, attribute) in list(_PATCHED.items()):
+        current = target.__dict__.get(attribute)
+        if not getattr(current, MARKER, False):  # put back by someone else (a test's monkeypatch)
+            del _PATCHED[key]
+            continue
+        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+        module = getattr(target, "__module__", None)
+        live.append((f"{module}.{name}.{attribute}" if module else f"{name}.{attribute}",
+                     len(getattr(current, OWNERS, ()))))
+    return sorted(live)
+
+
+def _owner(owner: Any) -> Any:
+    return _CURRENT_OWNER.get() if owner is None else owner
+
+
+@contextlib.contextmanager
+def _owning(owner: Any) -> Iterator[None]:
+    token = _CURRENT_OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _CURRENT_OWNER.reset(token)
 
 
 class Adapter:
@@ -135,7 +207,8 @@ class Adapter:
                 raise
             logger.warning("hft_plugin: %s adapter not activated: %s", self.name, exc)
             return False
-        self._instrument(**options)
+        with _owning(self):
+            self._instrument(**options)
         self.instrumented = True
         return True
 
@@ -143,7 +216,8 @@ class Adapter:
         """Undo ``instrument``. A second call is harmless."""
         if not self.instrumented:
             return
-        self._uninstrument()
+        with _owning(self):
+            self._uninstrument()
         self.instrumented = False
 
     def _instrument(self, **options: Any) -> None:

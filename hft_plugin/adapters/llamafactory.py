@@ -93,10 +93,11 @@ class LlamaFactoryAdapter(Adapter):
         if hooks and self._patch_ppo in hooks:
             hooks.remove(self._patch_ppo)
         if PPO_TRAINER_MODULE in sys.modules:
-            unpatch(sys.modules[PPO_TRAINER_MODULE], "CustomPPOTrainer.create_optimizer")
+            unpatch(sys.modules[PPO_TRAINER_MODULE], "CustomPPOTrainer.create_optimizer", owner=self)
 
     def _patch_ppo(self, module) -> None:
-        patch(module, "CustomPPOTrainer.create_optimizer", self._ppo_create_optimizer)
+        # named: an import hook runs outside instrument(), where the owner would go without saying
+        patch(module, "CustomPPOTrainer.create_optimizer", self._ppo_create_optimizer, owner=self)
 
     # -- the wrappers ----------------------------------------------------------------------------------
     def _setup_full_tuning(self, wrapped, instance, args, kwargs):

@@ -13,7 +13,8 @@ from .trainer_support import build_config, resolve_checkpoint, trainer_class
 from .transformers import _OPTED_OUT, _SESSIONS, _Session, enable_hft
 
 class _AutoState:
-    adapter: "TransformersAdapter | None" = None  # the instrumented adapter, if any
+    adapter: "TransformersAdapter | None" = None  # the newest instrumented adapter still active, if any
+    adapters: "list[TransformersAdapter]" = []  # every active one, oldest first: the next in line
 
 
 def _auto_config() -> HFTConfig | None:
@@ -142,10 +143,13 @@ class TransformersAdapter(Adapter):
                 "supports transformers >= 5.3."
             )
         for path, wrapper in self._TARGETS:
-            patch("transformers.trainer", path, wrapper)
+            patch("transformers.trainer", path, wrapper, owner=self)
+        _AutoState.adapters.append(self)
         _AutoState.adapter = self
 
     def _uninstrument(self) -> None:
         for path, _ in self._TARGETS:
-            unpatch("transformers.trainer", path)
-        _AutoState.adapter = None
+            unpatch("transformers.trainer", path, owner=self)
+        if self in _AutoState.adapters:
+            _AutoState.adapters.remove(self)
+        _AutoState.adapter = _AutoState.adapters[-1] if _AutoState.adapters else None

@@ -11,6 +11,10 @@ variable, when HFT is about to be applied (never at interpreter start-up).
     >>> env.is_enabled({"HFT_ENABLE": "0"})
     False
 
+The variables are read as one snapshot (:func:`snapshot`), taken again only when an ``HFT_*``
+variable has changed, so the adapters, the start-up hook and the guard judge the same values. The true/false words are those
+of :mod:`hft_plugin.switches`, the same in every place.
+
 This module imports nothing but the standard library (``yaml`` only when ``HFT_CONFIG`` is a
 YAML file, the plugins only to check a strategy that is not built in), so the start-up hook can
 use it for free.
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+from .. import switches
 
 HFT_ENABLE = "HFT_ENABLE"
 """``1``/``true``/``yes``/``on`` switches HFT on in every process that inherits it; ``0``/``false``/
@@ -67,7 +73,7 @@ holding its own copy of them: a boolean. Default 1. An integration option, not a
 it changes no weight and goes into no manifest."""
 
 HFT_DISABLE_PLUGIN_AUTOLOAD = "HFT_DISABLE_PLUGIN_AUTOLOAD"
-"""``1``/``true``/``yes`` skips the third-party plugins that ``hft_plugin`` entry points name (see
+"""``1``/``true``/``yes``/``on`` skips the third-party plugins that ``hft_plugin`` entry points name (see
 :mod:`hft_plugin.plugins`); the built-in layouts and strategies stay."""
 HFT_WATCH_FORGETTING = "HFT_WATCH_FORGETTING"
 """Watch forgetting while training (:func:`hft_plugin.watch_forgetting`): a boolean. With ``HFT_ENABLE``
@@ -122,12 +128,47 @@ TOOLING_VARIABLES = frozenset({
 the name check accepts them, so a CI run that exports one and trains with ``HFT_ENABLE=1`` is no
 typo."""
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_BOOLEANS = f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}"
+_TRUE, _FALSE, _BOOLEANS = switches.ON, switches.OFF, switches.WORDS
 _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 BUILTIN_STRATEGIES = ("category", "layer", "model", "shielded")
+
+
+class Settings(Mapping[str, str]):
+    """The ``HFT_*`` variables (any case) at one moment, read-only: every reader of this module
+    takes one where it takes an environment, so all of them judge the same values."""
+
+    def __init__(self, items: tuple[tuple[str, str], ...]) -> None:
+        self.items_key = items
+        self._values = dict(items)
+
+    def __getitem__(self, name: str) -> str:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+_LAST: list[Settings] = []  # the newest snapshot, reused while the HFT_* variables stay the same
+
+
+def snapshot(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of ``environ`` (default ``os.environ``): the same object as long as its
+    ``HFT_*`` variables are unchanged, so they are read once per change of them.
+
+        >>> snapshot({"HFT_ROUND": "1", "PATH": "/bin"}) is snapshot({"HFT_ROUND": "1"})
+        True
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(environ, Settings):
+        return environ
+    items = tuple(sorted((name, value) for name, value in environ.items() if name[:4].upper() == "HFT_"))
+    if not _LAST or _LAST[0].items_key != items:
+        _LAST[:] = [Settings(items)]
+    return _LAST[0]
 
 
 def _error(message: str) -> Exception:
@@ -139,12 +180,10 @@ def _error(message: str) -> Exception:
 def parse_bool(variable: str, text: str) -> bool:
     """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False (any case, spaces around ignored);
     anything else, the empty string included, raises ConfigError naming ``variable``."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    what = "is empty" if not value else "is not a boolean"
+    value = switches.read(text)
+    if value is not None:
+        return value
+    what = "is empty" if not text.strip() else "is not a boolean"
     raise _error(f"{variable}={text!r} {what}; accepted values: {_BOOLEANS} (any case), or unset it for the default.")
 
 
@@ -247,11 +286,10 @@ PARSERS = {  # field -> parser(name to report, text); the name is the variable, 
 def is_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``HFT_ENABLE`` asks for HFT (unset or empty: no). Raises ConfigError on a value that
     is neither on nor off, naming the variable and the accepted values."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     text = environ.get(HFT_ENABLE, "")
-    value = text.strip().lower()
-    if value in _TRUE or value in _FALSE or not value:
-        return value in _TRUE
+    if not text.strip() or switches.read(text) is not None:
+        return switches.read(text) is True
     raise _error(f"{HFT_ENABLE}={text!r} is neither on nor off, so HFT is not applied and nothing trains; set it "
                  f"to {'/'.join(_TRUE)} to switch HFT on, or to {'/'.join(_FALSE)} (or unset it) to leave it off.")
 
@@ -259,21 +297,20 @@ def is_enabled(environ: Mapping[str, str] | None = None) -> bool:
 def switched_off(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``HFT_ENABLE`` is set to an explicit off value (``0``/``false``/``no``/``off``), as
     opposed to unset. Raises ConfigError on a malformed value."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     return bool(environ.get(HFT_ENABLE, "").strip()) and not is_enabled(environ)
 
 
 def maybe_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """The start-up hook's cheap test: anything but unset or an explicit off counts, so a typo such
     as ``HFT_ENABLE=ture`` arms the hooks and then fails loudly at training time."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     return environ.get(HFT_ENABLE, "").strip().lower() not in ("", *_FALSE)
 
 
 def disabled_adapters(environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """The adapter names listed in ``HFT_DISABLE_ADAPTERS``."""
-    environ = os.environ if environ is None else environ
-    names = environ.get(HFT_DISABLE_ADAPTERS, "")
+    names = snapshot(environ).get(HFT_DISABLE_ADAPTERS, "")
     return frozenset(n.strip().lower() for n in names.split(",") if n.strip())
 
 
@@ -284,7 +321,7 @@ def share_reference(environ: Mapping[str, str] | None = None) -> bool:
         >>> share_reference({}), share_reference({"HFT_SHARE_REFERENCE": "0"})
         (True, False)
     """
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     text = environ.get(HFT_SHARE_REFERENCE)
     return True if text is None else parse_bool(HFT_SHARE_REFERENCE, text)
 
@@ -292,7 +329,7 @@ def share_reference(environ: Mapping[str, str] | None = None) -> bool:
 def maybe_watching(environ: Mapping[str, str] | None = None) -> bool:
     """The start-up hook's cheap test for ``HFT_WATCH_FORGETTING``: anything but unset or an explicit
     off arms the hook (a malformed value then fails when training starts)."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     return environ.get(HFT_WATCH_FORGETTING, "").strip().lower() not in ("", *_FALSE)
 
 
@@ -315,7 +352,7 @@ def watch_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
         >>> watch_settings({}) is None
         True
     """
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     text = environ.get(HFT_WATCH_FORGETTING)
     if text is None or not text.strip() or not parse_bool(HFT_WATCH_FORGETTING, text):
         if environ.get(HFT_MAX_KL, "").strip():
@@ -342,7 +379,7 @@ def replay_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] 
         >>> replay_settings({"HFT_REPLAY": "a.jsonl,b.jsonl"})["source"]
         ['a.jsonl', 'b.jsonl']
     """
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     text = environ.get(HFT_REPLAY, "").strip()
     ratio_text = environ.get(HFT_REPLAY_RATIO)
     ratio = 0.1
@@ -406,7 +443,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[st
     """
     import difflib
 
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     known = (*ALL_VARIABLES, *sorted(TOOLING_VARIABLES))
     # compared without the shared "HFT_" prefix, which would make every pair look alike
     stems = {name[4:]: name for name in known}
@@ -426,7 +463,7 @@ def check_names(environ: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError for an ``HFT_*`` name that looks like a misspelt variable of the plugin
     (``HFT_RATO``: did you mean ``HFT_RATIO``?), since training would silently use the default in
     its place; warn once about one that resembles none (another tool's ``HFT_API_KEY``)."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     unknown = unknown_variables(environ)
     typos = [(name, guess) for name, guess in unknown if guess is not None]
     if typos:
@@ -449,7 +486,7 @@ def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     over it), validated one variable at a time so an error names its source. ``HFT_ENABLE`` is
     checked too: a malformed switch is an error here, never a silent "on"; and so are the names
     (:func:`check_names`): a misspelt variable is an error here, never a silent default."""
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     is_enabled(environ)
     check_names(environ)
     values: dict[str, Any] = {}
@@ -473,7 +510,7 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Any):
     """
     from ..config import HFTConfig
 
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     values = config_values(environ)
     path = environ.get(HFT_CONFIG, "").strip()
     try:
@@ -498,7 +535,7 @@ def training_config(environ: Mapping[str, str] | None = None):
         >>> training_config({"HFT_ENABLE": "1", "HFT_ROUND": "next"}).round
         'next'
     """
-    environ = os.environ if environ is None else environ
+    environ = snapshot(environ)
     if switched_off(environ):
         import logging
 

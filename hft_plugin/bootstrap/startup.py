@@ -15,7 +15,8 @@ Failure policy. A process that never trains must never be broken: any exception 
 a post-import hook, becomes one warning. A process that does train with ``HFT_ENABLE=1`` must not
 silently fine-tune everything: if an adapter of a framework in use could not be instrumented,
 :func:`activate` arms a guard that raises :class:`~hft_plugin.IntegrationError` when an optimizer is
-built (the moment training would start without HFT). A malformed variable (``HFT_ENABLE=ture``,
+built (the moment training would start without HFT) over any trainable tensor of a model without HFT
+applied; an optimizer of a model with HFT applied passes. A malformed variable (``HFT_ENABLE=ture``,
 ``HFT_ROUND=1_0``) is one warning at import and, when training starts, its own
 :class:`~hft_plugin.ConfigError`: raised by the adapter before the model changes, or by the guard
 before any IntegrationError, so the first error a user sees is the one to fix.
@@ -54,7 +55,8 @@ ADAPTERS: dict[str, tuple[str, str]] = {
 PTH_NAME = "hft-plugin.pth"
 
 _state: dict = {"active": False, "hooks": [], "instances": {}, "failures": {}, "guard": False, "config_error": None,
-               "excepthook": None, "watch_only": False}
+               "excepthook": None, "watch_only": False, "set_enable": None}
+# set_enable: the HFT_ENABLE value ``import hft_plugin.auto`` wrote into os.environ, for deactivate() to take back
 
 STOPPED = "hft_plugin: stopped before training"
 """How the line that ends a worker stopped by a configuration error starts; a launcher process
@@ -214,6 +216,11 @@ def _try_instrument(name: str) -> str | None:
     return None
 
 
+GUARD_OWNER = "hft_plugin start-up optimizer guard"
+"""The guard's owner of its patch on ``torch.optim.Optimizer.__init__``: named, since its import hook
+may fire inside an adapter's ``instrument()``, which would otherwise own it."""
+
+
 def _arm_guard() -> None:
     if _state["guard"]:
         return
@@ -223,7 +230,7 @@ def _arm_guard() -> None:
         try:
             from ..adapters.base import patch
 
-            patch(torch_optim, "Optimizer.__init__", _refuse_optimizer)
+            patch(torch_optim, "Optimizer.__init__", _refuse_optimizer, owner=GUARD_OWNER)
         except Exception as exc:  # noqa: BLE001
             _warn(f"could not arm the optimizer guard: {exc!r}")
 
@@ -232,9 +239,10 @@ def _arm_guard() -> None:
 
 
 def _refuse_optimizer(wrapped, instance, args, kwargs):
-    freeze = sys.modules.get("hft_plugin.freeze")
-    if freeze is not None and len(freeze._ACTIVE):
-        return wrapped(*args, **kwargs)  # an adapter did apply HFT to the model being trained
+    params, args, kwargs = _materialised(args, kwargs)
+    uncovered = _without_hft(params)
+    if not uncovered:
+        return wrapped(*args, **kwargs)  # every tensor it trains is of a model with HFT applied
     if _state["config_error"] is not None:
         # Read again: the program may have fixed the variables since. A malformed one is the error
         # to see first, before any about adapters (it is the one to fix).
@@ -246,11 +254,50 @@ def _refuse_optimizer(wrapped, instance, args, kwargs):
     from ..errors import IntegrationError
 
     failures = "; ".join(f"{name}: {why}" for name, why in _state["failures"].items())
+    shapes = ", ".join(str(tuple(p.shape)) for p in uncovered[:3])
     raise IntegrationError(
-        f"HFT_ENABLE is set but HFT could not be attached ({failures}), so this optimizer would "
-        "fine-tune every parameter. Install a supported version (see docs/activation.md), or set "
+        f"HFT_ENABLE is set but HFT could not be attached ({failures}), and this optimizer would train "
+        f"{len(uncovered)} tensors of no model with HFT applied (shapes {shapes}{', ...' if len(uncovered) > 3 else ''}), "
+        "every parameter of its model. Install a supported version (see docs/activation.md), or set "
         f"{env.HFT_DISABLE_ADAPTERS}=<name> to skip an adapter this run does not use, or unset HFT_ENABLE."
     )
+
+
+def _materialised(args: tuple, kwargs: dict) -> tuple[list, tuple, dict]:
+    """The tensors an ``Optimizer.__init__(params, defaults)`` call trains, and its arguments with
+    ``params`` read into a list: a generator (``model.parameters()``) can be read only once."""
+    given = args[0] if args else kwargs.get("params")
+    if given is None or hasattr(given, "shape"):  # a lone tensor: torch's own TypeError says what to pass
+        return [], args, kwargs
+    params = list(given)
+    if args:
+        args = (params, *args[1:])
+    else:
+        kwargs = {**kwargs, "params": params}
+    tensors = []
+    for item in params:
+        if isinstance(item, dict):  # a parameter group
+            group = item.get("params", [])
+            tensors.extend([group] if hasattr(group, "shape") else list(group))
+        elif isinstance(item, tuple) and len(item) == 2:  # (name, tensor), which torch also takes
+            tensors.append(item[1])
+        else:
+            tensors.append(item)
+    return tensors, args, kwargs
+
+
+def _without_hft(tensors: list) -> list:
+    """The trainable ``tensors`` that belong to no model with HFT applied now: the guard judges an
+    optimizer by the model it trains, so HFT on one model lets no optimizer of another through."""
+    freeze = sys.modules.get("hft_plugin.freeze")
+    covered: set[int] = set()
+    if freeze is not None:
+        for model, handle in list(freeze._ACTIVE.items()):
+            if handle.removed:
+                continue
+            covered.update(id(p) for p in model.parameters())
+            covered.update(id(p) for p in handle.parameters())  # the region parameters of partly trained tensors
+    return [t for t in tensors if getattr(t, "requires_grad", False) and id(t) not in covered]
 
 
 def status() -> dict:
@@ -266,7 +313,8 @@ def status() -> dict:
 
 def deactivate() -> None:
     """Undo :func:`activate` (tests and ``hft_plugin.auto`` users): uninstrument adapters and drop
-    hooks that have not fired, disarm the optimizer guard."""
+    hooks that have not fired, disarm the optimizer guard, put back the previous exception hook, and
+    unset ``HFT_ENABLE`` if ``import hft_plugin.auto`` set it (and nobody changed it since)."""
     import wrapt.importer as importer
 
     for module, hook in _state["hooks"]:
@@ -278,7 +326,7 @@ def deactivate() -> None:
     if _state["guard"] and "torch.optim" in sys.modules:
         from ..adapters.base import unpatch
 
-        unpatch(sys.modules["torch.optim"], "Optimizer.__init__")
+        unpatch(sys.modules["torch.optim"], "Optimizer.__init__", owner=GUARD_OWNER)
     hooks = importer._post_import_hooks.get("torch.optim")
     if hooks:
         hooks[:] = [h for h in hooks if getattr(h, "__name__", "") != "guard_hook"]
@@ -286,5 +334,7 @@ def deactivate() -> None:
         previous, ours = _state["excepthook"]
         if sys.excepthook is ours:  # another hook installed after ours stays, with ours inside it
             sys.excepthook = previous
+    if _state["set_enable"] is not None and os.environ.get(env.HFT_ENABLE) == _state["set_enable"]:
+        del os.environ[env.HFT_ENABLE]  # auto's switch, unchanged since: a process started later stays plain
     _state.update(active=False, hooks=[], instances={}, failures={}, guard=False, config_error=None,
-                  excepthook=None, watch_only=False)
+                  excepthook=None, watch_only=False, set_enable=None)
