@@ -587,13 +587,13 @@ def enable_replay(trainer, source: Any, *, ratio: float = core.DEFAULT_RATIO, se
         >>> print(replay.summary())  # doctest: +ELLIPSIS
         Replay: 25.0% of each training batch from a Dataset of 4 examples (4 examples after SFTTrainer's own ...
     """
-    from .transformers import _trainer_class
+    from .trainer_support import trainer_class
 
-    if not isinstance(trainer, _trainer_class()):
+    if not isinstance(trainer, trainer_class()):
         raise IntegrationError(f"enable_replay needs a transformers.Trainer (or a TRL trainer), got "
                                f"{type(trainer).__name__}.")
     ratio = core.check_ratio(ratio)
-    Trainer = _trainer_class()
+    Trainer = trainer_class()
     for method in ("get_train_dataloader",):
         if getattr(type(trainer), method) is not getattr(Trainer, method):
             raise ReplayUnsupportedError(
