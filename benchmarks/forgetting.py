@@ -1417,8 +1417,9 @@ def write_plot(path: str, result: dict) -> None:
         for p in pts:
             xerr = yerr = None
             if p["plasticity_ci"] is not None:
-                xerr = [[p["plasticity"] - p["plasticity_ci"][0]], [p["plasticity_ci"][1] - p["plasticity"]]]
-                yerr = [[p["probe_em"] - p["probe_em_ci"][0]], [p["probe_em_ci"][1] - p["probe_em"]]]
+                # max(0, ...): where every seed has one value the interval is that value, to float rounding
+                xerr = [[max(0.0, p["plasticity"] - p["plasticity_ci"][0])], [max(0.0, p["plasticity_ci"][1] - p["plasticity"])]]
+                yerr = [[max(0.0, p["probe_em"] - p["probe_em_ci"][0])], [max(0.0, p["probe_em_ci"][1] - p["probe_em"])]]
             ax.errorbar([p["plasticity"]], [p["probe_em"]], xerr=xerr, yerr=yerr, color=color, marker=marker,
                         markerfacecolor=color if p["on_frontier"] else "white", linestyle="none", capsize=2,
                         elinewidth=0.8, alpha=0.9)
