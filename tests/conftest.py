@@ -40,9 +40,12 @@ def _ours(hook) -> bool:
     return getattr(function, "__module__", "").startswith("hft_plugin")
 
 
-def plugin_state() -> dict:
+def plugin_state(live: bool = False) -> dict:
     """The package's global state now, by kind (only modules already imported are read: a test that
-    imports one starts from its empty state)."""
+    imports one starts from its empty state). ``live``: also the objects alive in the weak registries;
+    off in the autouse check, because a trainer (and so its handle) can outlive its test through
+    references other libraries hold until a later collection (TRL's DPOTrainer, a Trainer over a GGUF
+    model), which says nothing about what this package left behind."""
     import sys
 
     modules = sys.modules
@@ -65,10 +68,11 @@ def plugin_state() -> dict:
     axolotl = modules.get("hft_plugin.adapters.axolotl")
     if axolotl is not None and hasattr(axolotl, "_REGISTRATION"):
         state["Axolotl registration"] = [id(a) for a in axolotl._REGISTRATION["holders"]]
-    for module, attribute, what in _WEAK_REGISTRIES:
-        registry = getattr(modules.get(module), attribute, None)
-        if registry is not None:
-            state[what] = sorted((id(k), type(k).__name__) for k in list(registry.keys()))
+    if live:
+        for module, attribute, what in _WEAK_REGISTRIES:
+            registry = getattr(modules.get(module), attribute, None)
+            if registry is not None:
+                state[what] = sorted((id(k), type(k).__name__) for k in list(registry.keys()))
     return state
 
 

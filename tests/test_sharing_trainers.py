@@ -19,9 +19,6 @@ from hft_plugin.adapters.transformers import hft_session
 from hft_plugin.sharing import same_bits
 from hft_plugin.testing import assert_frozen_and_trained, tiny_model, tiny_tokenizer
 
-# TRL's DPOTrainer outlives its test until a later one replaces it (held outside this package), so its
-# handle is still alive at the leak check: the check cannot tell whose state that is here.
-pytestmark = pytest.mark.keeps_plugin_state("DPOTrainer objects outlive their test")
 
 COMMON = dict(per_device_train_batch_size=4, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
               use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0, weight_decay=0.1)
