@@ -961,15 +961,16 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
             "ci": ci(reps) if gap is not None else None, "ci_percentile": ci(reps, False) if gap is not None else None,
             "defined_share": share(reps),
         })
-    for m, found in est["mean_gap"].items():
-        reps = [None if b["mean_gap"][m] is None else b["mean_gap"][m][0] for b in boot]
+    def gap_summary(found, reps) -> dict:
+        """A mean gap (gap, range start, range end, or None) with its bootstrap replicates' intervals and verdict."""
         interval = ci(reps) if found is not None else None
-        result["mean_gaps"][m] = {
-            "gap": None if found is None else found[0], "range": None if found is None else [found[1], found[2]],
-            "ci": interval, "ci_percentile": ci(reps, False) if found is not None else None,
-            "defined_share": share(reps), "verdict": verdict(interval),
-        }
-        result["verdicts"][m] = verdict(interval)
+        return {"gap": None if found is None else found[0], "range": None if found is None else [found[1], found[2]],
+                "ci": interval, "ci_percentile": ci(reps, False) if found is not None else None,
+                "defined_share": share(reps), "verdict": verdict(interval)}
+
+    for m, found in est["mean_gap"].items():
+        result["mean_gaps"][m] = gap_summary(found, [None if b["mean_gap"][m] is None else b["mean_gap"][m][0] for b in boot])
+        result["verdicts"][m] = result["mean_gaps"][m]["verdict"]
         band = est["band"][m]
         columns = list(zip(*[b["band"][m] for b in boot])) if boot else [[] for _ in band]
         result["gap_band"][m] = {
@@ -979,13 +980,7 @@ def analyse(runs: list[dict], *, level: float = 0.95, resamples: int = 10000, rn
     result["comparisons"] = []
     for (m, other), found in est["vs"].items():
         reps = [None if b["vs"].get((m, other)) is None else b["vs"][(m, other)][0] for b in boot]
-        interval = ci(reps) if found is not None else None
-        result["comparisons"].append({
-            "method": m, "reference": other, "gap": None if found is None else found[0],
-            "range": None if found is None else [found[1], found[2]], "ci": interval,
-            "ci_percentile": ci(reps, False) if found is not None else None, "defined_share": share(reps),
-            "verdict": verdict(interval),
-        })
+        result["comparisons"].append({"method": m, "reference": other, **gap_summary(found, reps)})
     for (m, lr), (d_r, d_p) in est["equal_lr"].items():
         reps = [b["equal_lr"][(m, lr)] for b in boot]
         result["equal_lr"].append({
@@ -1184,6 +1179,13 @@ def _num(x, fmt: str = "+.3f") -> str:
     return "outside" if x is None else f"{x:{fmt}}"
 
 
+def _gap_cells(g: dict) -> str:
+    """A mean gap's table cells: range | gap | CI | percentile CI | defined | verdict."""
+    rng = "none" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"
+    defined = "n/a" if g["defined_share"] is None else f"{g['defined_share']:.2f}"
+    return f"{rng} | {_num(g['gap'])} | {_ci(g['ci'])} | {_ci(g['ci_percentile'])} | {defined} | {g['verdict']}"
+
+
 def verdict_sentence(method: str, found: dict, analysis: dict) -> str:
     """One line per strategy, produced from the numbers."""
     n = analysis["n_seeds"]
@@ -1288,10 +1290,7 @@ def write_markdown(path: str, result: dict) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for m, g in an["mean_gaps"].items():
-        rng = "none" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"
-        defined = "n/a" if g["defined_share"] is None else f"{g['defined_share']:.2f}"
-        lines.append(f"| {m} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | {_ci(g['ci_percentile'])} | {defined} | "
-                     f"{g['verdict']} |")
+        lines.append(f"| {m} | {_gap_cells(g)} |")
     if an.get("comparisons"):
         lines += [
             "", "## Against another method's frontier (secondary comparisons)", "",
@@ -1302,10 +1301,7 @@ def write_markdown(path: str, result: dict) -> None:
             "|---|---|---|---|---|---|---|---|",
         ]
         for g in an["comparisons"]:
-            rng = "none" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"
-            defined = "n/a" if g["defined_share"] is None else f"{g['defined_share']:.2f}"
-            lines.append(f"| {g['method']} | {g['reference']} | {rng} | {_num(g['gap'])} | {_ci(g['ci'])} | "
-                         f"{_ci(g['ci_percentile'])} | {defined} | {g['verdict']} |")
+            lines.append(f"| {g['method']} | {g['reference']} | {_gap_cells(g)} |")
     lines += [
         "", "## The first task after the last (S[2][0])", "",
         f"Mean over seeds with its {level}% interval: exact match on the first task's held-out examples after all tasks.",
