@@ -66,16 +66,39 @@ def test_without_the_adapter_nothing_is_refused():
     manager().post_trainer_create(DictDefault({**FULL, "adapter": "lora"}), trainer=None)
 
 
-def test_second_instance_does_not_register_again(adapter, caplog):
+def test_second_instance_shares_the_registration(adapter):
+    # Two adapters of one class (an explicit one beside the start-up hook's): one plugin, and it stays
+    # until the last of them lets go, so one uninstrument() cannot disarm the other.
     first = manager().plugins[PLUGIN_KEY]
     assert isinstance(first, BasePlugin)
     other = AxolotlAdapter()
-    with caplog.at_level("WARNING", logger="hft_plugin"):
-        assert other.instrument() is True
-    assert "already registered" in caplog.text
-    assert manager().plugins[PLUGIN_KEY] is first
-    other.uninstrument()  # not its plugin: stays
-    assert manager().plugins[PLUGIN_KEY] is first
+    assert other.instrument() is True
+    try:
+        assert manager().plugins[PLUGIN_KEY] is first
+        adapter.uninstrument()
+        assert manager().plugins[PLUGIN_KEY] is first  # `other` still holds it
+    finally:
+        other.uninstrument()
+    assert PLUGIN_KEY not in manager().plugins
+
+
+def test_a_plugin_registered_by_the_config_is_left_in_place(caplog):
+    # `plugins: [hft_plugin.adapters.axolotl.HFTPlugin]` in the YAML registers it before the adapter:
+    # the adapter warns, does not register a second one, and does not remove the user's.
+    from hft_plugin.adapters.axolotl import plugin_class
+
+    theirs = plugin_class()()
+    manager().plugins[PLUGIN_KEY] = theirs
+    try:
+        adapter = AxolotlAdapter()
+        with caplog.at_level("WARNING", logger="hft_plugin"):
+            assert adapter.instrument() is True
+        assert "already registered" in caplog.text
+        assert manager().plugins[PLUGIN_KEY] is theirs
+        adapter.uninstrument()
+        assert manager().plugins[PLUGIN_KEY] is theirs
+    finally:
+        manager().plugins.pop(PLUGIN_KEY, None)
 
 
 _ORDER_SCRIPT = """
