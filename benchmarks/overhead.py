@@ -19,7 +19,14 @@ Two measurements, both alternating the variants so that drift in machine load hi
 
 Weight decay is 0 so both variants keep frozen slices still by masking alone.
 
+With ``--before DIR`` the same measurement also runs against another checkout's ``hft_plugin`` (the
+package in ``DIR``), to compare two versions on one machine in one invocation: each family's pairs
+are split into blocks, and the blocks run in fresh interpreters, this checkout's and ``DIR``'s in
+turn (order swapped every block), each against its own by-hand twin; the table then gives both
+versions' ratios and the ratio of their medians.
+
     python benchmarks/overhead.py [--pairs 200] [--rounds 10] [--families llama phi3]
+    python benchmarks/overhead.py --before /tmp/hft-old --blocks 4
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +107,8 @@ def timed_step(trainer, batch) -> float:
 
 def summarise(ratios: list[float], a: list[float], b: list[float]) -> dict:
     return {"step_ms_enable_hft": 1000 * statistics.median(a), "step_ms_by_hand": 1000 * statistics.median(b),
-            "median_ratio": statistics.median(ratios), "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+            "median_ratio": statistics.median(ratios), "ratio_quartiles": statistics.quantiles(ratios, n=4),
+            "samples": {"ratios": ratios, "enable_hft_s": a, "by_hand_s": b}}
 
 
 def measure(family: str, pairs: int, rounds: int, steps: int, batch: int, length: int) -> dict:
@@ -148,6 +157,44 @@ def measure(family: str, pairs: int, rounds: int, steps: int, batch: int, length
                 "train_rounds": {"rounds": rounds, "steps_per_round": steps, **rounds_result}}
 
 
+def child_block(directory: str, family: str, args) -> dict:
+    """One block of paired steps in a fresh interpreter whose ``hft_plugin`` is the one in ``directory``."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--families", family, "--pairs",
+               str(args.pairs // args.blocks), "--rounds", "2", "--steps", str(args.steps), "--batch",
+               str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=directory).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare_versions(args) -> list[dict]:
+    """Per family: this checkout's and ``--before``'s paired-step samples, gathered block by block in turn."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for family in args.families:
+        samples = {"after": {"ratios": [], "enable_hft_s": [], "by_hand_s": []},
+                   "before": {"ratios": [], "enable_hft_s": [], "by_hand_s": []}}
+        for block in range(args.blocks):
+            order = [("after", here), ("before", args.before)]
+            if block % 2:
+                order.reverse()
+            for label, directory in order:
+                child = child_block(directory, family, args)
+                if child["plugin"] != os.path.join(os.path.abspath(directory), "hft_plugin"):
+                    raise SystemExit(f"the {label} block imported {child['plugin']}, not {directory}'s hft_plugin")
+                result = child["paired_steps"]["samples"]
+                for key, values in result.items():
+                    samples[label][key].extend(values)
+                print(f"{family}: block {block + 1}/{args.blocks} {label}: median ratio "
+                      f"{statistics.median(result['ratios']):.3f}", flush=True)
+        row = {"family": family}
+        for label, got in samples.items():
+            row[label] = summarise(got["ratios"], got["enable_hft_s"], got["by_hand_s"])
+        row["after_over_before"] = row["after"]["median_ratio"] / row["before"]["median_ratio"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200)
@@ -157,13 +204,32 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--families", nargs="+", default=["llama", "phi3"])
+    parser.add_argument("--before", default=None, help="a checkout whose hft_plugin is measured beside this one")
+    parser.add_argument("--before-label", default=None, help="how to name it in the results (e.g. a commit)")
+    parser.add_argument("--blocks", type=int, default=4, help="with --before: blocks of pairs per version")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    rows = [measure(f, args.pairs, args.rounds, args.steps, args.batch, args.seq_len) for f in args.families]
+    if args.child:
+        import hft_plugin
 
+        row = measure(args.families[0], args.pairs, args.rounds, args.steps, args.batch, args.seq_len)
+        print(json.dumps(dict(row, plugin=os.path.dirname(os.path.abspath(hft_plugin.__file__)))))
+        return
+    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+    meta = {"command": command.strip(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.before:
+        write_comparison(compare_versions(args), meta, args)
+        return
+    rows = [measure(f, args.pairs, args.rounds, args.steps, args.batch, args.seq_len) for f in args.families]
+    for r in rows:
+        for key in ("paired_steps", "train_rounds"):
+            r[key].pop("samples")
     header = ("| model | params | masked tensors | method | step ms, enable_hft | step ms, by hand | median ratio "
               "| ratio IQR |")
     lines = [header, "|" + "---|" * 8]
@@ -176,10 +242,6 @@ def main() -> None:
                          f"{q[0]:.3f}-{q[-1]:.3f} |")
     table = "\n".join(lines)
     print(table)
-    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
-    meta = {"command": command.strip(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "overhead.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -191,6 +253,34 @@ def main() -> None:
                 "through the trainer's own methods, median of the per-pair ratios (the headline). train() rounds: "
                 "whole train() calls in turn, fastest step of each per round. Step ms: medians. "
                 "Goal: median ratio <= 1.02.\n\n"
+                f"`{meta['command']}` on {meta['cpus']} shared CPU cores ({meta['machine']}), torch {meta['torch']}, "
+                f"transformers {meta['transformers']}, {args.threads} thread(s), {meta['date']}.\n\n" + table + "\n")
+
+
+def write_comparison(rows: list[dict], meta: dict, args) -> None:
+    label = args.before_label or os.path.basename(os.path.abspath(args.before))
+    lines = ["| model | version | step ms, enable_hft | step ms, by hand | median ratio | ratio IQR | pairs |",
+             "|" + "---|" * 7]
+    for r in rows:
+        for key, name in (("after", "this checkout"), ("before", label)):
+            m = r[key]
+            q = m["ratio_quartiles"]
+            lines.append(f"| {r['family']} | {name} | {m['step_ms_enable_hft']:.1f} | {m['step_ms_by_hand']:.1f} | "
+                         f"{m['median_ratio']:.3f} | {q[0]:.3f}-{q[-1]:.3f} | {len(m['samples']['ratios'])} |")
+        lines.append(f"| {r['family']} | this / {label} | | | {r['after_over_before']:.3f} | | |")
+    table = "\n".join(lines)
+    print(table)
+    for r in rows:
+        for key in ("after", "before"):
+            r[key].pop("samples")
+    meta["before"] = label
+    with open(os.path.join(RESULTS, "overhead_versions.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(RESULTS, "overhead_versions.md"), "w") as f:
+        f.write("# enable_hft overhead per training step: two versions\n\n"
+                f"Paired steps (see overhead.md) of this checkout and of {label}, each against its own by-hand "
+                f"twin, in blocks of {args.pairs // args.blocks} pairs run in fresh interpreters in turn; "
+                "`this / before` is the ratio of the two median ratios (> 1: this checkout adds more).\n\n"
                 f"`{meta['command']}` on {meta['cpus']} shared CPU cores ({meta['machine']}), torch {meta['torch']}, "
                 f"transformers {meta['transformers']}, {args.threads} thread(s), {meta['date']}.\n\n" + table + "\n")
 
