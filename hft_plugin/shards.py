@@ -5,7 +5,7 @@ FSDP2 replaces each parameter by a DTensor whose local tensor holds this rank's 
 none), and the optimizer updates those local tensors in place. So the frozen blocks of a partly
 trained (fused) tensor are masked where they are: its full-shape trainable mask is cut to this
 rank's row range, and the gradient mask and the restore after each step work on the local shard
-(:func:`hft_plugin.masking.local_tensor`), with no communication. A placement from
+(:func:`hft_plugin.mechanisms.mask.local_tensor`), with no communication. A placement from
 ``shard_placement_fn`` (``Shard(dim)``), and meshes that also replicate (HSDP), follow the same
 rule on their dimension. A layout this cannot map (``_StridedShard`` from FSDP combined with
 tensor parallelism, ``Partial``) gets an :class:`~hft_plugin.errors.IntegrationError` naming the

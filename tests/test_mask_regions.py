@@ -101,3 +101,33 @@ def test_mask_is_idempotent_and_skips_missing_gradients():
     mask.apply()
     assert a.grad[:, 0].tolist() == [5.0, 5.0, 0.0, 0.0]
     assert b.grad is None
+
+def test_each_masked_tensor_has_its_mask_built_once_and_shared(monkeypatch):
+    """The gradient mask and the restore of every attached optimizer, ``mask_gradients`` and the
+    masks handed out by ``trainable_mask`` (a ZeRO gradient hook's) share one mask per tensor, and
+    its frozen blocks are found once: a stacked expert tensor's mask is hundreds of megabytes."""
+    from hft_plugin import apply_selection, boxes, select_half
+    from hft_plugin.mechanisms import mask as mask_mechanism
+    from hft_plugin.testing import tiny_model
+
+    built, found = [], []
+    to_mask, frozen_slices = boxes.to_mask, mask_mechanism.frozen_slices
+    monkeypatch.setattr(boxes, "to_mask", lambda shape, *a, **k: built.append(tuple(shape)) or to_mask(shape, *a, **k))
+    monkeypatch.setattr(mask_mechanism, "frozen_slices", lambda m: found.append(tuple(m.shape)) or frozen_slices(m))
+    model = tiny_model("mixtral")
+    selection = select_half(model, round=0)
+    handle = apply_selection(model, selection, partial="mask")
+    masked = list(handle.masked_parameters)
+    regions = {(tuple(p.shape), selection.plan().partial[n]) for n, p in handle.masked_parameters.items()}
+    assert masked and not built  # nothing built before anything needs a mask
+    decayed = torch.optim.AdamW(handle.parameters(), lr=1e-3, weight_decay=0.1)  # a gradient mask and a restore
+    handle.attach(decayed)
+    handle.attach(torch.optim.AdamW(handle.parameters(), lr=1e-3))  # a second optimizer: one more gradient mask
+    handle.attach(decayed)  # attached again: its hooks replaced
+    handle.mask_gradients()
+    shared = [handle.trainable_mask(name) for name in masked]
+    assert all(a is handle.trainable_mask(n) for a, n in zip(shared, masked))
+    assert len(built) == len(regions) <= len(masked)  # one mask per tensor (tensors with the same region share it)
+    assert len(found) == len(masked)  # its frozen blocks found once
+    handle.remove()
+    assert not handle._masks._masks  # released with the handle
