@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import weakref
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -117,7 +117,7 @@ class HFTHandle:
         # Each masked tensor's trainable mask, built once and shared by every user (the gradient mask and
         # restore of each attached optimizer, mask_gradients, a ZeRO gradient hook); released on remove().
         self._masks = Masks()
-        self._frozen: dict[str, Frozen] = {}  # mask mechanism: where each tensor (this rank's shard) is frozen
+        self._frozen: dict[tuple[str, bool], Frozen] = {}  # mask mechanism: (tensor, on its shard) -> frozen blocks
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
@@ -297,13 +297,30 @@ class HFTHandle:
         copy it, never write into it."""
         return self._masks.get(param_shape(self._params[name]), self._partial[name], device)
 
-    def _frozen_blocks(self, name: str) -> Frozen:
-        """Where the masked tensor ``name`` (this rank's shard, if sharded) is frozen, found once."""
-        frozen = self._frozen.get(name)
+    def _frozen_blocks(self, name: str, local: bool = True) -> Frozen:
+        """Where the masked tensor ``name`` is frozen, found once: on this rank's shard of a sharded
+        tensor (``local``), else in the full tensor."""
+        param = self._params[name]
+        # local: also checks that the storage has the tensor's own shape (not an FSDP1 flat shard)
+        mask = local_trainable_mask(name, param, self.trainable_mask(name)) if local else self.trainable_mask(name)
+        key = (name, local and is_sharded(param))
+        frozen = self._frozen.get(key)
         if frozen is None:
-            local = local_trainable_mask(name, self._params[name], self.trainable_mask(name))
-            frozen = self._frozen[name] = Frozen(local)
+            frozen = self._frozen[key] = Frozen(mask)
         return frozen
+
+    def gradient_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A tensor hook that returns the gradient of the masked tensor ``name`` with its frozen
+        elements zeroed, for where gradients never reach ``.grad`` (DeepSpeed ZeRO reduces them into
+        flat partitions): ``param.register_hook(handle.gradient_hook(name))``. It shares the mask
+        and frozen blocks of :meth:`attach` and :meth:`mask_gradients`.
+
+        Raises:
+            KeyError: ``name`` is not a tensor of the mask mechanism (see :attr:`masked_parameters`).
+        """
+        if name not in self._masked:
+            raise KeyError(name)
+        return self._frozen_blocks(name, local=False).zeroed
 
     # -- optimizers ----------------------------------------------------------------------------------
     def _names(self) -> tuple[dict[int, str], dict[int, str]]:

@@ -131,3 +131,27 @@ def test_each_masked_tensor_has_its_mask_built_once_and_shared(monkeypatch):
     assert len(found) == len(masked)  # its frozen blocks found once
     handle.remove()
     assert not handle._masks._masks  # released with the handle
+
+
+def test_the_gradient_hook_zeroes_frozen_elements_out_of_place():
+    """For gradients that never reach ``.grad`` (ZeRO): the hook returns a new gradient, zero on
+    the frozen elements (blocks or, for a scattered region, the dense mask) and untouched elsewhere."""
+    from hft_plugin import apply_selection, select_half
+    from hft_plugin.mechanisms.mask import Frozen
+    from hft_plugin.testing import tiny_model
+
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model("phi3")
+    handle = apply_selection(model, select_half(model, round=0), partial="mask")
+    cases = [(handle.gradient_hook(n), handle.trainable_mask(n)) for n in handle.masked_parameters]
+    scattered = torch.rand(40, 40, generator=gen) > 0.5
+    cases.append((Frozen(scattered).zeroed, scattered))
+    for hook, trainable in cases:
+        grad = torch.randn(trainable.shape, generator=gen)
+        given = grad.clone()
+        masked = hook(grad)
+        assert torch.equal(grad, given)  # autograd's gradient is left as it was
+        assert torch.equal(masked, grad * trainable)
+    with pytest.raises(KeyError):
+        handle.gradient_hook("model.embed_tokens.weight")
+    handle.remove()

@@ -56,8 +56,9 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 class Frozen:
     """Where one tensor is frozen: boxes of slices (cheap views), or its dense mask as a fallback
-    for a region too scattered for boxes. Found once per tensor and shared by the gradient mask and
-    the restore of every optimizer attached.
+    for a region too scattered for boxes. Found once per tensor and shared by everything that zeroes
+    its frozen gradient or restores its frozen values: :class:`GradientMask` (in place, before a
+    step), :meth:`zeroed` (in a gradient hook), :class:`FrozenRestore`.
 
     Args:
         trainable: the tensor's boolean trainable mask (this rank's part of it for a sharded tensor).
@@ -77,6 +78,16 @@ class Frozen:
         if key not in self._dense:
             self._dense[key] = self.trainable.to(device, dtype)
         return self._dense[key]
+
+    def zeroed(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` with the frozen elements zeroed, as a new tensor: for a tensor hook, which must
+        not write into the gradient autograd hands it (DeepSpeed ZeRO reduces it into flat
+        partitions next, so ``.grad`` is never there to mask)."""
+        if self.slices is None:
+            return grad * self.dense(grad.device, grad.dtype)
+        grad = grad.clone()
+        torch._foreach_zero_([grad[box] for box in self.slices])
+        return grad
 
 
 def _frozen(trainable: Union[torch.Tensor, Frozen]) -> Frozen:
