@@ -37,8 +37,8 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Sequence
 
+from .boxes import describe, ranges
 from .errors import HFTError
-from .boxes import Box, describe, ranges
 
 if TYPE_CHECKING:
     from .selection import Selection
@@ -140,24 +140,14 @@ def _export(selection: "Selection", tool: str) -> Export:
         if tool == "spectrum":
             inexpressible[name] = f"trains only {describe(shape, boxes)} (Spectrum lists whole tensors)"
             continue
-        ranges = row_ranges(shape, boxes)
-        if ranges is None:
+        rows = ranges(shape, boxes, dim=0)
+        if rows is None:
             inexpressible[name] = (f"trains {describe(shape, boxes)}, not whole slices of dimension 0 "
                                    "(Axolotl's [start:end] ranges slice dimension 0 only)")
             continue
-        entries += [f"^{name}$[{start}:{stop}]" for start, stop in ranges]
+        entries += [f"^{name}$[{start}:{stop}]" for start, stop in rows]
     _check_unambiguous(entries, shapes)
     return Export(tool, tuple(entries), inexpressible)
-
-
-def row_ranges(shape: tuple[int, ...], boxes: Sequence[Box]) -> list[tuple[int, int]] | None:
-    """The region (a union of ``boxes``) as sorted, disjoint ranges along dimension 0, or None when
-    it is not a union of whole dimension-0 slices (:func:`hft_plugin.boxes.ranges`).
-
-        >>> row_ranges((6, 4), [((0, 0, 2),), ((0, 4, 6),)])
-        [(0, 2), (4, 6)]
-    """
-    return ranges(shape, boxes, dim=0)
 
 
 def _check_unambiguous(entries: list[str], shapes: dict) -> None:

@@ -7,9 +7,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from ..boxes import numel as box_numel
+from ..boxes import Box, numel as box_numel
 from ..errors import LayoutError
-from .base import Box, Layout, Part, Unit, find_layer_list, param_shape
+from .base import Layout, Part, Unit, find_layer_list, param_shape
 
 # A splitter turns one parameter of a fused module into named regions:
 # (param_name, shape) -> [(part_name, boxes), ...] covering the parameter exactly once.
