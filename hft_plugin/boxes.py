@@ -3,7 +3,8 @@
 A *box* fixes index ranges along some dimensions of a tensor and takes the others whole:
 ``((dim, start, stop), ...)``. A partly trained tensor's trainable region is a union of boxes (the
 q and k rows of a fused ``qkv_proj``; one expert's gate half of a stacked ``gate_up_proj``). Every
-module that turns boxes into sizes, indexes, ranges, text or masks does it here, so they all agree.
+module that turns boxes into sizes, indexes, ranges, text, masks or the slices of the frozen part does
+it here, so they all agree.
 
     >>> shape, boxes = (6, 4), (((0, 0, 2),), ((0, 4, 6), (1, 0, 2)))
     >>> [numel(shape, box) for box in boxes]
@@ -18,6 +19,7 @@ module that turns boxes into sizes, indexes, ranges, text or masks does it here,
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from typing import Sequence
@@ -166,8 +168,8 @@ def describe(shape: Sequence[int], boxes: Sequence[Box]) -> str:
 def to_mask(shape: Sequence[int], boxes: Sequence[Box], device, dtype=torch.bool) -> torch.Tensor:
     """A mask of ``shape`` that is 1 inside the union of ``boxes``.
 
-    Dense: one element per element of the tensor. Where several users need the mask of one tensor,
-    take it from a :class:`Masks` so it is built once.
+    Dense: one element per element of the tensor. To zero or restore a tensor's frozen part, take
+    :func:`frozen_slices` instead, which needs no mask for a block-shaped region.
     """
     mask = torch.zeros(tuple(shape), dtype=torch.bool, device=device)
     for box in boxes:
@@ -179,7 +181,33 @@ def to_mask(shape: Sequence[int], boxes: Sequence[Box], device, dtype=torch.bool
 MAX_FROZEN_SLICES = 4096
 
 
-def frozen_slices(trainable: torch.Tensor) -> list[tuple[slice, ...]] | None:
+def frozen_slices(shape: Sequence[int], boxes: Sequence[Box]) -> list[tuple[slice, ...]] | None:
+    """The frozen elements (outside the union of ``boxes``) of a tensor of ``shape`` as a few boxes
+    of slices, or None when the region is too scattered for boxes to pay off: exactly what
+    :func:`frozen_slices_of_mask` finds in ``to_mask(shape, boxes)``, without building that mask.
+
+    Each dimension is cut at the boxes' bounds; the tensor is then a grid of cells, each inside or
+    outside every box, and the grid (one element per cell: 64 for the experts of a stack) is what the
+    mask search reads. A stacked expert tensor's dense mask would cost one byte per element.
+
+        >>> frozen_slices((6, 4), (((0, 0, 2),),))  # rows 0-1 train
+        [(slice(2, 6, None), slice(0, 4, None))]
+        >>> frozen_slices((4, 8), (((0, 0, 1),), ((0, 2, 3),)))  # experts 0 and 2 of a stack train
+        [(slice(1, 2, None), slice(0, 8, None)), (slice(3, 4, None), slice(0, 8, None))]
+    """
+    cuts = [sorted({0, size, *(min(max(x, 0), size) for box in boxes for x in span(box, dim, shape))})
+            for dim, size in enumerate(shape)]
+    grid = torch.zeros(tuple(len(c) - 1 for c in cuts), dtype=torch.bool)
+    for box in boxes:
+        grid[tuple(slice(bisect.bisect_left(c, start), bisect.bisect_left(c, stop))
+                   for c, (start, stop) in zip(cuts, bounds(shape, box)))] = True
+    cells = frozen_slices_of_mask(grid)
+    if cells is None:
+        return None
+    return [tuple(slice(c[s.start], c[s.stop]) for c, s in zip(cuts, cell)) for cell in cells]
+
+
+def frozen_slices_of_mask(trainable: torch.Tensor) -> list[tuple[slice, ...]] | None:
     """The frozen (False) elements of a boolean mask as a few boxes of slices, or None when the
     region is too scattered for boxes to pay off.
 
@@ -187,7 +215,7 @@ def frozen_slices(trainable: torch.Tensor) -> list[tuple[slice, ...]] | None:
     cell between cuts, so the frozen cells (then merged along dimension 0) cover exactly the frozen
     elements.
 
-        >>> frozen_slices(to_mask((6, 4), (((0, 0, 2),),), "cpu"))  # rows 0-1 train
+        >>> frozen_slices_of_mask(to_mask((6, 4), (((0, 0, 2),),), "cpu"))  # rows 0-1 train
         [(slice(2, 6, None), slice(0, 4, None))]
     """
     cuts = []
@@ -216,35 +244,23 @@ def frozen_slices(trainable: torch.Tensor) -> list[tuple[slice, ...]] | None:
     return [(run, *(slice(a, b) for a, b in rest)) for rest, column in runs.items() for run in column]
 
 
-class Masks:
-    """The dense trainable masks of partly trained tensors, each built once and shared.
+def within(shape: Sequence[int], boxes: Sequence[Box],
+           part: Sequence[slice]) -> tuple[tuple[int, ...], tuple[Box, ...]]:
+    """The shape of the part ``part`` (one slice per dimension, e.g. a rank's shard) of a tensor of
+    ``shape``, and ``boxes`` cut to that part, in its own indices.
 
-    A mask costs one element per element of its tensor (a stacked expert tensor's mask is hundreds
-    of megabytes), and the gradient mask, the restore after a step, a ZeRO gradient hook and an
-    explicit ``mask_gradients`` all need the same one: each asks here. Keyed by (shape, boxes,
-    device), so a mask is never handed out for another tensor's region. Owned by whoever applied
-    the boxes (a handle) and released with it: nothing global keeps a mask alive.
-
-    Masks handed out are shared: read them, copy them (``.to(dtype)``), never write into them.
-
-        >>> masks = Masks()
-        >>> a = masks.get((6, 4), (((0, 0, 2),),), "cpu")
-        >>> a is masks.get((6, 4), (((0, 0, 2),),), "cpu"), masks.builds
-        (True, 1)
+        >>> within((6, 4), (((0, 0, 2),), ((0, 4, 6), (1, 0, 2))), (slice(3, 6), slice(0, 4)))
+        ((3, 4), (((0, 1, 3), (1, 0, 2)),))
     """
-
-    def __init__(self) -> None:
-        self._masks: dict[tuple, torch.Tensor] = {}
-        self.builds = 0  # how many masks were built (each key once)
-
-    def get(self, shape: Sequence[int], boxes: Sequence[Box], device="cpu") -> torch.Tensor:
-        """The boolean mask of ``boxes`` in a tensor of ``shape`` on ``device``, built on first use."""
-        key = (tuple(shape), tuple(boxes), str(torch.device(device)))
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = self._masks[key] = to_mask(shape, boxes, device)
-            self.builds += 1
-        return mask
-
-    def clear(self) -> None:
-        self._masks.clear()
+    local_shape = tuple(s.stop - s.start for s in part)
+    found = []
+    for box in boxes:
+        local = []
+        for dim, (start, stop) in enumerate(bounds(shape, box)):
+            low, high = max(start, part[dim].start), min(stop, part[dim].stop)
+            if low >= high:
+                break
+            local.append((dim, low - part[dim].start, high - part[dim].start))
+        else:
+            found.append(normalise(tuple(local), local_shape))
+    return local_shape, tuple(found)

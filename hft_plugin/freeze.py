@@ -16,8 +16,10 @@ tensor when the selection is applied by the ordered dispatch of :mod:`hft_plugin
   FSDP2 shards each tensor: apply with ``partial="mask"`` before ``fully_shard``): the optimizer
   owns the tensor whole and its frozen blocks' gradients are zeroed once per step
   (:mod:`hft_plugin.mechanisms.mask`, on each rank's shard under FSDP2), and put back after the step
-  where a zero gradient is not enough. Each tensor's dense trainable mask is built once and shared
-  by every user of it (:class:`~hft_plugin.boxes.Masks`, owned by the handle).
+  where a zero gradient is not enough. Where each such tensor is frozen is found from its boxes once
+  and shared by every user of it (:class:`~hft_plugin.mechanisms.mask.Frozen`, owned by the handle);
+  no dense mask is built for a block-shaped region (a stacked expert tensor's would cost one byte per
+  element).
 
 To everything but the optimizer, an applied model is the same model frozen by hand: the tensors it
 lists, their names, shapes and ``requires_grad`` flags (a partly trained tensor keeps
@@ -38,12 +40,12 @@ import torch
 from torch import nn
 
 from . import mechanisms, optimizers, regions
-from .boxes import Box, Masks
+from .boxes import Box, to_mask, within
 from .errors import IntegrationError, SelectionMismatchError
 from .layouts.base import param_shape, unwrap_model
 from .mechanisms.mask import Frozen, FrozenRestore, GradientMask, needs_restore
 from .selection import Selection, check_fits, check_model, check_trains_something
-from .shards import is_sharded, local_trainable_mask
+from .shards import is_sharded, local_part
 
 logger = logging.getLogger("hft_plugin")
 
@@ -114,10 +116,9 @@ class HFTHandle:
         self._attachments: list[_Attachment] = []
         self._covered = False
         self._all_mask: GradientMask | None = None
-        # Each masked tensor's trainable mask, built once and shared by every user (the gradient mask and
-        # restore of each attached optimizer, mask_gradients, a ZeRO gradient hook); released on remove().
-        self._masks = Masks()
-        self._frozen: dict[tuple[str, bool], Frozen] = {}  # mask mechanism: (tensor, on its shard) -> frozen blocks
+        # Where each mask-mechanism tensor is frozen, found once and shared by every user (the gradient mask
+        # and restore of each attached optimizer, mask_gradients, a ZeRO gradient hook); released on remove().
+        self._frozen: dict[tuple[str, bool], Frozen] = {}  # (tensor, on its shard) -> its frozen blocks
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
@@ -291,22 +292,23 @@ class HFTHandle:
         return {n: self._params[n] for n in self._masked}
 
     def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
-        """A boolean mask of the trainable elements of the partly trained tensor ``name``.
-
-        Built once per tensor and device and shared by every caller until :meth:`remove`: read it or
-        copy it, never write into it."""
-        return self._masks.get(param_shape(self._params[name]), self._partial[name], device)
+        """A boolean mask of the trainable elements of the partly trained tensor ``name``, built for
+        the caller (HFT's own masking works from the boxes and builds none for block-shaped regions)."""
+        return to_mask(param_shape(self._params[name]), self._partial[name], device)
 
     def _frozen_blocks(self, name: str, local: bool = True) -> Frozen:
-        """Where the masked tensor ``name`` is frozen, found once: on this rank's shard of a sharded
-        tensor (``local``), else in the full tensor."""
+        """Where the masked tensor ``name`` is frozen, found once from its boxes: on this rank's shard
+        of a sharded tensor (``local``), else in the full tensor."""
         param = self._params[name]
-        # local: also checks that the storage has the tensor's own shape (not an FSDP1 flat shard)
-        mask = local_trainable_mask(name, param, self.trainable_mask(name)) if local else self.trainable_mask(name)
-        key = (name, local and is_sharded(param))
+        shape, boxes = param_shape(param), self._partial[name]
+        # checked on every call: the storage must have the tensor's own shape (not an FSDP1 flat shard)
+        part = local_part(name, param, shape) if local else None
+        key = (name, part is not None)
         frozen = self._frozen.get(key)
         if frozen is None:
-            frozen = self._frozen[key] = Frozen(mask)
+            if part is not None:
+                shape, boxes = within(shape, boxes, part)
+            frozen = self._frozen[key] = Frozen.of_boxes(shape, boxes)
         return frozen
 
     def gradient_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -525,7 +527,6 @@ class HFTHandle:
             pass
         self._all_mask = None
         self._frozen.clear()
-        self._masks.clear()
         for module in self._forward_modules:
             regions.uninstall_forward(module)
         for partial in self._partials.values():

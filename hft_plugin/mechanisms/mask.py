@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from ..boxes import frozen_slices
+from ..boxes import Box, frozen_slices, frozen_slices_of_mask, to_mask
 
 if TYPE_CHECKING:
     from . import Candidate
@@ -48,8 +48,8 @@ def why_not(tensor: "Candidate") -> str | None:
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2's parameters and gradients), sharing its storage; any
-    other tensor as it is. Masks of sharded tensors are built for the local shard
-    (:func:`hft_plugin.shards.local_trainable_mask`)."""
+    other tensor as it is. The frozen slices of a sharded tensor are found on the local shard
+    (:func:`hft_plugin.shards.local_part`)."""
     to_local = getattr(tensor, "to_local", None)
     return tensor if to_local is None else to_local()
 
@@ -60,15 +60,33 @@ class Frozen:
     its frozen gradient or restores its frozen values: :class:`GradientMask` (in place, before a
     step), :meth:`zeroed` (in a gradient hook), :class:`FrozenRestore`.
 
+    :meth:`of_boxes` finds the slices from the trainable boxes alone and builds a dense mask only for
+    a scattered region; ``Frozen(trainable)`` reads a dense boolean mask that is already there.
+
+        >>> frozen = Frozen.of_boxes((4, 2), (((0, 0, 1),),))  # row 0 trains
+        >>> frozen.slices, frozen.dense("cpu", torch.float32)
+        ([(slice(1, 4, None), slice(0, 2, None))], None)
+
     Args:
         trainable: the tensor's boolean trainable mask (this rank's part of it for a sharded tensor).
     """
 
     def __init__(self, trainable: torch.Tensor):
-        self.trainable = trainable
         self.shape = tuple(trainable.shape)
-        self.slices = frozen_slices(trainable.to("cpu", torch.bool))  # found on the host: no device syncs
+        self.slices = frozen_slices_of_mask(trainable.to("cpu", torch.bool))  # found on the host: no device syncs
+        self._source = trainable if self.slices is None else None  # kept only for a scattered region
         self._dense: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def of_boxes(cls, shape: Sequence[int], boxes: Sequence[Box]) -> "Frozen":
+        """Where a tensor of ``shape`` whose ``boxes`` train is frozen; no dense mask is built unless
+        the region is too scattered for slices."""
+        frozen = cls.__new__(cls)
+        frozen.shape = tuple(shape)
+        frozen.slices = frozen_slices(shape, boxes)
+        frozen._source = (tuple(shape), tuple(boxes))
+        frozen._dense = {}
+        return frozen
 
     def dense(self, device, dtype) -> torch.Tensor | None:
         """The trainable mask as ``dtype`` on ``device`` where there are no slices, else None."""
@@ -76,7 +94,9 @@ class Frozen:
             return None
         key = (str(device), dtype)
         if key not in self._dense:
-            self._dense[key] = self.trainable.to(device, dtype)
+            source = self._source
+            self._dense[key] = (source.to(device, dtype) if isinstance(source, torch.Tensor)
+                                else to_mask(*source, device, dtype))
         return self._dense[key]
 
     def zeroed(self, grad: torch.Tensor) -> torch.Tensor:
