@@ -136,7 +136,7 @@ def time_alone(variant: Variant, ids, repeats: int) -> dict:
     variant.model(input_ids=ids, labels=ids).loss.backward()
     params = list(variant.handle.masked_parameters.items())
     grads = {n: p.grad.clone() for n, p in params}
-    from hft_plugin.masking import GradientMask
+    from hft_plugin.mechanisms.mask import GradientMask
 
     mask = GradientMask([p for _, p in params], [variant.handle.trainable_mask(n) for n, _ in params])
     dense = [variant.handle.trainable_mask(n, p.device).to(p.dtype) for n, p in params]

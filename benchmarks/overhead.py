@@ -45,7 +45,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hft_plugin import enable_hft, select_half
-from hft_plugin.masking import region_mask
+from hft_plugin.boxes import to_mask
 from hft_plugin.testing import tiny_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -82,7 +82,7 @@ def freeze_by_hand(model, selection) -> None:
     for name in plan.frozen:
         params[name].requires_grad_(False)
     for name, boxes in plan.partial.items():
-        mask = region_mask(tuple(params[name].shape), boxes, device=params[name].device, dtype=params[name].dtype)
+        mask = to_mask(tuple(params[name].shape), boxes, device=params[name].device, dtype=params[name].dtype)
         params[name].register_hook(lambda grad, mask=mask: grad * mask)
 
 

@@ -37,8 +37,8 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Sequence
 
+from .boxes import describe, ranges
 from .errors import HFTError
-from .layouts.base import Box
 
 if TYPE_CHECKING:
     from .selection import Selection
@@ -138,84 +138,16 @@ def _export(selection: "Selection", tool: str) -> Export:
             continue
         boxes = plan.partial[name]
         if tool == "spectrum":
-            inexpressible[name] = f"trains only {_describe(shape, boxes)} (Spectrum lists whole tensors)"
+            inexpressible[name] = f"trains only {describe(shape, boxes)} (Spectrum lists whole tensors)"
             continue
-        ranges = row_ranges(shape, boxes)
-        if ranges is None:
-            inexpressible[name] = (f"trains {_describe(shape, boxes)}, not whole slices of dimension 0 "
+        rows = ranges(shape, boxes, dim=0)
+        if rows is None:
+            inexpressible[name] = (f"trains {describe(shape, boxes)}, not whole slices of dimension 0 "
                                    "(Axolotl's [start:end] ranges slice dimension 0 only)")
             continue
-        entries += [f"^{name}$[{start}:{stop}]" for start, stop in ranges]
+        entries += [f"^{name}$[{start}:{stop}]" for start, stop in rows]
     _check_unambiguous(entries, shapes)
     return Export(tool, tuple(entries), inexpressible)
-
-
-def row_ranges(shape: tuple[int, ...], boxes: Sequence[Box]) -> list[tuple[int, int]] | None:
-    """The region (a union of ``boxes``) as sorted, disjoint ranges along dimension 0, or None when
-    it is not a union of whole dimension-0 slices.
-
-        >>> row_ranges((6, 4), [((0, 0, 2),), ((0, 4, 6),)])
-        [(0, 2), (4, 6)]
-        >>> row_ranges((6, 4), [((0, 0, 2), (1, 0, 2)), ((0, 0, 2), (1, 2, 4))])  # two halves: whole rows
-        [(0, 2)]
-        >>> row_ranges((4, 6), [((1, 0, 2),)]) is None  # columns
-        True
-    """
-    boxes = [_normalise(box, shape) for box in boxes]
-    cuts = sorted({0, shape[0], *(x for box in boxes for x in _span(box, 0, shape))})
-    ranges: list[tuple[int, int]] = []
-    for start, stop in zip(cuts, cuts[1:]):
-        over = [tuple(c for c in box if c[0] != 0) for box in boxes
-                if _span(box, 0, shape)[0] <= start and stop <= _span(box, 0, shape)[1]]
-        if not over:
-            continue
-        if not _covers(over, shape):
-            return None
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], stop)
-        else:
-            ranges.append((start, stop))
-    return ranges
-
-
-def _normalise(box: Box, shape: tuple[int, ...]) -> Box:
-    """The box without constraints that span their whole dimension."""
-    return tuple(c for c in box if not (c[1] <= 0 and c[2] >= shape[c[0]]))
-
-
-def _span(box: Box, dim: int, shape: tuple[int, ...]) -> tuple[int, int]:
-    for d, start, stop in box:
-        if d == dim:
-            return start, stop
-    return 0, shape[dim]
-
-
-def _covers(boxes: list[Box], shape: tuple[int, ...]) -> bool:
-    """Whether the union of ``boxes`` (constraints on some dimensions) is the whole of ``shape``."""
-    if any(not box for box in boxes):
-        return True
-    if not boxes:
-        return False
-    dim = min(d for box in boxes for d, _, _ in box)
-    cuts = sorted({0, shape[dim], *(x for box in boxes for x in _span(box, dim, shape))})
-    for start, stop in zip(cuts, cuts[1:]):
-        over = [tuple(c for c in box if c[0] != dim) for box in boxes
-                if _span(box, dim, shape)[0] <= start and stop <= _span(box, dim, shape)[1]]
-        if not _covers(over, shape):
-            return False
-    return True
-
-
-def _describe(shape: tuple[int, ...], boxes: Sequence[Box]) -> str:
-    """The trainable region in index notation, e.g. ``[:, 0:64] of (64, 192)``."""
-    parts = []
-    for box in boxes:
-        index = [":"] * len(shape)
-        for dim, start, stop in box:
-            index[dim] = f"{start}:{stop}"
-        parts.append(f"[{', '.join(index)}]")
-    shown = " + ".join(parts[:4]) + (f" + {len(parts) - 4} more" if len(parts) > 4 else "")
-    return f"{shown} of {tuple(shape)}"
 
 
 def _check_unambiguous(entries: list[str], shapes: dict) -> None:

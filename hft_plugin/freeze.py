@@ -2,19 +2,24 @@
 
 Whole frozen tensors get ``requires_grad=False`` (no gradient, no optimizer state). A partly trained
 tensor (a fused ``qkv_proj``, a stacked expert tensor) uses one of three mechanisms, chosen per
-tensor when the selection is applied (:meth:`HFTHandle.mechanisms`):
+tensor when the selection is applied by the ordered dispatch of :mod:`hft_plugin.mechanisms`
+(:meth:`HFTHandle.mechanisms`):
 
-* ``rows``: the weight or bias of an ``nn.Linear`` or of transformers' ``Conv1D``. The optimizer
-  owns its trainable boxes as region parameters (:mod:`hft_plugin.regions`), which the model does
-  not list; the module's backward computes the weight gradient of the trainable rows (columns) only.
-* ``experts``: a stacked experts tensor of a transformers experts module, the same way
-  (:mod:`hft_plugin.experts`); a frozen expert's weight gradient is never formed.
+* ``experts``: a stacked experts tensor of a transformers experts module. The optimizer owns its
+  trainable boxes as region parameters (:mod:`hft_plugin.regions`), which the model does not list;
+  a frozen expert's weight gradient is never formed (:mod:`hft_plugin.mechanisms.experts`).
+* ``rows``: the weight or bias of an ``nn.Linear`` or of transformers' ``Conv1D``, the same way; the
+  module's backward computes the weight gradient of the trainable rows (columns) only
+  (:mod:`hft_plugin.mechanisms.rows`).
 * ``mask``: everything else, every tensor already sharded when the selection is applied, and every
   partly trained tensor with ``partial="mask"`` (DeepSpeed ZeRO keeps gradients in flat partitions;
   FSDP2 shards each tensor: apply with ``partial="mask"`` before ``fully_shard``): the optimizer
   owns the tensor whole and its frozen blocks' gradients are zeroed once per step
-  (:mod:`hft_plugin.masking`, on each rank's shard under FSDP2), and put back after the step where
-  a zero gradient is not enough.
+  (:mod:`hft_plugin.mechanisms.mask`, on each rank's shard under FSDP2), and put back after the step
+  where a zero gradient is not enough. Where each such tensor is frozen is found from its boxes once
+  and shared by every user of it (:class:`~hft_plugin.mechanisms.mask.Frozen`, owned by the handle);
+  no dense mask is built for a block-shaped region (a stacked expert tensor's would cost one byte per
+  element).
 
 To everything but the optimizer, an applied model is the same model frozen by hand: the tensors it
 lists, their names, shapes and ``requires_grad`` flags (a partly trained tensor keeps
@@ -28,17 +33,19 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Iterator
+from types import ModuleType
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import experts, optimizers, regions
+from . import mechanisms, optimizers, regions
+from .boxes import Box, to_mask, within
 from .errors import IntegrationError, SelectionMismatchError
-from .layouts.base import Box, param_shape, unwrap_model
-from .masking import FrozenRestore, GradientMask, needs_restore, region_mask
+from .layouts.base import param_shape, unwrap_model
+from .mechanisms.mask import Frozen, FrozenRestore, GradientMask, needs_restore
 from .selection import Selection, check_fits, check_model, check_trains_something
-from .shards import is_sharded, local_trainable_mask
+from .shards import is_sharded, local_part
 
 logger = logging.getLogger("hft_plugin")
 
@@ -109,38 +116,30 @@ class HFTHandle:
         self._attachments: list[_Attachment] = []
         self._covered = False
         self._all_mask: GradientMask | None = None
+        # Where each mask-mechanism tensor is frozen, found once and shared by every user (the gradient mask
+        # and restore of each attached optimizer, mask_gradients, a ZeRO gradient hook); released on remove().
+        self._frozen: dict[tuple[str, bool], Frozen] = {}  # (tensor, on its shard) -> its frozen blocks
         self.removed = False
 
     # -- applying ------------------------------------------------------------------------------------
-    def _plan_mechanisms(self, plan) -> dict[str, tuple[str, nn.Module | None, str]]:
-        """Per partly trained tensor of ``plan``: (mechanism, owning module, attribute). Changes nothing."""
+    def _plan_mechanisms(self, plan) -> dict[str, tuple[ModuleType, mechanisms.Candidate]]:
+        """Per partly trained tensor of ``plan``: its mechanism (:data:`hft_plugin.mechanisms.DISPATCH`,
+        first match) and what it was chosen for. Changes nothing."""
         owners = _owners(self.model)
         chosen = {}
         for name, boxes in plan.partial.items():
             if not self._params[name].requires_grad:
                 continue  # frozen by the user: stays frozen whole
             module, attr = owners.get(name, (None, ""))
-            mechanism, why = self._mechanism_for(name, boxes, module, attr, owners)
-            if why:
-                self._why_mask[name] = why
-            chosen[name] = (mechanism, module, attr)
+            tensor = mechanisms.candidate(name, self._params[name], boxes, module, attr,
+                                          shared=bool(owners.get(("shared", name))), partial=self.partial)
+            mechanism = mechanisms.choose(tensor)
+            if mechanism is mechanisms.mask:
+                why = mechanisms.why_mask(tensor)
+                if why:
+                    self._why_mask[name] = why
+            chosen[name] = (mechanism, tensor)
         return chosen
-
-    def _mechanism_for(self, name, boxes, module, attr, owners) -> tuple[str, str]:
-        if is_sharded(self._params[name]):
-            return "mask", "sharded (a DTensor, e.g. by fully_shard): masked on each rank's shard"
-        if self.partial == "mask":
-            return "mask", ""
-        if module is None or owners.get(("shared", name)):
-            return "mask", "the tensor is shared by several modules"
-        if experts.is_experts_module(module):
-            why = experts.unsupported_reason(module, attr)
-            if why is None and not all(any(d == 0 and stop - start == 1 for d, start, stop in box) for box in boxes):
-                why = "a region spans several experts"
-            return ("experts", "") if why is None else ("mask", why)
-        if regions.rows_module_kind(module) is not None and attr in ("weight", "bias"):
-            return "rows", ""
-        return "mask", f"a {type(module).__name__} module"
 
     def _apply(self) -> None:
         plan = self.selection.plan()
@@ -151,25 +150,20 @@ class HFTHandle:
         kept_frozen += [n for n in plan.partial if not self._original_flags[n]]
         for name in plan.frozen:
             self._params[name].requires_grad_(False)
-        by_module: dict[int, tuple[nn.Module, str, list]] = {}
-        for name, (mechanism, module, attr) in chosen.items():
-            boxes = plan.partial[name]
-            self._partial[name] = boxes
-            self._mechanisms[name] = mechanism
-            if mechanism == "mask":
-                self._masked[name] = boxes
+        by_module: dict[int, tuple[nn.Module, ModuleType, list]] = {}
+        for name, (mechanism, tensor) in chosen.items():
+            self._partial[name] = tensor.boxes
+            self._mechanisms[name] = mechanism.NAME
+            if mechanism is mechanisms.mask:
+                self._masked[name] = tensor.boxes
                 continue
-            partial = regions.PartialTensor(module, attr, name, boxes, squeeze_leading=mechanism == "experts",
-                                            root=self.model)
+            partial = mechanism.regions(tensor, self.model)
             self._partials[name] = partial
             self._regions.update((r.name, r.param) for r in partial.regions)
-            by_module.setdefault(id(module), (module, mechanism, []))[2].append(partial)
+            by_module.setdefault(id(tensor.module), (tensor.module, mechanism, []))[2].append(partial)
         for module, mechanism, partials in by_module.values():
             self._forward_modules.append(module)
-            if mechanism == "rows":
-                regions.install_rows(module, partials)
-            else:
-                experts.install(module, partials)
+            mechanism.install(module, partials)
         self._trainable_names = []
         for name, param in self._params.items():  # model order; a partly trained tensor by its regions
             if name in self._partials:
@@ -210,6 +204,7 @@ class HFTHandle:
                 attachment.detach()
             self._attachments.clear()
         self._all_mask = None
+        self._frozen.clear()  # a sharded tensor's shard may differ
         return True
 
     def _link(self) -> None:
@@ -297,8 +292,37 @@ class HFTHandle:
         return {n: self._params[n] for n in self._masked}
 
     def trainable_mask(self, name: str, device="cpu") -> torch.Tensor:
-        """A boolean mask of the trainable elements of the partly trained tensor ``name``."""
-        return region_mask(param_shape(self._params[name]), self._partial[name], device=device)
+        """A boolean mask of the trainable elements of the partly trained tensor ``name``, built for
+        the caller (HFT's own masking works from the boxes and builds none for block-shaped regions)."""
+        return to_mask(param_shape(self._params[name]), self._partial[name], device)
+
+    def _frozen_blocks(self, name: str, local: bool = True) -> Frozen:
+        """Where the masked tensor ``name`` is frozen, found once from its boxes: on this rank's shard
+        of a sharded tensor (``local``), else in the full tensor."""
+        param = self._params[name]
+        shape, boxes = param_shape(param), self._partial[name]
+        # checked on every call: the storage must have the tensor's own shape (not an FSDP1 flat shard)
+        part = local_part(name, param, shape) if local else None
+        key = (name, part is not None)
+        frozen = self._frozen.get(key)
+        if frozen is None:
+            if part is not None:
+                shape, boxes = within(shape, boxes, part)
+            frozen = self._frozen[key] = Frozen.of_boxes(shape, boxes)
+        return frozen
+
+    def gradient_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A tensor hook that returns the gradient of the masked tensor ``name`` with its frozen
+        elements zeroed, for where gradients never reach ``.grad`` (DeepSpeed ZeRO reduces them into
+        flat partitions): ``param.register_hook(handle.gradient_hook(name))``. It shares the mask
+        and frozen blocks of :meth:`attach` and :meth:`mask_gradients`.
+
+        Raises:
+            KeyError: ``name`` is not a tensor of the mask mechanism (see :attr:`masked_parameters`).
+        """
+        if name not in self._masked:
+            raise KeyError(name)
+        return self._frozen_blocks(name, local=False).zeroed
 
     # -- optimizers ----------------------------------------------------------------------------------
     def _names(self) -> tuple[dict[int, str], dict[int, str]]:
@@ -396,9 +420,8 @@ class HFTHandle:
         masked = [n for n in self._masked if id(self._params[n]) in owned]
         if masked:
             params = [self._params[n] for n in masked]
-            # Built on the host and dropped once the blocks are found; a sharded (DTensor) tensor is
-            # masked on this rank's shard.
-            masks = [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in masked]
+            # Found on the host once per tensor; a sharded (DTensor) tensor is masked on this rank's shard.
+            masks = [self._frozen_blocks(n) for n in masked]
             attachment.mask = GradientMask(params, masks)
             if restore is None:
                 restore = needs_restore(inner, params)
@@ -460,8 +483,7 @@ class HFTHandle:
         self.refresh_parameters()
         if self._all_mask is None:
             names = list(self._masked)
-            self._all_mask = GradientMask([self._params[n] for n in names],
-                                          [local_trainable_mask(n, self._params[n], self.trainable_mask(n)) for n in names])
+            self._all_mask = GradientMask([self._params[n] for n in names], [self._frozen_blocks(n) for n in names])
         self._all_mask.apply()
 
     def refresh(self) -> None:
@@ -503,6 +525,8 @@ class HFTHandle:
             self.refresh_parameters()
         except SelectionMismatchError:  # renamed by a wrapper: restore what can still be reached
             pass
+        self._all_mask = None
+        self._frozen.clear()
         for module in self._forward_modules:
             regions.uninstall_forward(module)
         for partial in self._partials.values():

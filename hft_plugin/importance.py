@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .boxes import index as box_index
 from .errors import CalibrationError, ScoresError
 from .layouts.base import Layout, Part
 
@@ -384,10 +385,8 @@ def _unit_score(model: nn.Module, parts: tuple[Part, ...], norms: dict[str, torc
         shape[dim] = -1
         boxes = part.boxes if part.boxes is not None else ((),)
         for box in boxes:
-            index = [slice(None)] * weight.dim()
-            for d, start, stop in box:
-                index[d] = slice(start, stop)
-            block = weight[tuple(index)].double().abs()
+            index = box_index(tuple(weight.shape), box)
+            block = weight[index].double().abs()
             column = rms[index[dim]].view(shape)
             total += float((block * column).sum())
         scored = True

@@ -92,7 +92,7 @@ def half_reset(
     import torch
 
     from .layouts.base import unwrap_model
-    from .masking import region_mask
+    from .boxes import to_mask
     from .selection import _select, folder_manifest
 
     given = dict(strategy=strategy, ratio=ratio, seed=seed, round=round, train_embeddings=train_embeddings)
@@ -128,7 +128,7 @@ def half_reset(
             tuned_params[name].copy_(base_params[name])
         for name, boxes in plan.partial.items():
             param = tuned_params[name]
-            keep = region_mask(tuple(param.shape), boxes, device=param.device)
+            keep = to_mask(tuple(param.shape), boxes, device=param.device)
             base = base_params[name].to(device=param.device, dtype=param.dtype)
             param.copy_(torch.where(keep, param, base))
     return selection
@@ -332,7 +332,7 @@ def half_reset_checkpoint(
     """
     import torch
 
-    from .masking import region_mask
+    from .boxes import to_mask
     from .selection import MANIFEST_NAME, Selection, _select
 
     out_dir = _output_directory(out_dir, base_dir, tuned_dir)
@@ -360,7 +360,7 @@ def half_reset_checkpoint(
         base_value = base.get(name).to(value.dtype)
         if action == "reset":
             return base_value
-        keep = region_mask(tuple(value.shape), action, device=value.device)
+        keep = to_mask(tuple(value.shape), action, device=value.device)
         return torch.where(keep, value, base_value)
 
     parent = os.path.dirname(out_dir) or "."

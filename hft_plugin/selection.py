@@ -16,10 +16,11 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
+from .boxes import Box
 from .config import NEXT_ROUND, HFTConfig
 from .errors import (ConfigError, LayoutError, ManifestError, NothingToTrainError, SelectionMismatchError,
                      UnsupportedModelError)
-from .layouts.base import (GROUPS, Box, Layout, Part, Unit, fingerprint_shapes, gc_paused, is_peft, param_shape,
+from .layouts.base import (GROUPS, Layout, Part, Unit, fingerprint_shapes, gc_paused, is_peft, param_shape,
                            unwrap_model)
 from .manifest import FORMAT_VERSION, selection_from_json
 

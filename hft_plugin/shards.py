@@ -3,9 +3,9 @@
 FSDP2 replaces each parameter by a DTensor whose local tensor holds this rank's rows (``Shard(0)``,
 ``torch.chunk`` sizes: the first ranks hold ``ceil(rows / ranks)`` rows, the last ones fewer or
 none), and the optimizer updates those local tensors in place. So the frozen blocks of a partly
-trained (fused) tensor are masked where they are: its full-shape trainable mask is cut to this
-rank's row range, and the gradient mask and the restore after each step work on the local shard
-(:func:`hft_plugin.masking.local_tensor`), with no communication. A placement from
+trained (fused) tensor are masked where they are: its trainable boxes are cut to this rank's row
+range (:func:`local_part`), and the gradient mask and the restore after each step work on the local
+shard (:func:`hft_plugin.mechanisms.mask.local_tensor`), with no communication. A placement from
 ``shard_placement_fn`` (``Shard(dim)``), and meshes that also replicate (HSDP), follow the same
 rule on their dimension. A layout this cannot map (``_StridedShard`` from FSDP combined with
 tensor parallelism, ``Partial``) gets an :class:`~hft_plugin.errors.IntegrationError` naming the
@@ -62,29 +62,32 @@ def local_index(shape: Sequence[int], placements: Sequence, mesh_shape: Sequence
     return tuple(index)
 
 
-def local_trainable_mask(name: str, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The part of the full-shape trainable ``mask`` of parameter ``name`` that this rank's tensor
-    holds: ``mask`` itself for an ordinary parameter, this rank's rows (or columns) for a DTensor.
+def local_part(name: str, param: torch.Tensor, shape: Sequence[int]) -> tuple[slice, ...] | None:
+    """The slices of the full tensor (of ``shape``) of parameter ``name`` that this rank's tensor
+    holds: None for an ordinary parameter (it holds the whole), this rank's rows (or columns) for a
+    DTensor. A partly trained tensor's frozen slices are then found on that part
+    (:func:`hft_plugin.boxes.within`).
 
     Raises:
         IntegrationError: the parameter is sharded in a layout that cannot be mapped, or stored
             in another shape than its own (FSDP1's flattened shards), naming it and the remedy.
     """
+    shape = tuple(shape)
     if not is_sharded(param):
-        if tuple(param.shape) != tuple(mask.shape):
+        if tuple(param.shape) != shape:
             raise IntegrationError(
                 f"{name} is trained in part, but its storage has shape {tuple(param.shape)}, not "
-                f"{tuple(mask.shape)} (flattened or sharded by a wrapper, e.g. FSDP1's flat parameters), so its "
+                f"{shape} (flattened or sharded by a wrapper, e.g. FSDP1's flat parameters), so its "
                 "frozen slices cannot be masked. Use FSDP2 (fully_shard, or fsdp_config={'version': 2}), "
                 "DeepSpeed through enable_hft, or strategy='layer' (whole tensors only)."
             )
-        return mask
+        return None
     mesh = param.device_mesh
     coordinate = mesh.get_coordinate()
     try:
         if coordinate is None:
             raise UnsupportedPlacement("this rank is not in the parameter's device mesh")
-        index = local_index(tuple(mask.shape), param.placements, tuple(mesh.shape), coordinate)
+        index = local_index(shape, param.placements, tuple(mesh.shape), coordinate)
     except UnsupportedPlacement as exc:
         raise IntegrationError(
             f"{name} is trained in part and sharded as {tuple(param.placements)} ({exc}); HFT masks the frozen "
@@ -92,12 +95,12 @@ def local_trainable_mask(name: str, param: torch.Tensor, mask: torch.Tensor) -> 
             "FSDP2's default placement (no shard_placement_fn, or one returning Shard(dim)), or use "
             "strategy='layer' (whole tensors only)."
         ) from None
-    local = mask[index]
+    found = tuple(s.stop - s.start for s in index)
     expected = tuple(param.to_local().shape)
-    if tuple(local.shape) != expected:
+    if found != expected:
         raise IntegrationError(
             f"{name} is trained in part; its local shard has shape {expected}, but its placements "
-            f"{tuple(param.placements)} give {tuple(local.shape)}, so its frozen rows cannot be located. Use FSDP2's "
+            f"{tuple(param.placements)} give {found}, so its frozen rows cannot be located. Use FSDP2's "
             "default placement, or strategy='layer' (whole tensors only)."
         )
-    return local
+    return index

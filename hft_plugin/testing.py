@@ -87,7 +87,7 @@ def assert_frozen_and_trained(selection, before: dict, after: dict) -> dict[str,
     Raises AssertionError naming the first tensor that breaks it; returns how many tensors and
     frozen elements were checked, so a caller can tell the check was not vacuous.
     """
-    from .masking import region_mask
+    from .boxes import to_mask
 
     plan = selection.plan()
     counts = {"frozen": 0, "trained": 0, "partial": 0, "frozen_elements": 0}
@@ -101,7 +101,7 @@ def assert_frozen_and_trained(selection, before: dict, after: dict) -> dict[str,
             raise AssertionError(f"trainable tensor {name} did not move")
         counts["trained"] += 1
     for name, boxes in plan.partial.items():
-        mask = region_mask(tuple(before[name].shape), boxes, device=before[name].device)
+        mask = to_mask(tuple(before[name].shape), boxes, device=before[name].device)
         if not torch.equal(before[name][~mask], after[name][~mask]):
             raise AssertionError(f"frozen region of {name} changed")
         if torch.equal(before[name][mask], after[name][mask]):

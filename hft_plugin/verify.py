@@ -261,7 +261,7 @@ def verify_checkpoint(base: str, tuned: str, *, manifest: str | None = None,
         ...
         hft_plugin.errors.ConfigError: TUNED no/such/tuned: no such directory.
     """
-    from .masking import region_mask
+    from .boxes import to_mask
     from .selection import read_layout
 
     tuned_weights = CheckpointWeights(tuned, allow_pickle, label=f"TUNED {tuned}")
@@ -330,7 +330,7 @@ def verify_checkpoint(base: str, tuned: str, *, manifest: str | None = None,
                 )
             trainable_mask = None
             if name in plan.partial:
-                trainable_mask = region_mask(tuple(tuned_value.shape), plan.partial[name], device="cpu")
+                trainable_mask = to_mask(tuple(tuned_value.shape), plan.partial[name], device="cpu")
             checks[name] = _compare(name, half.get(name, "unlisted"), tuned_value, base_value, trainable_mask,
                                     tuple(tuned_view.sources(name)))
             del tuned_value, base_value  # one tensor of each checkpoint at a time

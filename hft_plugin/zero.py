@@ -2,8 +2,9 @@
 
 ZeRO keeps gradients in flat, partitioned buffers, not in ``param.grad``, so the frozen blocks of a
 partly trained (fused) tensor are zeroed by a gradient hook on the parameter, before ZeRO reduces
-the gradient (:class:`ZeroGradientMasks`). Restoring frozen blocks after a step would need ZeRO's
-fp32 master copy, so those tensors need an elementwise optimizer without weight decay:
+the gradient (:class:`ZeroGradientMasks`, through :meth:`~hft_plugin.freeze.HFTHandle.gradient_hook`:
+the frozen blocks the handle finds once per tensor). Restoring frozen blocks after a step would need
+ZeRO's fp32 master copy, so those tensors need an elementwise optimizer without weight decay:
 :func:`check_zero_optimizer` refuses anything else, and an optimizer that owns frozen tensors.
 """
 
@@ -11,32 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .errors import IntegrationError
-from .masking import frozen_boxes
 
 # Optimizers under which a zero gradient with zero state moves nothing (when weight decay is 0),
 # by the class names DeepSpeed builds from a config "optimizer" block.
 ELEMENTWISE = frozenset({"Adam", "AdamW", "DeepSpeedCPUAdam", "FusedAdam", "SGD", "Adagrad", "DeepSpeedCPUAdagrad"})
-
-
-class _GradHook:
-    """Masks one fused tensor's gradient before it is accumulated (and, under ZeRO, reduced):
-    zeroes views of its frozen blocks, keeping a dense mask only for a scattered region."""
-
-    def __init__(self, trainable_mask: torch.Tensor):
-        self.boxes = frozen_boxes(trainable_mask)
-        self.mask = trainable_mask if self.boxes is None else None
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.boxes is None:
-            if self.mask.dtype != grad.dtype or self.mask.device != grad.device:
-                self.mask = self.mask.to(device=grad.device, dtype=grad.dtype)
-            return grad * self.mask
-        grad = grad.clone()  # a hook must not write into the gradient autograd hands it
-        torch._foreach_zero_([grad[box] for box in self.boxes])
-        return grad
 
 
 class ZeroGradientMasks:
@@ -53,7 +33,7 @@ class ZeroGradientMasks:
         if self._hooks:
             return
         for name, param in handle.masked_parameters.items():
-            self._hooks.append(param.register_hook(_GradHook(handle.trainable_mask(name))))
+            self._hooks.append(param.register_hook(handle.gradient_hook(name)))
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -23,8 +23,9 @@ def _quiet_transformers():
 # -- leak check: every test leaves the plugin's global state as it found it ------------------------------
 # What the package installs beyond one object's life: patches on other libraries (adapters/base.py), the
 # start-up hook's state, its exception hook and import hooks, the HFT_* variables, the Trainer adapter in
-# force, the Axolotl registration, and the live handles, shared references, sessions, monitors and replays
-# (weak registries: an entry lives only while its object does, so a leak is one still alive after the test).
+# force, the Axolotl registration, experts implementations registered with transformers, and the live
+# handles, shared references, sessions, monitors and replays (weak registries: an entry lives only while
+# its object does, so a leak is one still alive after the test).
 # A test that cleans up after itself passes; a test that fails is not checked (its traceback keeps objects).
 _WEAK_REGISTRIES = (
     ("hft_plugin.freeze", "_ACTIVE", "HFT handles"),
@@ -65,6 +66,10 @@ def plugin_state(live: bool = False) -> dict:
     auto = modules.get("hft_plugin.adapters.trainer_auto")
     if auto is not None:
         state["Trainer adapters in force"] = [id(a) for a in auto._AutoState.adapters]
+    moe = modules.get("transformers.integrations.moe")
+    if moe is not None and hasattr(moe, "ExpertsInterface"):  # an experts implementation of the plugin's
+        mappings = (moe.ExpertsInterface._global_mapping, getattr(moe.ALL_EXPERTS_FUNCTIONS, "_local_mapping", {}))
+        state["experts implementations"] = sorted(k for m in mappings for k, f in m.items() if _ours(f))
     axolotl = modules.get("hft_plugin.adapters.axolotl")
     if axolotl is not None and hasattr(axolotl, "_REGISTRATION"):
         state["Axolotl registration"] = [id(a) for a in axolotl._REGISTRATION["holders"]]

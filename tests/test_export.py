@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from hft_plugin import apply_selection, select_half
+from hft_plugin.boxes import ranges, to_mask
 from hft_plugin.cli import main
-from hft_plugin.export import ExportError, axolotl, row_ranges, spectrum
-from hft_plugin.masking import region_mask
+from hft_plugin.export import ExportError, axolotl, spectrum
 from hft_plugin.testing import tiny_config, tiny_model
 
 from .helpers import assert_frozen_and_trained, snapshot, train_steps
@@ -48,7 +48,7 @@ def hft_masks(selection, expressible=None) -> dict[str, torch.Tensor]:
     masks = {}
     for name, shape in selection.layout.shapes.items():
         if name in plan.partial:
-            mask = region_mask(shape, plan.partial[name], device="cpu")
+            mask = to_mask(shape, plan.partial[name], device="cpu")
         else:
             mask = torch.full(shape, name in plan.trainable, dtype=torch.bool)
         masks[name] = mask if expressible is None or name in expressible else torch.zeros_like(mask)
@@ -116,12 +116,12 @@ def test_per_expert_blocks_are_refused_whole_experts_are_ranges():
 
 
 def test_row_ranges_are_exact():
-    assert row_ranges((8, 4), [((0, 2, 4),), ((0, 4, 6),)]) == [(2, 6)]
+    assert ranges((8, 4), [((0, 2, 4),), ((0, 4, 6),)]) == [(2, 6)]
     # the two halves of rows 0:2 along dimension 1 together make whole rows
-    assert row_ranges((8, 4), [((0, 0, 2), (1, 0, 2)), ((0, 0, 2), (1, 2, 4))]) == [(0, 2)]
-    assert row_ranges((8, 4), [((0, 0, 2), (1, 0, 2))]) is None
-    assert row_ranges((2, 8, 4), [((0, 1, 2), (2, 0, 4))]) == [(1, 2)]  # a constraint spanning its dim
-    assert row_ranges((2, 8, 4), [((0, 1, 2), (1, 0, 4))]) is None
+    assert ranges((8, 4), [((0, 0, 2), (1, 0, 2)), ((0, 0, 2), (1, 2, 4))]) == [(0, 2)]
+    assert ranges((8, 4), [((0, 0, 2), (1, 0, 2))]) is None
+    assert ranges((2, 8, 4), [((0, 1, 2), (2, 0, 4))]) == [(1, 2)]  # a constraint spanning its dim
+    assert ranges((2, 8, 4), [((0, 1, 2), (1, 0, 4))]) is None
 
 
 def test_one_round_per_export_and_json_is_the_selection(folders, capsys):

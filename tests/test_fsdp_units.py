@@ -11,7 +11,7 @@ import torch
 
 from hft_plugin import IntegrationError, apply_selection, select_half
 from hft_plugin.adapters.fsdp import check_fsdp
-from hft_plugin.shards import UnsupportedPlacement, local_index, local_trainable_mask
+from hft_plugin.shards import UnsupportedPlacement, local_index, local_part
 from hft_plugin.testing import tiny_model
 
 from .helpers import assert_frozen_and_trained, snapshot
@@ -59,10 +59,9 @@ def test_unsupported_placements_are_named():
 
 
 def test_flattened_storage_is_refused_with_the_tensor_named():
-    mask = torch.ones(8, 4, dtype=torch.bool)
-    assert local_trainable_mask("w", torch.zeros(8, 4), mask) is mask
+    assert local_part("w", torch.zeros(8, 4), (8, 4)) is None  # not sharded: the tensor holds the whole
     with pytest.raises(IntegrationError, match=r"qkv_proj.weight.*FSDP2"):
-        local_trainable_mask("layers.0.qkv_proj.weight", torch.zeros(16), mask)  # an FSDP1 flat shard
+        local_part("layers.0.qkv_proj.weight", torch.zeros(16), (8, 4))  # an FSDP1 flat shard
 
 
 def test_fsdp1_checks():

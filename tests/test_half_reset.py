@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hft_plugin import ConfigError, SelectionMismatchError, select_half
 from hft_plugin.reset import RESET_MANIFEST_NAME, _Weights, half_reset, half_reset_checkpoint, main
-from hft_plugin.masking import region_mask
+from hft_plugin.boxes import to_mask
 from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
@@ -28,7 +28,7 @@ def check_reset(selection, base: dict, tuned: dict, result: dict) -> dict:
     for name in plan.trainable:
         assert torch.equal(result[name], tuned[name]), f"{name} lost its tuned values"
     for name, boxes in plan.partial.items():
-        keep = region_mask(tuple(result[name].shape), boxes, device="cpu")
+        keep = to_mask(tuple(result[name].shape), boxes, device="cpu")
         assert torch.equal(result[name][keep], tuned[name][keep]), f"trained region of {name} changed"
         assert torch.equal(result[name][~keep], base[name][~keep]), f"frozen region of {name} was not reset"
     return {"frozen": len(plan.frozen), "trainable": len(plan.trainable), "partial": len(plan.partial)}

@@ -143,3 +143,38 @@ def test_deactivate_after_import_auto_takes_back_the_switch_auto_set():
                             text=True, timeout=120, cwd=str(ROOT))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["yes", "yes"]
+
+
+def test_moe_training_registers_nothing_with_transformers_and_leaves_the_experts_implementation():
+    """The experts mechanism computes through a forward on each experts module instance: nothing is
+    registered in transformers' ``ExpertsInterface`` and the model's experts implementation is the
+    user's, while handles are applied and after the last one is removed."""
+    import torch
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    from hft_plugin import apply_selection, select_half
+    from hft_plugin.testing import tiny_model
+
+    def registry() -> tuple[dict, dict]:
+        return dict(ExpertsInterface._global_mapping), dict(ALL_EXPERTS_FUNCTIONS._local_mapping)
+
+    def implementations(*models) -> list:
+        return [(m.config._experts_implementation, type(m.model.layers[0].mlp.experts).forward) for m in models]
+
+    before = registry()
+    models = [tiny_model("mixtral"), tiny_model("mixtral")]
+    models[1].set_experts_implementation("eager")
+    configured = implementations(*models)
+    handles = [apply_selection(m, select_half(m, round=r)) for r, m in enumerate(models)]
+    assert all(set(h.mechanisms().values()) == {"experts"} for h in handles)
+    batch = torch.randint(0, models[0].config.vocab_size, (2, 8))
+    for model, handle in zip(models, handles):
+        optimizer = torch.optim.AdamW(handle.parameters(), lr=1e-3)
+        handle.attach(optimizer)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    assert registry() == before and implementations(*models) == configured
+    handles[0].remove()
+    assert registry() == before and implementations(*models) == configured
+    handles[1].remove()  # the last handle
+    assert registry() == before and implementations(*models) == configured

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ._workers.common import collate, lm_dataset, train_args
 from hft_plugin import ConfigError, ManifestError, SelectionMismatchError, enable_hft
 from hft_plugin.cli import main
-from hft_plugin.masking import region_mask
+from hft_plugin.boxes import to_mask
 from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 from hft_plugin.verify import EXIT_BROKEN, verify_checkpoint
@@ -122,7 +122,7 @@ def _frozen_element(tuned: str, family: str):
         return name, (1, 2), name, (1, 2)
     name = EXPERTS if family in MOE else next(n for n in plan.partial if "qkv_proj" in n)
     shape = Selection.load(tuned).layout.shapes[name]
-    frozen = ~region_mask(tuple(shape), plan.partial[name], device="cpu")
+    frozen = ~to_mask(tuple(shape), plan.partial[name], device="cpu")
     index = tuple(int(i) for i in frozen.nonzero()[-1])  # the last frozen element
     if family not in MOE:
         return name, index, name, index

@@ -22,8 +22,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-# A box: ((dim, start, stop), ...); dimensions not named are taken whole.
-Box = tuple[tuple[int, int, int], ...]
+from ..boxes import Box
 
 GROUPS = ("attention", "mlp", "norm", "router", "other")
 """Roles inside a transformer block. The category strategy balances each role on its own."""
@@ -33,13 +32,6 @@ def param_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The full shape of a parameter, also when ZeRO-3 has partitioned it away."""
     ds_shape = getattr(param, "ds_shape", None)
     return tuple(ds_shape) if ds_shape is not None else tuple(param.shape)
-
-
-def box_numel(shape: tuple[int, ...], box: Box) -> int:
-    sizes = list(shape)
-    for dim, start, stop in box:
-        sizes[dim] = stop - start
-    return math.prod(sizes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from ..boxes import Box, numel as box_numel
 from ..errors import LayoutError
-from .base import Box, Layout, Part, Unit, find_layer_list, param_shape
+from .base import Layout, Part, Unit, find_layer_list, param_shape
 
 # A splitter turns one parameter of a fused module into named regions:
 # (param_name, shape) -> [(part_name, boxes), ...] covering the parameter exactly once.
@@ -124,24 +125,9 @@ def _piece_numels(pieces, shape: tuple[int, ...], cache: dict) -> list[int]:
     if hit is not None and hit[0] is pieces:
         return hit[1]
     total = math.prod(shape)
-    numels = [total if boxes is None else sum(_box_numel_of(total, shape, b) for b in boxes) for _, boxes in pieces]
+    numels = [total if boxes is None else sum(box_numel(shape, b) for b in boxes) for _, boxes in pieces]
     cache[(id(pieces), shape)] = (pieces, numels)
     return numels
-
-
-def _box_numel_of(total: int, shape: tuple[int, ...], box: Box) -> int:
-    """The elements of ``box`` in a tensor of ``shape`` holding ``total`` (exact: each step divides
-    the product by one of its factors)."""
-    for dim, start, stop in box:
-        total = total // shape[dim] * (stop - start) if shape[dim] else 0
-    return total
-
-
-def _box_numel(shape: tuple[int, ...], box: Box) -> int:
-    sizes = list(shape)
-    for dim, start, stop in box:
-        sizes[dim] = stop - start
-    return math.prod(sizes)
 
 
 # Splitters for the fused tensors transformers uses today.

@@ -1,4 +1,4 @@
-"""Stacked Mixture-of-Experts tensors trained in part.
+"""The ``experts`` mechanism: stacked Mixture-of-Experts tensors trained in part.
 
 transformers 5 stores a layer's experts stacked (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I),
 optional biases, or their transposes) in a module whose class is decorated with
@@ -20,21 +20,25 @@ The model's config, transformers' registry of implementations and the model clas
 are, so copies, pickles and ``save_pretrained`` see the user's configuration, and nothing global
 needs undoing. A module whose configured implementation is switched after HFT was applied runs that
 implementation (its full weight gradient: still exact, since the optimizer owns only the regions).
-Implementations HFT does not reproduce (``deepgemm``, ``sonicmoe``, a custom registration) and
-expert-parallel modules keep the gradient-mask mechanism (:mod:`hft_plugin.masking`).
+Implementations HFT does not reproduce (``deepgemm``, ``sonicmoe``, a custom registration),
+expert-parallel modules and regions that span several experts keep the gradient-mask mechanism
+(:mod:`hft_plugin.mechanisms.mask`).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .regions import PartialTensor, install_forward
+from ..boxes import bounds, fixes_one
+from ..regions import PartialTensor, install_forward
 
-logger = logging.getLogger("hft_plugin")
+if TYPE_CHECKING:
+    from . import Candidate
+
+NAME = "experts"
 
 # Implementations whose computation HFT reproduces (None: a module used outside a model, eager).
 REPRODUCIBLE = frozenset({None, "eager", "grouped_mm", "batched_mm"})
@@ -66,6 +70,28 @@ def unsupported_reason(module: nn.Module, attr: str) -> str | None:
     return None
 
 
+def matches(tensor: "Candidate") -> bool:
+    """A stacked tensor of a transformers experts module whose computation HFT reproduces, each
+    trainable box inside one expert."""
+    return tensor.blocked is None and is_experts_module(tensor.module) and why_not(tensor) is None
+
+
+def why_not(tensor: "Candidate") -> str | None:
+    """Why a tensor of a transformers experts module cannot use this mechanism (None for any other
+    module: it is not this mechanism's to refuse)."""
+    if tensor.module is None or not is_experts_module(tensor.module):
+        return None
+    why = unsupported_reason(tensor.module, tensor.attr)
+    if why is None and not all(fixes_one(box) for box in tensor.boxes):
+        why = "a region spans several experts"
+    return why
+
+
+def regions(tensor: "Candidate", root: nn.Module) -> PartialTensor:
+    """The region parameters of ``tensor``, one per trainable box, each indexing its expert with an int."""
+    return PartialTensor(tensor.module, tensor.attr, tensor.name, tensor.boxes, squeeze_leading=True, root=root)
+
+
 def experts_spec(module: nn.Module, partials: Sequence[PartialTensor]) -> tuple:
     """Per stacked projection with regions, as constants (hashable, so ``torch.compile`` treats them
     as such): (name, transposed, weight regions as (expert, out_start, out_stop, in_start, in_stop)
@@ -80,23 +106,13 @@ def experts_spec(module: nn.Module, partials: Sequence[PartialTensor]) -> tuple:
         if name in by_attr:
             shape = module._parameters[name].shape
             for region in by_attr[name].regions:
-                ranges, expert = {1: (0, shape[1]), 2: (0, shape[2])}, None
-                for dim, start, stop in region.box:
-                    if dim == 0:
-                        expert = start
-                    else:
-                        ranges[dim] = (start, stop)
-                out_range, in_range = (ranges[2], ranges[1]) if transposed else (ranges[1], ranges[2])
+                (expert, _), rows, columns = bounds(shape, region.box)  # each box is one expert's
+                out_range, in_range = (columns, rows) if transposed else (rows, columns)
                 weights.append((expert, *out_range, *in_range))
         if f"{name}_bias" in by_attr:
             shape = module._parameters[f"{name}_bias"].shape
             for region in by_attr[f"{name}_bias"].regions:
-                expert, out_range = None, (0, shape[1])
-                for dim, start, stop in region.box:
-                    if dim == 0:
-                        expert = start
-                    else:
-                        out_range = (start, stop)
+                (expert, _), out_range = bounds(shape, region.box)
                 biases.append((expert, *out_range))
         spec.append((name, transposed, tuple(weights), tuple(biases)))
     return tuple(spec)
