@@ -33,7 +33,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_path, parse_ratio, parse_round
+from .parsing import flag_type, parse_int, parse_path, parse_ratio, parse_round
 
 PROG = "hft"
 

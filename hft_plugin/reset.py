@@ -26,7 +26,7 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_ratio
+from .parsing import flag_type, parse_int, parse_ratio
 from .errors import ConfigError, HFTError, SelectionMismatchError
 # The one checkpoint reader, shared with hft verify and the reference model's sharing.
 from .weights import SAFE_INDEX
