@@ -220,7 +220,10 @@ def parse_rounds(text: str) -> list[int]:
 def run_plan(args: argparse.Namespace) -> int:
     from .config import HFTConfig
     from .report import layer_grid, plot_grids, render_table
-    from .selection import MANIFEST_NAME, _select, check_model, resolve_round, rounds_run, strategy_names
+    from .checks import check_model
+    from .manifest import MANIFEST_NAME
+    from .rounds import resolve_round, rounds_run
+    from .selection import _select, strategy_names
 
     if args.strategy is not None and args.strategy not in strategy_names():
         raise CommandError(f"unknown strategy {args.strategy!r}; known: {', '.join(strategy_names())}")

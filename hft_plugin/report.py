@@ -279,7 +279,7 @@ def train_start_summary(selection: "Selection", handle: "HFTHandle", *more: str)
         >>> print(train_start_summary(handle.selection, handle).splitlines()[1])
         trainable params: 86,336 || all params: 160,320 || trainable%: 53.8523
     """
-    from .selection import applied_counts
+    from .checks import applied_counts
 
     lines = [selection.summary(applied_counts(selection, handle.model)), handle.mechanism_summary(), *more]
     return "\n".join(line for line in lines if line)
