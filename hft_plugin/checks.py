@@ -97,7 +97,7 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
 
     Returns:
         The keys of :meth:`Selection.stats` (``trainable_params``, ``layer_trainable_params``,
-        ``outside_trainable_params``, ``trainable_ratio``, ``overall_ratio``, ``groups``, ...), in
+        ``outside_trainable_params``, ``trainable_ratio``, ``overall_ratio``, ``roles``, ...), in
         elements, plus ``frozen_by_user``: the parameters the plan trains (whole or in part) that
         stay frozen.
 
@@ -116,15 +116,16 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
     stats = selection.stats()
     plan = selection.plan()
     frozen_plan = set(plan.frozen)
-    per_group: dict[str, list[int]] = {g: [0, v["total"]] for g, v in stats["groups"].items()}
+    per_role: dict[str, list[int]] = {r: [0, v["total"]] for r, v in stats["roles"].items()}
     for unit, trains in selection.units():
         if trains:
-            per_group[unit.group][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
-    layer_trainable = sum(c[0] for c in per_group.values())
+            per_role[unit.group][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
+    layer_trainable = sum(c[0] for c in per_role.values())
     outside_trainable = sum(selection.layout.numel(n) for n in selection.layout.outside
                             if n not in frozen_plan and requires_grad.get(n, False))
     layer_total, total = stats["layer_params"], stats["total_params"]
     frozen_by_user = sorted(n for n in (*plan.trainable, *plan.partial) if not requires_grad.get(n, False))
+    roles = {r: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0} for r, c in per_role.items()}
     return {
         **stats,
         "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
@@ -132,8 +133,8 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
         "outside_trainable_params": outside_trainable,
         "trainable_params": layer_trainable + outside_trainable,
         "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
-        "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
-                   for g, c in per_group.items()},
+        "roles": roles,
+        "groups": roles,  # deprecated: the former name of "roles"
         "frozen_by_user": frozen_by_user,
     }
 

@@ -306,7 +306,7 @@ def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="show which half of a model trains (no weights read)",
         description="Build MODEL from its config on the meta device (no weights are read) and show, per "
-                    "layer and role, which half trains in a round, with the shares per role.",
+                    "layer and unit, which half trains in a round, with the shares per role.",
         epilog="example: hft plan ./SmolLM2-135M --rounds 0-3 --plot rounds.png",
     )
     plan.add_argument("model", metavar="MODEL",

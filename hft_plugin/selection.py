@@ -19,7 +19,7 @@ from torch import nn
 from .checks import applied_counts, check_fits, check_model, check_trains_something  # noqa: F401
 from .config import HFTConfig
 from .errors import ConfigError, LayoutError
-from .layouts.base import GROUPS, Box, Layout, Part, Unit, gc_paused
+from .layouts.base import GROUPS as ROLES, Box, Layout, Part, Unit, gc_paused
 from .manifest import MANIFEST_NAME, read_manifest, selection_from_json, selection_to_dict  # noqa: F401
 from .rounds import folder_manifest, model_folder, resolve_round, rounds_run  # noqa: F401
 
@@ -117,18 +117,22 @@ class Selection:
         ``overall_ratio`` (``trainable_params / total_params``) is the figure PEFT calls
         ``trainable%``; ``trainable_ratio`` is the HFT ratio, counted over the transformer layers
         only (``layer_trainable_params / layer_params``); the parameters outside the layers
-        (embeddings, lm_head, final norm) train whole unless ``train_embeddings=False``.
+        (embeddings, lm_head, final norm) train whole unless ``train_embeddings=False``. ``roles``
+        counts each role of the layers (attention, mlp, norm, router, other); ``groups`` is the same
+        mapping under its former name, deprecated, kept for code and dashboards that read it.
         """
-        per_group: dict[str, list[int]] = {}
+        per_role: dict[str, list[int]] = {}
         for unit, trains in self.units():
-            counts = per_group.setdefault(unit.group, [0, 0])
+            counts = per_role.setdefault(unit.group, [0, 0])  # Unit.group is the unit's role
             counts[0] += unit.numel if trains else 0
             counts[1] += unit.numel
-        layer_trainable = sum(c[0] for c in per_group.values())
+        layer_trainable = sum(c[0] for c in per_role.values())
         layer_total = self.layout.layer_numel
         outside_total = self.layout.outside_numel
         outside_trainable = outside_total if self.config.train_embeddings else 0
         total = layer_total + outside_total
+        roles = {r: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
+                 for r, c in sorted(per_role.items(), key=lambda kv: _role_order(kv[0]))}
         return {
             "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
             "trainable_params": layer_trainable + outside_trainable,
@@ -136,8 +140,8 @@ class Selection:
             "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
             "layer_trainable_params": layer_trainable,
             "layer_params": layer_total,
-            "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
-                       for g, c in sorted(per_group.items(), key=lambda kv: _group_order(kv[0]))},
+            "roles": roles,
+            "groups": roles,  # deprecated: the former name of "roles", the same object
             "outside_trainable_params": outside_trainable,
             "outside_params": outside_total,
             "num_layers": len(self.layout.layers),
@@ -176,7 +180,7 @@ class Selection:
         w = max(15, len(f"{s['total_params']:,}") + 2)
         rows = [("all parameters", s["trainable_params"], s["total_params"], s["overall_ratio"]),
                 ("layers (HFT ratio)", s["layer_trainable_params"], s["layer_params"], s["trainable_ratio"])]
-        rows += [("  " + group, g["trainable"], g["total"], g["ratio"]) for group, g in s["groups"].items()]
+        rows += [("  " + role, r["trainable"], r["total"], r["ratio"]) for role, r in s["roles"].items()]
         rows.append(("outside layers", outside_trains, outside, outside_trains / outside if outside else 0))
         lines.append(f"{'part':<22}{'trainable':>{w}}{'total':>{w}}{'share':>9}")
         lines += [f"{name:<22}{trains:>{w},}{total:>{w},}{share:>9.2%}" for name, trains, total, share in rows]
@@ -231,8 +235,8 @@ class Selection:
         return read_manifest(cls, path)
 
 
-def _group_order(group: str) -> tuple[int, str]:
-    return (GROUPS.index(group) if group in GROUPS else len(GROUPS), group)
+def _role_order(role: str) -> tuple[int, str]:
+    return (ROLES.index(role) if role in ROLES else len(ROLES), role)
 
 
 def read_layout(model: nn.Module) -> Layout:

@@ -54,7 +54,7 @@ def test_the_counts_are_what_actually_trains():
     assert counts["outside_trainable_params"] == planned["outside_trainable_params"] - model.lm_head.weight.numel()
     assert counts["trainable_ratio"] < planned["trainable_ratio"] == 0.5
     assert "lm_head.weight" in counts["frozen_by_user"]
-    assert sum(g["trainable"] for g in counts["groups"].values()) == counts["layer_trainable_params"]
+    assert sum(g["trainable"] for g in counts["roles"].values()) == counts["layer_trainable_params"]
     handle.remove()
 
 
