@@ -10,8 +10,7 @@ from hft_plugin import NothingToTrainError, UnsupportedModelError, apply_selecti
 from hft_plugin.checks import applied_counts
 from hft_plugin.testing import tiny_model
 
-from .helpers import flags, snapshot
-from .test_trainer import plain_trainer
+from .helpers import flags, plain_trainer, snapshot
 
 
 # -- nothing left to train -----------------------------------------------------------------------------

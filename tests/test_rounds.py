@@ -17,8 +17,7 @@ from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model
 
 from ._workers.common import check_training
-from .helpers import flags, snapshot
-from .test_trainer import plain_trainer
+from .helpers import flags, plain_trainer, snapshot
 
 
 def load(folder):

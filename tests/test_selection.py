@@ -14,15 +14,10 @@ from hft_plugin import HFTConfig, Selection, select_half
 from hft_plugin.layouts.base import param_shape
 from hft_plugin.testing import TINY_CONFIGS, tiny_config, tiny_model
 
+from .helpers import meta_model
+
 FAMILIES = sorted(TINY_CONFIGS)
 STRATEGIES = ["category", "layer", "model"]
-
-
-def meta_model(family: str, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **overrides))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from hft_plugin.layouts.generic import find_stacks, read_generic
 from hft_plugin.layouts.named import read_named
 from hft_plugin.testing import tiny_model
 
-from .helpers import assert_frozen_and_trained, snapshot, train_steps
+from .helpers import assert_frozen_and_trained, meta_model, snapshot, train_steps
 
 # type -> layers expected (from the default config), and the layout expected when it is a named one
 SAMPLE = {
@@ -41,13 +41,6 @@ SAMPLE = {
     "gemma3n_text": 35,  # AltUp, LAuReL: the "other" role
 }
 NAMED = {"llama", "gpt2", "mixtral"}
-
-
-def meta_model(model_type: str, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides))
 
 
 def roles_by_param(layout) -> dict[str, set[str]]:
@@ -313,12 +306,3 @@ def test_zoo_benchmark_rows():
     assert summary["meta_buildable"] == 1 and summary["read"] == 1
     assert "| rwkv | generic | 32 |" in zoo.markdown([row], summary, {
         "command": "c", "date": "d", "transformers": "t", "torch": "t", "python": "p", "machine": "m", "load": "1, 1"})
-
-
-def test_generic_docstring_example_runs():
-    import doctest
-
-    import hft_plugin.layouts.generic as generic
-
-    result = doctest.testmod(generic, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
