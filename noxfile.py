@@ -25,6 +25,7 @@ TRANSFORMERS_TESTS = (
     "tests/test_bootstrap.py",
     "tests/test_bootstrap_startup.py",
     "tests/test_cli_e2e.py",
+    "tests/test_docs.py",  # every module's docstring examples, the Trainer adapter's among them
 )
 
 

@@ -259,7 +259,7 @@ def render(result: dict) -> str:
     for name, r in s["roles"].items():
         lines.append(f"| {name} | {r['layers']} | {r['shielded_frozen']} | {r['category_frozen']:.1f} |")
     lines += ["", f"Trainable share of the layers: {s['stats']['trainable_ratio']:.2%}; per role: "
-              + ", ".join(f"{g} {v['ratio']:.2%}" for g, v in s["stats"]["groups"].items()) + ".",
+              + ", ".join(f"{g} {v['ratio']:.2%}" for g, v in s["stats"]["roles"].items()) + ".",
               f"Layers training 2 of the 3 MLP matrices: {s['layers_training_2_of_3_mlp']}.", "",
               "## On the meta device: what scoring a larger model needs", "",
               "| model | params | norm state (MB) | share of layers chosen by score | scoring-pass FLOPs | CPU hours "

@@ -103,7 +103,7 @@ def probe(model_type: str, units: bool = False) -> dict[str, Any]:
     first, second = selections
     stats = first.stats()
     layout = first.layout
-    roles = {g: v["total"] for g, v in stats["groups"].items()}
+    roles = {g: v["total"] for g, v in stats["roles"].items()}
     row.update(
         status="read",
         layout=first.layout_name,
@@ -115,7 +115,7 @@ def probe(model_type: str, units: bool = False) -> dict[str, Any]:
         role_shares={g: round(n / stats["layer_params"], 4) for g, n in roles.items()},
         share_r0=first.trainable_ratio,
         share_r1=second.trainable_ratio,
-        role_ratio_r0={g: round(v["ratio"], 4) for g, v in stats["groups"].items()},
+        role_ratio_r0={g: round(v["ratio"], 4) for g, v in stats["roles"].items()},
         rounds_differ=first.trainable_units != second.trainable_units,
         time_r0_s=round(times[0], 4),
         time_r1_s=round(times[1], 4),

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import json
 import os
 import sys
 from typing import Any, Callable, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_path, parse_ratio, parse_round
+from .parsing import flag_type, parse_int, parse_path, parse_ratio, parse_round
 
 PROG = "hft"
 
@@ -220,7 +219,10 @@ def parse_rounds(text: str) -> list[int]:
 def run_plan(args: argparse.Namespace) -> int:
     from .config import HFTConfig
     from .report import layer_grid, plot_grids, render_table
-    from .selection import MANIFEST_NAME, _select, check_model, resolve_round, rounds_run, strategy_names
+    from .checks import check_model
+    from .manifest import MANIFEST_NAME
+    from .rounds import resolve_round, rounds_run
+    from .selection import _select, strategy_names
 
     if args.strategy is not None and args.strategy not in strategy_names():
         raise CommandError(f"unknown strategy {args.strategy!r}; known: {', '.join(strategy_names())}")
@@ -304,7 +306,7 @@ def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="show which half of a model trains (no weights read)",
         description="Build MODEL from its config on the meta device (no weights are read) and show, per "
-                    "layer and role, which half trains in a round, with the shares per role.",
+                    "layer and unit, which half trains in a round, with the shares per role.",
         epilog="example: hft plan ./SmolLM2-135M --rounds 0-3 --plot rounds.png",
     )
     plan.add_argument("model", metavar="MODEL",
@@ -340,25 +342,81 @@ def _add_plan(subparsers) -> None:
     plan.set_defaults(func=run_plan)
 
 
-# -- hft half-reset and hft run: their own modules, loaded only when used ----------------------------
+# -- hft half-reset: the command here, the work in hft_plugin.reset (imported when it runs) ------------
 
-_HALF_RESET_HELP = "reset the frozen half of a tuned model to its base (the paper's Half-Reset)"
+def _half_reset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="DIR", help="the model the tuned one was fine-tuned from")
+    parser.add_argument("--tuned", required=True, metavar="DIR", help="the fully fine-tuned model")
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory for the result")
+    parser.add_argument("--strategy", help="how the half is chosen (default: category, or the tuned run's)")
+    parser.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"),
+                        help="the share of the layers that keeps its tuned values (default: 0.5)")
+    parser.add_argument("--seed", type=flag_type(parse_int, "--seed"), help="seeds the choice of the half (default: 0)")
+    parser.add_argument("--round", type=flag_type(parse_int, "--round"),
+                        help="the HFT round whose frozen half is reset (default: 0)")
+    parser.add_argument("--reset-embeddings", action="store_const", const=True, default=None,
+                        help="also reset embeddings, lm_head and final norm (by default they keep their tuned values)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
+    parser.epilog = ("If TUNED has an hft_selection.json (it was trained with HFT), the options left out are that "
+                     "run's, and an option that contradicts it is an error.")
+
+
+def run_half_reset(args: argparse.Namespace) -> int:
+    """Run ``hft half-reset`` with parsed arguments; returns the exit code (128 + the signal's
+    number if a signal stopped it, with nothing written)."""
+    from .reset import half_reset_checkpoint
+
+    try:
+        selection = half_reset_checkpoint(
+            args.base, args.tuned, args.out, strategy=args.strategy, ratio=args.ratio, seed=args.seed,
+            round=args.round, train_embeddings=None if args.reset_embeddings is None else not args.reset_embeddings,
+            allow_pickle=args.allow_pickle, _flags=True,
+        )
+    except KeyboardInterrupt as stop:  # Interrupted (SIGTERM, SIGHUP) or Ctrl-C
+        import signal
+
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"half-reset: interrupted by {signal.Signals(signum).name}; nothing was written to {args.out}",
+              file=sys.stderr)
+        return 128 + int(signum)
+    plan = selection.plan()
+    print(selection.summary())
+    print(f"reset to base: {len(plan.frozen)} tensors whole, {len(plan.partial)} in part; "
+          f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+def add_half_reset(subparsers) -> argparse.ArgumentParser:
+    """Add ``half-reset`` to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "half-reset", help="reset the frozen half of a tuned model to its base (the paper's Half-Reset)",
+        description="Write OUT = TUNED with the half that HFT would freeze reset to BASE, tensor by tensor "
+                    "over safetensors (memory stays near the largest tensor).",
+    )
+    _half_reset_arguments(parser)
+    parser.set_defaults(func=run_half_reset)
+    return parser
+
+
+def half_reset_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hft_plugin.reset``: the same as ``hft half-reset``."""
+    from .errors import HFTError
+
+    parser = argparse.ArgumentParser(prog="python -m hft_plugin.reset",
+                                     description="Half-Reset a fully fine-tuned checkpoint to its base.")
+    _half_reset_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_half_reset(args)
+    except HFTError as error:
+        print(f"half-reset: error: {_first_line(error)}", file=sys.stderr)
+        return 2
+
+
+# -- hft forgetting and hft run: their own modules, loaded only when used --------------------------------
+
 _RUN_HELP = "run a training command with HFT on in every process (the same as hft-run)"
-
-
-def _add_half_reset(subparsers, load: bool) -> None:
-    if load:
-        try:  # the module itself, not the package's half_reset function of the same name
-            half_reset = importlib.import_module(f"{__package__}.reset")
-        except ImportError as error:
-            raise CommandError(f"hft half-reset is not available in this installation ({_first_line(error)})") from None
-        register = getattr(half_reset, "register_cli", None)
-        if register is None:
-            raise CommandError("hft half-reset is not available in this installation (hft_plugin.reset has no register_cli)")
-        # register_cli adds the "half-reset" parser and sets its defaults(func=callable(args) -> int)
-        register(subparsers)
-    else:  # listed in `hft --help` without importing its module
-        subparsers.add_parser("half-reset", help=_HALF_RESET_HELP, add_help=False)
 
 
 def _add_forgetting(subparsers, load: bool) -> None:
@@ -422,7 +480,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hft-plugin {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(subparsers)
-    _add_half_reset(subparsers, load == "half-reset")
+    add_half_reset(subparsers)
     _add_verify(subparsers)
     _add_forgetting(subparsers, load == "forgetting")
     subparsers.add_parser("run", help=_RUN_HELP, add_help=False)

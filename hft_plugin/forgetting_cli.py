@@ -29,7 +29,7 @@ import json
 import os
 from typing import Any
 
-from .bootstrap.env import flag_type, parse_int
+from .parsing import flag_type, parse_int
 from .errors import HFTError, VocabularyMismatchError
 from .forgetting import (DEFAULT_LENGTH, DEFAULT_SAMPLES, PROBE_SEED, PROBES_FILE, ModelBase, Probes, context_length,
                          encode_texts, measure, read_texts, sample_probes, vocab_size)

@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("hft_plugin")
 
 @hookspec(firstresult=True)
 def hft_read_layout(model: "nn.Module") -> "Layout | None":
-    """Read ``model`` into transformer layers, groups and units.
+    """Read ``model`` into transformer layers, roles and units.
 
     Return a :class:`~hft_plugin.layouts.base.Layout`, or None to let the next reader try.
     ``firstresult``: the first reader that returns a Layout wins; the built-in named-family reader

@@ -1,9 +1,12 @@
-"""Reading ``hft_selection.json``: every key and type checked, so a damaged or hand-edited file is a
-:class:`~hft_plugin.ManifestError` that names the file and what is wrong, never a KeyError.
+"""``hft_selection.json``, the manifest: written from a selection, and read back with every key and
+type checked, so a damaged or hand-edited file is a :class:`~hft_plugin.ManifestError` that names
+the file and what is wrong, never a KeyError. :class:`hft_plugin.Selection` reads and writes it
+through this module (``to_dict``, ``to_json``, ``from_json``, ``save``, ``load``); docs/manifest.md
+describes every field.
 
 Formats: 1 (fingerprint of parameter names and shapes) and 2 (the fingerprint also covers how fused
 tensors are split, and the history of rounds). A format 1 file records every part's boxes, so it is
-upgraded as it is read. Writing is :meth:`hft_plugin.Selection.to_dict`.
+upgraded as it is read.
 
     >>> from hft_plugin import select_half
     >>> from hft_plugin.testing import tiny_model
@@ -16,14 +19,53 @@ upgraded as it is read. Writing is :meth:`hft_plugin.Selection.to_dict`.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from .config import NEXT_ROUND, HFTConfig
 from .errors import ConfigError, ManifestError
 from .layouts.base import Layout, Part, Unit, fingerprint_shapes
 
+MANIFEST_NAME = "hft_selection.json"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
+
+
+def selection_to_dict(selection) -> dict[str, Any]:
+    """The manifest of ``selection`` (a Selection), as JSON-ready data in the current format."""
+    return {
+        "format": FORMAT_VERSION,
+        "config": selection.config.to_dict(),
+        "layout": selection.layout.name,
+        "fingerprint": selection.fingerprint,
+        "shapes": {n: list(s) for n, s in selection.layout.shapes.items()},
+        "outside": list(selection.layout.outside),
+        "layers": [
+            [{"key": u.key, "group": u.group, "trainable": u.key in selection.trainable_units,
+              "parts": [{"param": p.param, "numel": p.numel,
+                         "boxes": None if p.boxes is None else [[list(r) for r in b] for b in p.boxes]}
+                        for p in u.parts]}
+             for u in layer]
+            for layer in selection.layout.layers
+        ],
+        "history": [dict(h) for h in selection.history],
+        "stats": selection.stats(),
+        **({"scores": {"file": selection.config.scores, "sha256": selection.scores_sha256}}
+           if selection.config.scores is not None else {}),
+    }
+
+
+def read_manifest(cls, path: str):
+    """Read ``path`` (a manifest file, or a folder holding ``hft_selection.json``) into a ``cls`` (a
+    Selection). Raises ManifestError naming the file when it cannot be read or is not valid."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    return cls.from_json(raw, source=path)
 
 
 def selection_from_json(cls, text: str | bytes, source: str = "the selection"):

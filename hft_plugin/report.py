@@ -1,9 +1,9 @@
-"""Pictures of a selection: a layer x role grid, as a text table and as a heatmap.
+"""Pictures of a selection: a layer x unit grid, as a text table and as a heatmap.
 
-Rows are the transformer layers, columns the roles inside a layer (``q k v o | gate up down |
-norms``). A fused tensor's parts get their own columns (``qkv_proj:q`` is the ``q`` column), and
-the many experts of a mixture of experts are summarised per role, e.g. ``2/8`` experts' gate
-matrices train in that layer.
+Rows are the transformer layers, columns the units inside a layer (``q k v o | gate up down |
+norms``), ordered by their role (attention, mlp, router, norm, other). A fused tensor's parts get
+their own columns (``qkv_proj:q`` is the ``q`` column), and the many experts of a mixture of
+experts are summarised per matrix, e.g. ``2/8`` experts' gate matrices train in that layer.
 
     >>> from hft_plugin.testing import tiny_model
     >>> from hft_plugin import select_half
@@ -20,13 +20,13 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Sequence
 
-from .layouts.base import GROUPS
+from .layouts.base import GROUPS as ROLES
 
 if TYPE_CHECKING:
     from .freeze import HFTHandle
     from .selection import Selection
 
-# Short column names for the roles every decoder layer has under some name.
+# Short column names for the units every decoder layer has under some name.
 _SHORT = {
     "input_layernorm": "input_norm",
     "post_attention_layernorm": "post_attn_norm",
@@ -35,10 +35,10 @@ _SHORT = {
     "q_norm": "q_norm",
     "k_norm": "k_norm",
 }
-# Where the usual roles sit in a row; other columns follow in model order.
+# Where the usual units sit in a row; other columns follow in model order.
 _CANONICAL = ("q", "k", "v", "o", "experts.gate", "experts.up", "experts.down", "gate", "up", "down",
               "router", "input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm")
-_EXPERT_PIECE = re.compile(r"^(\d+)(?:\.(.+))?$")  # "3.gate" -> expert 3, role gate
+_EXPERT_PIECE = re.compile(r"^(\d+)(?:\.(.+))?$")  # "3.gate" -> expert 3, matrix gate
 
 
 @dataclasses.dataclass
@@ -64,14 +64,19 @@ class Cell:
 
 @dataclasses.dataclass
 class Grid:
-    """The layer x role map of one selection."""
+    """The layer x unit map of one selection."""
 
     columns: list[str]
-    column_groups: list[str]
-    rows: list[list[Cell | None]]  # None: the layer has no such role
+    column_roles: list[str]  # each column's role: attention, mlp, norm, router, other
+    rows: list[list[Cell | None]]  # None: the layer has no such unit
     layer_shares: list[float]
     outside: list[tuple[str, bool]]  # parameters outside the layers, and whether they train
     title: str
+
+    @property
+    def column_groups(self) -> list[str]:
+        """Deprecated: the former name of :attr:`column_roles`."""
+        return self.column_roles
 
 
 def _layer_prefixes(selection: "Selection") -> list[str]:
@@ -100,19 +105,19 @@ def _column(relative: str) -> tuple[str, bool]:
     leaf = module.rsplit(".", 1)[-1]
     if piece:
         expert = _EXPERT_PIECE.match(piece)
-        if expert:  # one of many experts: summarised per role
-            role = expert.group(2) or leaf
-            return f"{leaf}.{role}" if leaf != "experts" else f"experts.{role}", True
+        if expert:  # one of many experts: summarised per matrix
+            matrix = expert.group(2) or leaf
+            return f"{leaf}.{matrix}" if leaf != "experts" else f"experts.{matrix}", True
         return piece, False
     name = _SHORT.get(leaf, leaf)
     return name.removesuffix("_proj") if name.endswith("_proj") else name, False
 
 
 def layer_grid(selection: "Selection") -> Grid:
-    """The layer x role grid of ``selection`` (see the module docstring)."""
+    """The layer x unit grid of ``selection`` (see the module docstring)."""
     prefixes = _layer_prefixes(selection)
     raw: list[dict[str, str]] = []  # per layer: relative name -> column, filled below
-    by_name: dict[str, tuple[str, str, bool]] = {}  # relative name -> (column, group, summarised)
+    by_name: dict[str, tuple[str, str, bool]] = {}  # relative name -> (column, role, summarised)
     for layer, prefix in zip(selection.layout.layers, prefixes):
         names = {}
         for unit in layer:
@@ -122,29 +127,29 @@ def layer_grid(selection: "Selection") -> Grid:
                 column, summarised = _column(relative)
                 if unit.group == "router" and not summarised:
                     column = "router"
-                by_name[relative] = (column, unit.group, summarised)
+                by_name[relative] = (column, unit.group, summarised)  # Unit.group is the unit's role
         raw.append(names)
-    # Two roles with one short name (GPT-2's attn.c_proj and mlp.c_proj): use the module path instead.
+    # Two units with one short name (GPT-2's attn.c_proj and mlp.c_proj): use the module path instead.
     owners: dict[str, set[str]] = {}
     for relative, (column, _, summarised) in by_name.items():
         owners.setdefault(column, set()).add(relative.partition(":")[0] if summarised else relative)
-    for relative, (column, group, summarised) in list(by_name.items()):
+    for relative, (column, role, summarised) in list(by_name.items()):
         if len(owners[column]) > 1:
             module, _, piece = relative.partition(":")
             full = module if not piece else f"{module}:{piece}"
             if summarised:
                 full = f"{module}.{column.split('.', 1)[1]}"
-            by_name[relative] = (full, group, summarised)
+            by_name[relative] = (full, role, summarised)
     columns: list[str] = []
-    groups: dict[str, str] = {}
-    for column, group, _ in by_name.values():
-        if column not in groups:
+    roles: dict[str, str] = {}
+    for column, role, _ in by_name.values():
+        if column not in roles:
             columns.append(column)
-            groups[column] = group
-    order = {g: i for i, g in enumerate(("attention", "mlp", "router", "norm", "other"))}
+            roles[column] = role
+    order = {r: i for i, r in enumerate(("attention", "mlp", "router", "norm", "other"))}
     first_seen = {c: i for i, c in enumerate(columns)}
     rank = {c: i for i, c in enumerate(_CANONICAL)}
-    columns.sort(key=lambda c: (order.get(groups[c], len(GROUPS)), rank.get(c, len(rank)), first_seen[c]))
+    columns.sort(key=lambda c: (order.get(roles[c], len(ROLES)), rank.get(c, len(rank)), first_seen[c]))
     index = {c: i for i, c in enumerate(columns)}
 
     rows, shares = [], []
@@ -167,7 +172,7 @@ def layer_grid(selection: "Selection") -> Grid:
     c = selection.config
     title = f"round {c.round} · {c.strategy} · ratio {c.ratio:g} · seed {c.seed}"
     outside = [(name, c.train_embeddings) for name in selection.layout.outside]
-    return Grid(columns, [groups[col] for col in columns], rows, shares, outside, title)
+    return Grid(columns, [roles[col] for col in columns], rows, shares, outside, title)
 
 
 def render_table(grid: Grid) -> str:
@@ -262,8 +267,8 @@ def stats_metrics(selection: "Selection") -> dict[str, float]:
         "hft/trainable_params": float(stats["trainable_params"]),
         "hft/total_params": float(stats["total_params"]),
     }
-    for group, values in stats["groups"].items():
-        metrics[f"hft/{group}_ratio"] = float(values["ratio"])
+    for role, values in stats["roles"].items():
+        metrics[f"hft/{role}_ratio"] = float(values["ratio"])
     return metrics
 
 
@@ -279,7 +284,7 @@ def train_start_summary(selection: "Selection", handle: "HFTHandle", *more: str)
         >>> print(train_start_summary(handle.selection, handle).splitlines()[1])
         trainable params: 86,336 || all params: 160,320 || trainable%: 53.8523
     """
-    from .selection import applied_counts
+    from .checks import applied_counts
 
     lines = [selection.summary(applied_counts(selection, handle.model)), handle.mechanism_summary(), *more]
     return "\n".join(line for line in lines if line)

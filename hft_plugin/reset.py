@@ -17,20 +17,18 @@ Two forms:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
-from .bootstrap.env import flag_type, parse_int, parse_ratio
-from .errors import ConfigError, HFTError, SelectionMismatchError
-# The one checkpoint reader, shared with hft verify and the reference model's sharing.
-from .weights import SAFE_INDEX
-from .weights import CheckpointWeights as _Weights, dtype_code as _dtype_code, meta_model as _meta_model
+from .errors import ConfigError, SelectionMismatchError
+from .files import Interrupted, SignalGuard
+# The one checkpoint reader, shared with hft verify and the reference model's sharing, and its writer.
+from .weights import SAFE_INDEX, safetensors_name, write_safetensors
+from .weights import CheckpointWeights as _Weights, meta_model as _meta_model
 
 __all__ = ["half_reset", "half_reset_checkpoint", "register_cli", "main", "Interrupted", "RESET_MANIFEST_NAME"]
 
@@ -220,54 +218,6 @@ def _plan_for_checkpoint(tuned: _Weights, selection) -> tuple[dict[str, Any], li
     return actions, sorted(names - set(selection.layout.shapes))
 
 
-def _write_safetensors(path: str, names: Sequence[str], tuned: _Weights, produce, metadata: dict | None) -> None:
-    """Write a safetensors file tensor by tensor: the header first (shapes are known), then each tensor's bytes."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    for name in names:
-        shape, code = tuned.meta(name)
-        size = _numel(shape) * _itemsize(code)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in names:
-            tensor = produce(name)
-            shape, code = tuned.meta(name)
-            if tuple(tensor.shape) != tuple(shape) or _dtype_code(tensor.dtype, name) != code:
-                raise HFTError(f"internal: tensor {name!r} changed shape or dtype while writing")
-            f.write(memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
-            del tensor  # hold one tensor at a time
-
-
-def _uint8():
-    import torch
-
-    return torch.uint8
-
-
-_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _itemsize(code: str) -> int:
-    if code not in _ITEMSIZES:
-        raise ConfigError(f"safetensors dtype {code} is not supported by hft half-reset.")
-    return _ITEMSIZES[code]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def _copied_files(directory: str) -> list[str]:
     out = []
     for name in sorted(os.listdir(directory)):
@@ -366,7 +316,7 @@ def half_reset_checkpoint(
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
     counts = {"reset": 0, "partly_reset": 0, "kept": 0}
-    with _signals_interrupt() as signals:
+    with SignalGuard() as signals:
         work = None
         try:
             with signals.held():  # the directory exists only once `work` names it, for the clean-up
@@ -386,12 +336,9 @@ def _write_output(work, out_dir, tuned_dir, base_dir, tuned, base, actions, unpl
 
     file_names: dict[str, str] = {}
     for file, names in tuned.files.items():
-        out_name = _safetensors_name(file) if tuned.pickled else file
+        out_name = safetensors_name(file) if tuned.pickled else file
         file_names[file] = out_name
-        metadata = None
-        if not tuned.pickled:
-            metadata = _safetensors_metadata(os.path.join(tuned_dir, file))
-        _write_safetensors(os.path.join(work, out_name), names, tuned, produce, metadata or {"format": "pt"})
+        write_safetensors(os.path.join(work, out_name), names, tuned.meta, produce, tuned.metadata(file) or {"format": "pt"})
         for name in names:
             action = actions[name]
             counts["kept" if action == "keep" else "reset" if action == "reset" else "partly_reset"] += 1
@@ -436,157 +383,28 @@ def _output_directory(out_dir: str, base_dir: str, tuned_dir: str) -> str:
     return out_dir
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal (SIGTERM, SIGHUP) stopped a Half-Reset while it wrote; nothing was left behind.
-    A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too."""
+# -- the command: ``hft half-reset`` lives in hft_plugin.cli --------------------------------------------
 
-    def __init__(self, signum: int):
-        import signal
+def register_cli(subparsers):
+    """Add ``half-reset`` to an argparse subparsers object. These three names are kept for callers
+    of earlier versions; the command is :mod:`hft_plugin.cli`'s (``hft half-reset``)."""
+    from .cli import add_half_reset
 
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-class _SignalGuard:
-    """While a Half-Reset writes: SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT raises
-    KeyboardInterrupt as always), so the temporary directory is removed; a second signal during
-    that clean-up is ignored. Only in the main thread, where Python delivers signals."""
-
-    CAUGHT = ("SIGTERM", "SIGHUP")
-    HELD = ("SIGTERM", "SIGHUP", "SIGINT")
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self._signal = signal
-        self.active = threading.current_thread() is threading.main_thread()
-        self.previous: dict[int, Any] = {}
-        self.received: int | None = None
-
-    def _handler(self, signum, frame):
-        if self.received is None:
-            self.received = signum
-            raise Interrupted(signum)
-
-    def __enter__(self) -> "_SignalGuard":
-        if self.active:
-            for name in self.CAUGHT:
-                number = getattr(self._signal, name, None)
-                if number is not None:
-                    self.previous[number] = self._signal.signal(number, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        # a signal that arrives now (the clean-up is done) is still only an Interrupted
-        for number, handler in self.previous.items():
-            self._signal.signal(number, handler)
-
-    def held(self):
-        """Hold the caught signals (and SIGINT) back while a few steps must complete together."""
-        import contextlib
-
-        signal = self._signal
-        numbers = {getattr(signal, n) for n in self.HELD if hasattr(signal, n)}
-
-        @contextlib.contextmanager
-        def holding():
-            if not (self.active and hasattr(signal, "pthread_sigmask")):
-                yield
-                return
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)
-            try:
-                yield
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return holding()
+    return add_half_reset(subparsers)
 
 
-def _signals_interrupt() -> _SignalGuard:
-    return _SignalGuard()
+def run_cli(args) -> int:
+    """Run ``hft half-reset`` with parsed arguments (see :func:`hft_plugin.cli.run_half_reset`)."""
+    from .cli import run_half_reset
 
-
-def _safetensors_name(pickle_name: str) -> str:
-    stem = pickle_name[: -len(".bin")] if pickle_name.endswith(".bin") else pickle_name
-    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
-
-
-def _safetensors_metadata(path: str) -> dict | None:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return header.get("__metadata__")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
-# -- the command ---------------------------------------------------------------------------------------
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, metavar="DIR", help="the model the tuned one was fine-tuned from")
-    parser.add_argument("--tuned", required=True, metavar="DIR", help="the fully fine-tuned model")
-    parser.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory for the result")
-    parser.add_argument("--strategy", help="how the half is chosen (default: category, or the tuned run's)")
-    parser.add_argument("--ratio", type=flag_type(parse_ratio, "--ratio"), help="the share of the layers that keeps its tuned values (default: 0.5)")
-    parser.add_argument("--seed", type=flag_type(parse_int, "--seed"), help="seeds the choice of the half (default: 0)")
-    parser.add_argument("--round", type=flag_type(parse_int, "--round"), help="the HFT round whose frozen half is reset (default: 0)")
-    parser.add_argument("--reset-embeddings", action="store_const", const=True, default=None,
-                        help="also reset embeddings, lm_head and final norm (by default they keep their tuned values)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pickled .bin checkpoints (loaded with torch.load(weights_only=True))")
-    parser.epilog = ("If TUNED has an hft_selection.json (it was trained with HFT), the options left out are that "
-                     "run's, and an option that contradicts it is an error.")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``hft half-reset`` with parsed arguments; returns the exit code (128 + the signal's
-    number if a signal stopped it, with nothing written)."""
-    try:
-        selection = half_reset_checkpoint(
-            args.base, args.tuned, args.out, strategy=args.strategy, ratio=args.ratio, seed=args.seed,
-            round=args.round, train_embeddings=None if args.reset_embeddings is None else not args.reset_embeddings,
-            allow_pickle=args.allow_pickle, _flags=True,
-        )
-    except KeyboardInterrupt as stop:  # Interrupted (SIGTERM, SIGHUP) or Ctrl-C
-        import signal
-
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"half-reset: interrupted by {signal.Signals(signum).name}; nothing was written to {args.out}",
-              file=sys.stderr)
-        return 128 + int(signum)
-    plan = selection.plan()
-    print(selection.summary())
-    print(f"reset to base: {len(plan.frozen)} tensors whole, {len(plan.partial)} in part; "
-          f"wrote {os.path.abspath(args.out)}")
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``half-reset`` to an argparse subparsers object (the ``hft`` command uses this)."""
-    parser = subparsers.add_parser(
-        "half-reset", help="reset the frozen half of a tuned model to its base (the paper's Half-Reset)",
-        description="Write OUT = TUNED with the half that HFT would freeze reset to BASE, tensor by tensor "
-                    "over safetensors (memory stays near the largest tensor).",
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=run_cli)
-    return parser
+    return run_half_reset(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hft_plugin.reset``: the same as ``hft half-reset``."""
-    parser = argparse.ArgumentParser(prog="python -m hft_plugin.reset",
-                                     description="Half-Reset a fully fine-tuned checkpoint to its base.")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_cli(args)
-    except HFTError as error:
-        print(f"half-reset: error: {_first_line(error)}", file=sys.stderr)
-        return 2
+    """``python -m hft_plugin.reset``: the same as ``hft half-reset`` (see :func:`hft_plugin.cli.half_reset_main`)."""
+    from .cli import half_reset_main
+
+    return half_reset_main(argv)
 
 
 if __name__ == "__main__":

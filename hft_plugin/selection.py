@@ -1,32 +1,29 @@
 """select_half and Selection: which half of a model trains, and what that amounts to.
 
-Also the manifest (``hft_selection.json``, written here, read by :mod:`hft_plugin.manifest`), the
-rounds a model's folder has been through (``round="next"``), the checks that a model can be half
-fine-tuned as it is (quantization: :mod:`hft_plugin.quantized`), and the counts of what actually
-trains once a selection is applied.
+The neighbours it builds on, each with its own job: :mod:`hft_plugin.rounds` (which round a model
+trains next, from the manifest of the folder it was loaded from), :mod:`hft_plugin.checks` (can a
+model be half fine-tuned as it is, does a selection fit it, what actually trains once applied) and
+:mod:`hft_plugin.manifest` (``hft_selection.json``, written and read). Their public functions are
+also named here, where they always were (``hft_plugin.selection.resolve_round``, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from torch import nn
 
 from .boxes import Box
-from .config import NEXT_ROUND, HFTConfig
-from .errors import (ConfigError, LayoutError, ManifestError, NothingToTrainError, SelectionMismatchError,
-                     UnsupportedModelError)
-from .layouts.base import (GROUPS, Layout, Part, Unit, fingerprint_shapes, gc_paused, is_peft, param_shape,
-                           unwrap_model)
-from .manifest import FORMAT_VERSION, selection_from_json
+from .checks import applied_counts, check_fits, check_model, check_trains_something  # noqa: F401
+from .config import HFTConfig
+from .errors import ConfigError, LayoutError
+from .layouts.base import GROUPS as ROLES, Layout, Part, Unit, gc_paused
+from .manifest import MANIFEST_NAME, read_manifest, selection_from_json, selection_to_dict  # noqa: F401
+from .rounds import folder_manifest, model_folder, resolve_round, rounds_run  # noqa: F401
 
-logger = logging.getLogger("hft_plugin")
-
-MANIFEST_NAME = "hft_selection.json"
 _MAX_ATTEMPTS = 16
 
 
@@ -121,18 +118,22 @@ class Selection:
         ``overall_ratio`` (``trainable_params / total_params``) is the figure PEFT calls
         ``trainable%``; ``trainable_ratio`` is the HFT ratio, counted over the transformer layers
         only (``layer_trainable_params / layer_params``); the parameters outside the layers
-        (embeddings, lm_head, final norm) train whole unless ``train_embeddings=False``.
+        (embeddings, lm_head, final norm) train whole unless ``train_embeddings=False``. ``roles``
+        counts each role of the layers (attention, mlp, norm, router, other); ``groups`` is the same
+        mapping under its former name, deprecated, kept for code and dashboards that read it.
         """
-        per_group: dict[str, list[int]] = {}
+        per_role: dict[str, list[int]] = {}
         for unit, trains in self.units():
-            counts = per_group.setdefault(unit.group, [0, 0])
+            counts = per_role.setdefault(unit.group, [0, 0])  # Unit.group is the unit's role
             counts[0] += unit.numel if trains else 0
             counts[1] += unit.numel
-        layer_trainable = sum(c[0] for c in per_group.values())
+        layer_trainable = sum(c[0] for c in per_role.values())
         layer_total = self.layout.layer_numel
         outside_total = self.layout.outside_numel
         outside_trainable = outside_total if self.config.train_embeddings else 0
         total = layer_total + outside_total
+        roles = {r: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
+                 for r, c in sorted(per_role.items(), key=lambda kv: _role_order(kv[0]))}
         return {
             "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
             "trainable_params": layer_trainable + outside_trainable,
@@ -140,8 +141,8 @@ class Selection:
             "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
             "layer_trainable_params": layer_trainable,
             "layer_params": layer_total,
-            "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
-                       for g, c in sorted(per_group.items(), key=lambda kv: _group_order(kv[0]))},
+            "roles": roles,
+            "groups": roles,  # deprecated: the former name of "roles", the same object
             "outside_trainable_params": outside_trainable,
             "outside_params": outside_total,
             "num_layers": len(self.layout.layers),
@@ -180,7 +181,7 @@ class Selection:
         w = max(15, len(f"{s['total_params']:,}") + 2)
         rows = [("all parameters", s["trainable_params"], s["total_params"], s["overall_ratio"]),
                 ("layers (HFT ratio)", s["layer_trainable_params"], s["layer_params"], s["trainable_ratio"])]
-        rows += [("  " + group, g["trainable"], g["total"], g["ratio"]) for group, g in s["groups"].items()]
+        rows += [("  " + role, r["trainable"], r["total"], r["ratio"]) for role, r in s["roles"].items()]
         rows.append(("outside layers", outside_trains, outside, outside_trains / outside if outside else 0))
         lines.append(f"{'part':<22}{'trainable':>{w}}{'total':>{w}}{'share':>9}")
         lines += [f"{name:<22}{trains:>{w},}{total:>{w},}{share:>9.2%}" for name, trains, total, share in rows]
@@ -196,26 +197,8 @@ class Selection:
 
     # -- saving --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "layout": self.layout.name,
-            "fingerprint": self.fingerprint,
-            "shapes": {n: list(s) for n, s in self.layout.shapes.items()},
-            "outside": list(self.layout.outside),
-            "layers": [
-                [{"key": u.key, "group": u.group, "trainable": u.key in self.trainable_units,
-                  "parts": [{"param": p.param, "numel": p.numel,
-                             "boxes": None if p.boxes is None else [[list(r) for r in b] for b in p.boxes]}
-                            for p in u.parts]}
-                 for u in layer]
-                for layer in self.layout.layers
-            ],
-            "history": [dict(h) for h in self.history],
-            "stats": self.stats(),
-            **({"scores": {"file": self.config.scores, "sha256": self.scores_sha256}}
-               if self.config.scores is not None else {}),
-        }
+        """The manifest (``hft_selection.json``) as data; :mod:`hft_plugin.manifest` writes the format."""
+        return selection_to_dict(self)
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -250,47 +233,11 @@ class Selection:
         Raises:
             ManifestError: the file cannot be read or is not a valid manifest (the message names it).
         """
-        if os.path.isdir(path):
-            path = os.path.join(path, MANIFEST_NAME)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as exc:
-            raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}).") from None
-        return cls.from_json(raw, source=path)
+        return read_manifest(cls, path)
 
 
-def _group_order(group: str) -> tuple[int, str]:
-    return (GROUPS.index(group) if group in GROUPS else len(GROUPS), group)
-
-
-def check_model(model: Any) -> nn.Module:
-    """Refuse, with a clear message, a model HFT cannot train as it is. Changes nothing.
-
-    Refused: a non-module, a PEFT-wrapped model, and weights an optimizer cannot update in place:
-    integer or packed tensors (bitsandbytes 4/8-bit, GPTQ, AWQ, HQQ, GGUF blocks kept packed...),
-    fp8 tensors, quantized tensor subclasses (torchao, quanto), and any model a quantizer other
-    than GGUF's manages. Accepted: a model transformers loaded from a GGUF file and de-quantized
-    to ordinary float tensors (it keeps ``hf_quantizer``, ``is_quantized`` and
-    ``config.quantization_config``, but its weights are plain fp32/fp16/bf16).
-
-    Raises:
-        UnsupportedModelError: the message says which case it is and what to do.
-    """
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"select_half needs a torch.nn.Module, got {type(model).__name__}.")
-    model = unwrap_model(model)
-    if is_peft(model):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is PEFT-wrapped. HFT trains half of the original weights, not "
-            "adapters: pass the base model, or merge the adapters first (model.merge_and_unload())."
-        )
-    from .quantized import quantization_problem
-
-    problem = quantization_problem(model)
-    if problem:
-        raise UnsupportedModelError(problem)
-    return model
+def _role_order(role: str) -> tuple[int, str]:
+    return (ROLES.index(role) if role in ROLES else len(ROLES), role)
 
 
 def read_layout(model: nn.Module) -> Layout:
@@ -384,197 +331,6 @@ def _select(model: nn.Module, config: HFTConfig, history: tuple[dict[str, Any], 
 
             scores_sha256 = file_sha256(config.scores)  # checked again: the manifest names what was read
         return Selection(config, layout, trainable, tuple(history), scores_sha256)
-
-
-# -- rounds: the manifest of the folder a model was loaded from ----------------------------------------
-
-def model_folder(model: nn.Module) -> str | None:
-    """The local folder ``model`` was loaded from (``from_pretrained(folder)`` records it as
-    ``name_or_path`` / ``config._name_or_path``), or None (built from a config, or a hub id)."""
-    model = unwrap_model(model)
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not isinstance(path, str) or not path:
-        return None
-    return path if os.path.isdir(path) else None
-
-
-def folder_manifest(model: nn.Module) -> tuple[str | None, Selection | None]:
-    """(folder, its manifest) for the folder ``model`` was loaded from; the manifest is None if
-    there is no such folder or file. Raises ManifestError if the file is damaged."""
-    folder = model_folder(model)
-    if folder is None or not os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
-        return folder, None
-    return folder, Selection.load(folder)
-
-
-def resolve_round(model: nn.Module, config: HFTConfig, *,
-                  warn: bool = True) -> tuple[HFTConfig, tuple[dict[str, Any], ...]]:
-    """The round to train, and the history of rounds, from the manifest of the folder ``model``
-    was loaded from (the ``output_dir`` of the previous round, as a trainer saves it).
-
-    * ``round="next"``: that manifest's round + 1, with its strategy, ratio, seed and
-      train_embeddings unless ``config`` sets them (:attr:`HFTConfig.given`). A folder without a
-      manifest (a base model) starts at round 0, with a one-line warning.
-    * A round number that the manifest says already ran on these weights (its round or one in its
-      history) is trained as asked, with a warning that names the fix (``warn=False``: none, for a
-      caller that only shows the selection, as ``hft plan`` does; see :func:`rounds_run`).
-
-    The history returned is the manifest's history plus the manifest's own round; a new manifest
-    keeps it, so the chain of rounds survives every save.
-
-    Example:
-        >>> from hft_plugin.testing import tiny_model
-        >>> resolve_round(tiny_model("llama"), HFTConfig(round=2))[0].round  # no folder: as given
-        2
-    """
-    folder, previous = folder_manifest(model)
-    history: tuple[dict[str, Any], ...] = ()
-    if previous is not None:
-        history = (*previous.history, previous.record(folder))
-    if config.round == NEXT_ROUND:
-        if previous is None:
-            where = folder or "it was not loaded from a local folder"
-            logger.warning("hft_plugin: round='next' found no %s for this model (%s): starting at round 0.",
-                           MANIFEST_NAME, where)
-            return _replace(config, round=0), history
-        inherited = {f: getattr(previous.config, f) for f in ("strategy", "ratio", "seed", "train_embeddings")
-                     if f not in config.given}
-        resolved = _replace(config, round=previous.config.round + 1, **inherited)
-        logger.info("hft_plugin: round='next': %s ran round %d; training round %d.", folder,
-                    previous.config.round, resolved.round)
-        return resolved, history
-    if previous is not None and warn:
-        ran = rounds_run(history)
-        if config.round in ran:
-            logger.warning(
-                "hft_plugin: %s says round %d already ran on these weights (rounds run: %s); training it again "
-                "trains the same half. For the next round pass round=%d or round='next' (HFT_ROUND=next), or "
-                "--round next to hft plan.",
-                os.path.join(folder, MANIFEST_NAME), config.round, ", ".join(map(str, ran)), max(ran) + 1)
-    return config, history
-
-
-def rounds_run(history: tuple[dict[str, Any], ...]) -> list[int]:
-    """The rounds a history (:attr:`Selection.history`) says already ran on the weights, sorted.
-
-        >>> rounds_run(({"round": 1}, {"round": 0}, {"round": 1}))
-        [0, 1]
-    """
-    return sorted({int(h["round"]) for h in history})
-
-
-def _replace(config: HFTConfig, **values: Any) -> HFTConfig:
-    resolved = dataclasses.replace(config, **values)
-    object.__setattr__(resolved, "_given", config.given)  # what the user gave stays what they gave
-    return resolved
-
-
-# -- fitting a selection to a model, and what actually trains ------------------------------------------
-
-def check_fits(model: nn.Module, selection: Selection) -> None:
-    """Raise SelectionMismatchError unless ``selection`` was made for a model of ``model``'s
-    structure: the same parameter names and shapes and, for fused tensors, the same split (a
-    4-head GPT-NeoX selection does not fit a 2-head model with equal shapes). Changes nothing."""
-    model = unwrap_model(model)
-    shapes = {n: param_shape(p) for n, p in model.named_parameters()}
-    if shapes != selection.layout.shapes:
-        diff = sorted(set(shapes.items()) ^ set(selection.layout.shapes.items()))
-        raise SelectionMismatchError(
-            f"This selection was made for another model (fingerprint {selection.fingerprint}, this model "
-            f"{fingerprint_shapes(shapes)}); first difference: {diff[0][0] if diff else '?'}. "
-            "Call select_half on this model."
-        )
-    wanted = selection.layout.splits()
-    if not wanted:
-        return  # nothing is split: names and shapes decide everything
-    with gc_paused():
-        here = read_layout(model).splits()
-    if here != wanted:
-        name = next((n for n in sorted(set(here) | set(wanted)) if here.get(n) != wanted.get(n)), "?")
-        raise SelectionMismatchError(
-            f"This selection was made for another model: {name!r} has the same shape but is split into parts "
-            "differently here (the config divides it otherwise, e.g. another number of attention heads, "
-            "key/value heads or experts). Call select_half on this model."
-        )
-
-
-def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.Module) -> dict[str, Any]:
-    """What actually trains once ``selection`` is applied: :meth:`Selection.stats`'s numbers counted
-    over the parameters whose ``requires_grad`` is True, so tensors the user had frozen, which HFT
-    leaves frozen, count as frozen.
-
-    Args:
-        selection: the selection.
-        requires_grad: parameter name -> flag after applying (or the model to read them from).
-            Partly trained (fused) tensors keep ``requires_grad=True``; their frozen regions are
-            not counted.
-
-    Returns:
-        The keys of :meth:`Selection.stats` (``trainable_params``, ``layer_trainable_params``,
-        ``outside_trainable_params``, ``trainable_ratio``, ``overall_ratio``, ``groups``, ...), in
-        elements, plus ``frozen_by_user``: the parameters the plan trains (whole or in part) that
-        stay frozen.
-
-    Example:
-        >>> from hft_plugin.testing import tiny_model
-        >>> model = tiny_model("llama")
-        >>> selection = select_half(model)
-        >>> _ = model.lm_head.requires_grad_(False)  # frozen by the user: HFT keeps it frozen
-        >>> counts = applied_counts(selection, model)
-        >>> counts["outside_trainable_params"] < selection.stats()["outside_trainable_params"]
-        True
-    """
-    if isinstance(requires_grad, nn.Module):
-        requires_grad = _flags(requires_grad)
-    stats = selection.stats()
-    plan = selection.plan()
-    frozen_plan = set(plan.frozen)
-    per_group: dict[str, list[int]] = {g: [0, v["total"]] for g, v in stats["groups"].items()}
-    for unit, trains in selection.units():
-        if trains:
-            per_group[unit.group][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
-    layer_trainable = sum(c[0] for c in per_group.values())
-    outside_trainable = sum(selection.layout.numel(n) for n in selection.layout.outside
-                            if n not in frozen_plan and requires_grad.get(n, False))
-    layer_total, total = stats["layer_params"], stats["total_params"]
-    frozen_by_user = sorted(n for n in (*plan.trainable, *plan.partial) if not requires_grad.get(n, False))
-    return {
-        **stats,
-        "trainable_ratio": layer_trainable / layer_total if layer_total else 0.0,
-        "layer_trainable_params": layer_trainable,
-        "outside_trainable_params": outside_trainable,
-        "trainable_params": layer_trainable + outside_trainable,
-        "overall_ratio": (layer_trainable + outside_trainable) / total if total else 0.0,
-        "groups": {g: {"trainable": c[0], "total": c[1], "ratio": c[0] / c[1] if c[1] else 0.0}
-                   for g, c in per_group.items()},
-        "frozen_by_user": frozen_by_user,
-    }
-
-
-def _flags(model: nn.Module) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in unwrap_model(model).named_parameters()}
-
-
-def check_trains_something(selection: Selection, requires_grad: Mapping[str, bool] | nn.Module) -> None:
-    """Raise NothingToTrainError if applying ``selection`` would leave nothing to train, because
-    the parameters it trains are all frozen already. ``requires_grad``: the flags the user left
-    (before HFT), by parameter name, or the model. Changes nothing."""
-    if isinstance(requires_grad, nn.Module):
-        requires_grad = _flags(requires_grad)
-    plan = selection.plan()
-    wanted = [*plan.trainable, *plan.partial]
-    if any(requires_grad.get(n, False) for n in wanted):
-        return
-    c = selection.config
-    if not any(requires_grad.values()):
-        what = f"every one of the model's {len(requires_grad)} parameters has requires_grad=False"
-    else:
-        what = (f"the {len(wanted)} parameters round {c.round} trains (e.g. {wanted[0]!r}) all have requires_grad="
-                f"False; only parameters HFT freezes in this round are left trainable")
-    raise NothingToTrainError(
-        f"Nothing would train: {what}. HFT freezes half of what you leave trainable and never unfreezes what you "
-        "froze. Unfreeze the model before enabling HFT (model.requires_grad_(True)), or freeze less by hand."
-    )
 
 
 def _draw(layout: Layout, config: HFTConfig) -> set[str]:

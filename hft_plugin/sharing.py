@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import weakref
 from typing import TYPE_CHECKING
@@ -440,13 +441,18 @@ def _match(handle: "HFTHandle", policy: nn.Module, ref_params, report: SharingRe
     return pairs
 
 
-def share_option(value: bool | None) -> bool:
-    """Whether to share: ``value`` if given (a bool), else ``HFT_SHARE_REFERENCE`` (default on).
-    Raises ConfigError on anything else, naming the argument or the variable."""
+def share_option(value: bool | None, setting: bool | None = None) -> bool:
+    """Whether to share: ``value`` if given (a bool), else ``setting`` (what the integration read
+    from its settings, ``hft_plugin.bootstrap.env.share_reference()``), else ``HFT_SHARE_REFERENCE``
+    read here through the core's parser (default on), as :func:`hft_plugin.plugins.autoload_disabled`
+    reads its own variable: the core imports nothing from ``bootstrap``. Raises ConfigError on
+    anything else, naming the argument or the variable."""
     if value is None:
-        from .bootstrap import env
+        if setting is not None:
+            return setting
+        from .parsing import read_bool
 
-        return env.share_reference()
+        return read_bool(os.environ, "HFT_SHARE_REFERENCE", True)
     if not isinstance(value, bool):
         raise ConfigError(f"share_reference={value!r} is not True or False.")
     return value

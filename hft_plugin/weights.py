@@ -1,10 +1,12 @@
-"""Reading a checkpoint folder's tensors one at a time, under the names the model has in memory.
+"""Checkpoint I/O one tensor at a time: reading a folder's tensors under the names the model has in
+memory, and writing safetensors files.
 
 :class:`CheckpointWeights` reads the tensors of a folder that ``save_pretrained`` wrote
 (``model.safetensors``, or shards listed in ``model.safetensors.index.json``; pickled ``.bin``
-weights only when allowed), one tensor at a time by its stored name: memory stays near the largest
-tensor. ``hft half-reset``, ``hft verify`` and the reference model's sharing read checkpoints
-through it.
+weights only when allowed), one tensor at a time by its stored name, through
+``safetensors.safe_open``: memory stays near the largest tensor. ``hft half-reset``, ``hft verify``
+and the reference model's sharing read checkpoints through it, and :func:`write_safetensors`
+writes ``hft half-reset``'s output the same way, tensor by tensor.
 
 transformers 5 stores some tensors under other names and shapes than the model holds in memory:
 Mixtral's and Qwen3-MoE's experts are one stacked tensor in memory
@@ -35,9 +37,10 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+import struct
+from typing import Any, Callable, Sequence
 
-from .errors import ConfigError, SelectionMismatchError
+from .errors import ConfigError, HFTError, SelectionMismatchError
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -168,6 +171,11 @@ class CheckpointWeights:
         handle = self._handle(self._where[name])
         return handle[name] if self.pickled else handle.get_tensor(name)
 
+    def metadata(self, file: str) -> dict[str, str] | None:
+        """The ``__metadata__`` of the header of ``file`` (one of :attr:`files`), or None: none
+        recorded, or pickled weights."""
+        return None if self.pickled else self._handle(file).metadata()
+
     def close(self) -> None:
         self._open.clear()
 
@@ -204,6 +212,74 @@ def meta_model(directory: str):
         raise ConfigError(f"{directory} has no readable model config.json ({first_line(error)}).") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+def safetensors_name(pickle_name: str) -> str:
+    """The safetensors file that stands for a pickled one: ``pytorch_model-00001-of-00002.bin`` ->
+    ``model-00001-of-00002.safetensors``."""
+    stem = pickle_name[: -len(".bin")] if pickle_name.endswith(".bin") else pickle_name
+    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
+
+
+def write_safetensors(path: str, names: Sequence[str], meta: Callable[[str], tuple[tuple[int, ...], str]],
+                      produce: Callable[[str], Any], metadata: dict | None) -> None:
+    """Write a safetensors file tensor by tensor: the header first (``meta(name)`` gives each
+    tensor's shape and dtype code), then each tensor's bytes as ``produce(name)`` makes it, one
+    tensor held at a time.
+
+        >>> import os, tempfile, torch
+        >>> from safetensors.torch import load_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> write_safetensors(path, ["a"], lambda n: ((2,), "F32"), lambda n: torch.ones(2), {"format": "pt"})
+        >>> load_file(path)["a"]
+        tensor([1., 1.])
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name in names:
+        shape, code = meta(name)
+        size = _numel(shape) * _itemsize(code)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            tensor = produce(name)
+            shape, code = meta(name)
+            if tuple(tensor.shape) != tuple(shape) or dtype_code(tensor.dtype, name) != code:
+                raise HFTError(f"internal: tensor {name!r} changed shape or dtype while writing")
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(_uint8()).numpy()))
+            del tensor  # hold one tensor at a time
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _itemsize(code: str) -> int:
+    if code not in _ITEMSIZES:
+        raise ConfigError(f"safetensors dtype {code} is not supported by hft half-reset.")
+    return _ITEMSIZES[code]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 # -- stored names -> in-memory names -----------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Checks shared by the tests: what "frozen" and "trained" mean, bit for bit."""
+"""What the tests share: what "frozen" and "trained" mean, bit for bit, and the small tools more than
+one test file uses (a model on the meta device, a clean environment, the hft command's output)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -60,3 +63,44 @@ def train_steps(model, optimizer, steps: int = 4, seed: int = 0, vocab: int = 96
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def meta_model(model_type: str, **overrides):
+    """The causal LM of ``model_type``'s default config (``overrides`` applied) on the meta device:
+    names and shapes, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides))
+
+
+def clean_env(**overrides) -> dict[str, str]:
+    """This process's environment without any ``HFT_*`` variable (any case), plus ``overrides``: for
+    a subprocess that must start from HFT unset."""
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("HFT_")}
+    environ.update(overrides)
+    return environ
+
+
+def run_hft(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the ``hft`` command in this process: (exit code, stdout, stderr)."""
+    from hft_plugin.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plain_trainer(tmp_path, family="llama", model=None, **overrides):
+    """A ``transformers.Trainer`` on a tiny model of ``family`` (or ``model``) and a tiny causal-LM
+    dataset, writing under ``tmp_path / "out"``; ``overrides`` go into its TrainingArguments."""
+    from transformers import Trainer
+
+    from hft_plugin.testing import tiny_model, tiny_tokenizer
+
+    from ._workers.common import collate, lm_dataset, train_args
+
+    tokenizer = tiny_tokenizer()
+    model = model if model is not None else tiny_model(family)
+    return Trainer(model=model, args=train_args(tmp_path / "out", **overrides),
+                   train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))

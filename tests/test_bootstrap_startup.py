@@ -17,6 +17,8 @@ import pytest
 
 import hft_plugin.bootstrap.startup as startup
 
+from .helpers import clean_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PTH_SOURCE = ROOT / "hft_plugin" / "bootstrap" / startup.PTH_NAME
 
@@ -27,12 +29,6 @@ WITHOUT_HOOK = textwrap.dedent("""
     site.addpackage = lambda d, name, known: known if name == {name!r} else _addpackage(d, name, known)
     site.main()
 """).format(name=startup.PTH_NAME)
-
-
-def clean_env(**overrides) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("HFT_")}
-    environ.update(overrides)
-    return environ
 
 
 def python(code: str, *, flags=(), timeout=180, **overrides) -> subprocess.CompletedProcess:

@@ -10,9 +10,11 @@ import sys
 import pytest
 
 from hft_plugin import Selection, select_half
-from hft_plugin.cli import main, parse_rounds
+from hft_plugin.cli import parse_rounds
 from hft_plugin.report import layer_grid, render_table
 from hft_plugin.testing import tiny_config, tiny_model
+
+from .helpers import run_hft
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +24,8 @@ def model_dir(tmp_path_factory):
     return str(folder)
 
 
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_plan_prints_the_layer_table_and_the_shares(model_dir, capsys):
-    code, out, err = _run(capsys, "plan", model_dir, "--round", "1")
+    code, out, err = run_hft(capsys, "plan", model_dir, "--round", "1")
     assert code == 0, err
     assert "meta device, no weights read" in out
     header = next(line for line in out.splitlines() if line.startswith("layer"))
@@ -49,7 +45,7 @@ def test_plan_prints_the_layer_table_and_the_shares(model_dir, capsys):
 
 
 def test_plan_json_is_the_selection(model_dir, capsys):
-    code, out, _ = _run(capsys, "plan", os.path.join(model_dir, "config.json"), "--json", "--ratio", "0.3",
+    code, out, _ = run_hft(capsys, "plan", os.path.join(model_dir, "config.json"), "--json", "--ratio", "0.3",
                         "--strategy", "layer", "--seed", "3", "--freeze-embeddings")
     assert code == 0
     selection = Selection.from_json(out)
@@ -61,7 +57,7 @@ def test_plan_json_is_the_selection(model_dir, capsys):
 
 def test_plan_rounds_json_is_a_list_and_the_plot_is_written(model_dir, tmp_path, capsys):
     picture = tmp_path / "rounds.png"
-    code, out, err = _run(capsys, "plan", model_dir, "--rounds", "0-2", "--json", "--plot", str(picture))
+    code, out, err = run_hft(capsys, "plan", model_dir, "--rounds", "0-2", "--json", "--plot", str(picture))
     assert code == 0, err
     rounds = json.loads(out)
     assert [r["config"]["round"] for r in rounds] == [0, 1, 2]
@@ -94,17 +90,17 @@ def test_errors_are_one_line_and_exit_2(argv, message, model_dir, tmp_path, caps
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "not-a-model"}))
     (tmp_path / "broken.json").write_text("{not json")
     argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_hft(capsys, *argv)
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("hft plan: error: ") and message in err
 
 
 def test_bad_option_values_exit_2(model_dir, capsys):
-    assert _run(capsys, "plan", model_dir, "--ratio", "1.5")[0] == 2
-    assert _run(capsys, "plan", model_dir, "--rounds", "3-1")[0] == 2
-    assert _run(capsys, "plan", model_dir, "--round", "1", "--rounds", "0-1")[0] == 2
-    assert _run(capsys)[0] == 2  # no command: usage on stderr
+    assert run_hft(capsys, "plan", model_dir, "--ratio", "1.5")[0] == 2
+    assert run_hft(capsys, "plan", model_dir, "--rounds", "3-1")[0] == 2
+    assert run_hft(capsys, "plan", model_dir, "--round", "1", "--rounds", "0-1")[0] == 2
+    assert run_hft(capsys)[0] == 2  # no command: usage on stderr
 
 
 def test_parse_rounds():
@@ -115,7 +111,7 @@ def test_parse_rounds():
 
 @pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"]])
 def test_help(argv, capsys):
-    code, out, _ = _run(capsys, *argv)
+    code, out, _ = run_hft(capsys, *argv)
     assert code == 0 and "usage: hft" in out
     if argv[0] == "plan":
         for option in ("--strategy", "--ratio", "--seed", "--round", "--rounds", "--json", "--plot", "--freeze-embeddings"):
@@ -126,18 +122,18 @@ def test_help(argv, capsys):
 
 
 def test_half_reset_and_run_are_subcommands(capsys, tmp_path):
-    code, out, _ = _run(capsys, "half-reset", "--help")
+    code, out, _ = run_hft(capsys, "half-reset", "--help")
     assert code == 0 and "usage: hft half-reset" in out and "--base" in out
-    code, out, err = _run(capsys, "half-reset", "--base", str(tmp_path / "a"), "--tuned", str(tmp_path / "b"),
+    code, out, err = run_hft(capsys, "half-reset", "--base", str(tmp_path / "a"), "--tuned", str(tmp_path / "b"),
                           "--out", str(tmp_path / "c"))
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("hft half-reset: error: ")
-    code, out, err = _run(capsys, "run", "--help")
+    code, out, err = run_hft(capsys, "run", "--help")
     assert code == 0 and "COMMAND" in out + err
 
 
 def test_run_delegates_to_hft_run(capsys):
     # a bad value is refused before anything runs, with hft-run's own message and exit code
-    code, _, err = _run(capsys, "run", "--ratio", "2", "--", sys.executable, "-c", "pass")
+    code, _, err = run_hft(capsys, "run", "--ratio", "2", "--", sys.executable, "-c", "pass")
     assert code == 2 and "ratio" in err.lower()
 
 
@@ -156,9 +152,9 @@ def test_python_dash_m(model_dir):
                                            ("--ratio", "0_5"), ("--ratio", "inf")])
 def test_flags_are_parsed_as_strictly_as_the_variables(model_dir, tmp_path, capsys, option, value):
     # int("1_0") is 10 and float("0_5") is 0.5: `hft plan --round 1_0` planned round 10, as HFT_ROUND=1_0 once did
-    code, out, err = _run(capsys, "plan", model_dir, option, value)
+    code, out, err = run_hft(capsys, "plan", model_dir, option, value)
     assert code == 2 and out == "" and f"{option}={value!r}" in err
-    code, _, err = _run(capsys, "half-reset", "--base", model_dir, "--tuned", model_dir, "--out", str(tmp_path / "out"),
+    code, _, err = run_hft(capsys, "half-reset", "--base", model_dir, "--tuned", model_dir, "--out", str(tmp_path / "out"),
                         option, value)
     assert code == 2 and f"{option}={value!r}" in err and not (tmp_path / "out").exists()
 
@@ -169,14 +165,14 @@ def test_round_next_plans_the_round_after_the_folders_manifest(tmp_path, capsys,
     folder = tmp_path / "round2"
     tiny_config("llama").save_pretrained(folder)
     select_half(tiny_model("llama"), round=2, strategy="layer", seed=7).save(str(folder))
-    code, out, _ = _run(capsys, "plan", str(folder), "--round", "next", "--format", "json")
+    code, out, _ = run_hft(capsys, "plan", str(folder), "--round", "next", "--format", "json")
     plan = json.loads(out)["config"]
     assert code == 0 and (plan["round"], plan["strategy"], plan["seed"]) == (3, "layer", 7)
-    code, out, _ = _run(capsys, "plan", str(folder), "--round", "next", "--seed", "1", "--format", "json")
+    code, out, _ = run_hft(capsys, "plan", str(folder), "--round", "next", "--seed", "1", "--format", "json")
     assert code == 0 and (json.loads(out)["config"]["round"], json.loads(out)["config"]["seed"]) == (3, 1)
     # a folder without a manifest (a base model) starts at round 0, saying so
     tiny_config("llama").save_pretrained(tmp_path / "base")
-    code, out, _ = _run(capsys, "plan", str(tmp_path / "base"), "--round", "next", "--format", "json")
+    code, out, _ = run_hft(capsys, "plan", str(tmp_path / "base"), "--round", "next", "--format", "json")
     assert code == 0 and json.loads(out)["config"]["round"] == 0 and "starting at round 0" in caplog.text
 
 
@@ -188,11 +184,11 @@ def test_plan_of_rounds_that_already_ran_notes_it_and_warns_of_no_training(tmp_p
     tiny_config("llama").save_pretrained(tmp_path)
     select_half(tiny_model("llama"), round=0).save(str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="hft_plugin"):
-        code, out, err = _run(capsys, "plan", str(tmp_path), "--rounds", "0-1")
+        code, out, err = run_hft(capsys, "plan", str(tmp_path), "--rounds", "0-1")
     assert code == 0, err
     assert "trains the same half" not in caplog.text + err
     assert err.count("note:") == 1 and "says round 0 already ran on these weights (rounds run: 0); the next round " \
                                        "is 1 (--round next)." in err
     assert out.count("HFT selection:") == 2 and "note:" not in out
-    code, out, err = _run(capsys, "plan", str(tmp_path), "--round", "1", "--json")
+    code, out, err = run_hft(capsys, "plan", str(tmp_path), "--round", "1", "--json")
     assert code == 0 and err == "" and json.loads(out)["history"][0]["round"] == 0

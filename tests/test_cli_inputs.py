@@ -17,17 +17,12 @@ import threading
 import pytest
 
 from hft_plugin import Selection, select_half
-from hft_plugin.cli import main
 from hft_plugin.testing import tiny_config, tiny_model
+
+from .helpers import run_hft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHED_ID = "tiny-org/tiny-llama"
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(code, out, err):
@@ -59,7 +54,7 @@ def write_hub_cache(hub_cache, repo_id: str, config) -> str:
     return str(snapshot)
 
 
-def run_hft(env_updates: dict, *argv_lists) -> list[tuple[int, str, str]]:
+def run_hft_fresh(env_updates: dict, *argv_lists) -> list[tuple[int, str, str]]:
     """Run ``hft`` in one fresh interpreter (huggingface_hub reads HF_* at import), once per argv."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HFT_"))}
     env.update(PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false", **env_updates)
@@ -85,7 +80,7 @@ def test_hub_id_reads_the_config_from_the_hugging_face_cache_and_offline_says_ho
     hub = tmp_path / "hf" / "hub"
     write_hub_cache(hub, CACHED_ID, tiny_config("llama"))
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    (code, out, err), (jcode, jout, _), missing = run_hft(
+    (code, out, err), (jcode, jout, _), missing = run_hft_fresh(
         env, ["plan", CACHED_ID, "--round", "1"], ["plan", CACHED_ID, "--format", "json"],
         ["plan", "Qwen/Qwen3-8B"])
     assert code == 0, err
@@ -127,7 +122,7 @@ def test_hub_id_that_does_not_exist_or_is_gated_says_what_to_do(tmp_path):
     try:
         env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
                "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
-        missing, gated = run_hft(env, ["plan", "missing-org/model"], ["plan", "gated-org/model"])
+        missing, gated = run_hft_fresh(env, ["plan", "missing-org/model"], ["plan", "gated-org/model"])
     finally:
         server.shutdown()
     message = _one_line_error(*missing)
@@ -139,7 +134,7 @@ def test_hub_id_that_does_not_exist_or_is_gated_says_what_to_do(tmp_path):
 # -- GGUF ------------------------------------------------------------------------------------------------
 def test_gguf_file_and_a_folder_holding_only_a_gguf_file(tmp_path, capsys):
     gguf = smollm2_gguf()
-    code, out, err = _run(capsys, "plan", gguf, "--format", "json")
+    code, out, err = run_hft(capsys, "plan", gguf, "--format", "json")
     assert code == 0, err
     selection = Selection.from_json(out)
     # SmolLM2-135M: 30 Llama layers, tied embeddings, 134,515,008 parameters (its config.json's model)
@@ -148,7 +143,7 @@ def test_gguf_file_and_a_folder_holding_only_a_gguf_file(tmp_path, capsys):
     folder = tmp_path / "smollm2"
     folder.mkdir()
     os.symlink(gguf, folder / os.path.basename(gguf))
-    code, out, err = _run(capsys, "plan", str(folder), "--format", "json")
+    code, out, err = run_hft(capsys, "plan", str(folder), "--format", "json")
     assert code == 0, err
     assert Selection.from_json(out).fingerprint == selection.fingerprint
 
@@ -156,7 +151,7 @@ def test_gguf_file_and_a_folder_holding_only_a_gguf_file(tmp_path, capsys):
 def test_folder_with_several_gguf_files_names_them(tmp_path, capsys):
     for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")
-    message = _one_line_error(*_run(capsys, "plan", str(tmp_path)))
+    message = _one_line_error(*run_hft(capsys, "plan", str(tmp_path)))
     assert "2 .gguf files" in message and f"hft plan {tmp_path / 'model.Q4_K_M.gguf'}" in message
 
 
@@ -164,22 +159,22 @@ def test_gguf_without_the_gguf_package_says_what_to_install(tmp_path, capsys, mo
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF" + bytes(60))
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
-    message = _one_line_error(*_run(capsys, "plan", str(model)))
+    message = _one_line_error(*run_hft(capsys, "plan", str(model)))
     assert "pip install gguf" in message
 
 
 def test_a_binary_file_that_is_not_gguf_or_json(tmp_path, capsys):
     model = tmp_path / "model.bin"
     model.write_bytes(bytes(range(256)))
-    message = _one_line_error(*_run(capsys, "plan", str(model)))
+    message = _one_line_error(*run_hft(capsys, "plan", str(model)))
     assert "neither a JSON model config nor a GGUF file" in message and "config.json" in message
     (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
-    message = _one_line_error(*_run(capsys, "plan", str(tmp_path / "tokenizer.json")))
+    message = _one_line_error(*run_hft(capsys, "plan", str(tmp_path / "tokenizer.json")))
     assert "not a transformers model config; pass a model's config.json" in message
 
 
 def test_local_paths_that_do_not_exist_and_folders_without_a_config(tmp_path, capsys):
-    message = _one_line_error(*_run(capsys, "plan", str(tmp_path / "nope")))
+    message = _one_line_error(*run_hft(capsys, "plan", str(tmp_path / "nope")))
     assert "no such file or directory" in message and "Hub model id" in message
-    message = _one_line_error(*_run(capsys, "plan", str(tmp_path)))
+    message = _one_line_error(*run_hft(capsys, "plan", str(tmp_path)))
     assert "has no config.json" in message and ".gguf" in message and "Hub model id" in message

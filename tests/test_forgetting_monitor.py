@@ -25,7 +25,8 @@ from hft_plugin.forgetting import (PROBES_FILE, BaseSnapshot, Probes, measure, r
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
 from ._workers.common import collate, lm_dataset, sft_dataset, train_args
-from .test_bootstrap_startup import PTH_SOURCE, ROOT, clean_env
+from .helpers import clean_env
+from .test_bootstrap_startup import PTH_SOURCE, ROOT
 
 SMALL = dict(samples=4, length=16)
 
@@ -561,28 +562,6 @@ def test_the_start_up_line_arms_the_monitor_without_hft_enable(tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == [["transformers"], True, [1, 2]]
-
-
-def test_docstring_examples():
-    import contextlib
-    import doctest
-    import io
-
-    try:  # DeepSpeed prints its accelerator choice the first time a Trainer asks: ask quietly first
-        from deepspeed.accelerator import get_accelerator
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            get_accelerator()
-    except ImportError:
-        pass
-
-    import hft_plugin.adapters.watch as watch
-    import hft_plugin.forgetting as forgetting
-    import hft_plugin.forgetting_cli as forgetting_cli
-
-    for module in (forgetting, watch, forgetting_cli, env):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from hft_plugin.layouts.base import fingerprint_shapes
 from hft_plugin.selection import MANIFEST_NAME, Selection
 from hft_plugin.testing import tiny_model
 
-from .helpers import flags
+from .helpers import flags, plain_trainer
 
 
 @pytest.fixture
@@ -135,8 +135,6 @@ def test_separate_projection_fingerprint_is_unchanged():
 
 
 def test_resume_from_a_checkpoint_of_a_differently_split_model_is_refused(tmp_path):
-    from .test_trainer import plain_trainer
-
     trainer = plain_trainer(tmp_path, model=tiny_model("gpt_neox"), max_steps=2, save_strategy="steps", save_steps=2)
     enable_hft(trainer)
     trainer.train()
@@ -150,8 +148,6 @@ def test_resume_from_a_checkpoint_of_a_differently_split_model_is_refused(tmp_pa
 
 
 def test_resume_from_a_damaged_checkpoint_manifest_is_an_hft_error(tmp_path):
-    from .test_trainer import plain_trainer
-
     trainer = plain_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     enable_hft(trainer)
     trainer.train()

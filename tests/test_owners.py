@@ -18,13 +18,9 @@ import hft_plugin.bootstrap.startup as startup
 from hft_plugin.adapters.base import Adapter, is_patched, patch, unpatch
 from hft_plugin.bootstrap import env
 
+from .helpers import clean_env
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def clean_env(**overrides) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("HFT_")}
-    environ.update(overrides)
-    return environ
 
 
 # -- (a) the guard judges the optimizer's own model -----------------------------------------------------

@@ -58,8 +58,8 @@ def registered():
 def test_third_party_strategy(registered):
     model = tiny_model("llama")
     selection = select_half(model, strategy="attention-only")
-    assert selection.stats()["groups"]["attention"]["ratio"] == 1.0
-    assert selection.stats()["groups"]["mlp"]["ratio"] == 0.0
+    assert selection.stats()["roles"]["attention"]["ratio"] == 1.0
+    assert selection.stats()["roles"]["mlp"]["ratio"] == 0.0
     assert select_half(model, strategy="category").trainable_ratio == 0.5  # built-ins still answer
 
 

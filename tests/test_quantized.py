@@ -260,7 +260,7 @@ def test_a_gguf_model_trains_under_the_trainer_after_dequantize_for_training(ggu
 
     from hft_plugin import dequantize_for_training, enable_hft
 
-    from .test_trainer import plain_trainer
+    from .helpers import plain_trainer
 
     # as loaded, transformers' Trainer refuses it although every weight is an ordinary float
     with pytest.raises(ValueError, match="purely quantized"):

@@ -14,15 +14,10 @@ from hft_plugin import HFTConfig, Selection, select_half
 from hft_plugin.layouts.base import param_shape
 from hft_plugin.testing import TINY_CONFIGS, tiny_config, tiny_model
 
+from .helpers import meta_model
+
 FAMILIES = sorted(TINY_CONFIGS)
 STRATEGIES = ["category", "layer", "model"]
-
-
-def meta_model(family: str, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +40,8 @@ def test_category_half_is_exact_on_tiny_models(family):
     # biases (qwen2, gpt2, gpt_neox) make a projection slightly larger than its partner
     tolerance = 0.0 if family not in ("qwen2", "gpt2", "gpt_neox") else 0.01
     assert abs(selection.trainable_ratio - 0.5) <= tolerance
-    for group, stats in selection.stats()["groups"].items():
-        assert abs(stats["ratio"] - 0.5) <= 0.05, (group, stats)
+    for role, stats in selection.stats()["roles"].items():
+        assert abs(stats["ratio"] - 0.5) <= 0.05, (role, stats)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -173,11 +168,11 @@ def test_fused_tensors_split_into_their_parts():
 
 def test_moe_experts_are_split_per_expert_and_router_is_its_own_role():
     selection = select_half(tiny_model("mixtral"))
-    groups = selection.stats()["groups"]
-    assert set(groups) == {"attention", "mlp", "norm", "router"}
+    roles = selection.stats()["roles"]
+    assert set(roles) == {"attention", "mlp", "norm", "router"}
     experts = [u for u in selection.layout.layers[0] if "experts" in u.key]
     assert len(experts) == 4 * 3  # gate, up, down per expert
-    assert abs(groups["mlp"]["ratio"] - 0.5) < 1e-9
+    assert abs(roles["mlp"]["ratio"] - 0.5) < 1e-9
 
 
 def test_qwen3_qk_norms_follow_their_projections():
@@ -216,6 +211,21 @@ def test_summary_shows_roles_and_shares():
     text = select_half(tiny_model("llama")).summary()
     for word in ("attention", "mlp", "norm", "layers (HFT ratio)", "outside layers", "50.00%", "strategy=category"):
         assert word in text
+
+
+def test_stats_count_per_role_and_keep_the_former_name():
+    # "groups" was the name of "roles" (documented in docs/manifest.md): kept, deprecated, the same object
+    from hft_plugin.checks import applied_counts
+    from hft_plugin.report import layer_grid, stats_metrics
+
+    model = tiny_model("llama")
+    selection = select_half(model)
+    for stats in (selection.stats(), applied_counts(selection, model), selection.to_dict()["stats"]):
+        assert list(stats["roles"]) == ["attention", "mlp", "norm"] and stats["groups"] is stats["roles"]
+    assert json.loads(selection.to_json())["stats"]["groups"] == json.loads(selection.to_json())["stats"]["roles"]
+    assert stats_metrics(selection)["hft/mlp_ratio"] == 0.5
+    grid = layer_grid(selection)
+    assert grid.column_roles[:4] == ["attention"] * 4 and grid.column_groups is grid.column_roles
 
 
 def test_summary_keeps_counts_of_a_very_large_model_apart():

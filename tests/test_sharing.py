@@ -417,3 +417,14 @@ def test_hft_share_reference_values(text, expected):
 def test_hft_share_reference_malformed_names_the_variable(text, message):
     with pytest.raises(ConfigError, match=f"HFT_SHARE_REFERENCE={message}"):
         env.share_reference({"HFT_SHARE_REFERENCE": text})
+
+
+def test_share_option_takes_the_argument_then_the_setting_then_the_variable(monkeypatch):
+    monkeypatch.setenv("HFT_SHARE_REFERENCE", "0")
+    assert sharing.share_option(True) is True and sharing.share_option(None, setting=True) is True
+    assert sharing.share_option(None) is False  # read through the core's parser, as env.share_reference reads it
+    monkeypatch.setenv("HFT_SHARE_REFERENCE", "maybe")
+    with pytest.raises(ConfigError, match="HFT_SHARE_REFERENCE='maybe' is not a boolean"):
+        sharing.share_option(None)
+    with pytest.raises(ConfigError, match="share_reference=1 is not True or False"):
+        sharing.share_option(1)

@@ -49,7 +49,7 @@ def test_exactly_half_of_every_role_at_ratio_one_half(scored, family):
     model, path = scored(family)
     selection = select_half(model, strategy="shielded", scores=path)
     assert selection.trainable_ratio == 0.5
-    assert all(g["ratio"] == 0.5 for g in selection.stats()["groups"].values())
+    assert all(g["ratio"] == 0.5 for g in selection.stats()["roles"].values())
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4, 0.6, 0.75, 0.9])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from .helpers import flags
+from .helpers import flags, plain_trainer
 from ._workers.common import (check_training, collate, dpo_dataset, lm_dataset, optimizer_params,
                              optimizer_state_params, sft_dataset, snapshot, train_args)
 from hft_plugin import (ConfigError, IntegrationError, SelectionMismatchError, UnsupportedModelError,
@@ -20,15 +20,6 @@ from hft_plugin.selection import MANIFEST_NAME
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "phi3"]  # separate projections; fused qkv_proj / gate_up_proj (masks)
-
-
-def plain_trainer(tmp_path, family="llama", model=None, **overrides):
-    from transformers import Trainer
-
-    tokenizer = tiny_tokenizer()
-    model = model if model is not None else tiny_model(family)
-    return Trainer(model=model, args=train_args(tmp_path / "out", **overrides),
-                   train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -464,19 +455,6 @@ def test_adapter_enables_hft_on_every_trainer_and_unpatches(tmp_path):
     plain = plain_trainer(tmp_path / "plain", max_steps=1)
     plain.train()
     assert hft_session(plain) is None and all(flags(plain.model).values())
-
-
-def test_docstring_examples():
-    import doctest
-
-    import hft_plugin.adapters.transformers as module
-
-    try:  # DeepSpeed's import-time notice would land in the example's output otherwise
-        import deepspeed  # noqa: F401
-    except ImportError:
-        pass
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_a_trainer_dropped_after_training_is_collected_with_its_model(tmp_path):

@@ -15,6 +15,7 @@ from hft_plugin import IntegrationError, UnsupportedModelError, enable_hft, sele
 from hft_plugin.testing import tiny_model, tiny_tokenizer
 
 from ._workers.common import sft_dataset
+from .helpers import plain_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,16 +72,6 @@ def test_the_summary_block_is_visible_with_logging_unconfigured(tmp_path):
     assert lines[1].startswith("HFT selection: strategy=category ratio=0.5 round=0")
     assert lines[2].startswith("trainable params: ") and "the HFT ratio counts only the layers" in lines[3]
     assert "'hft/overall_ratio'" in done.stdout + done.stderr  # the metrics keep flowing
-
-
-def plain_trainer(tmp_path, **overrides):
-    from transformers import Trainer
-
-    from ._workers.common import collate, lm_dataset, train_args
-
-    tokenizer = tiny_tokenizer()
-    return Trainer(model=tiny_model("llama"), args=train_args(tmp_path / "out", **overrides),
-                   train_dataset=lm_dataset(tokenizer), data_collator=collate(tokenizer))
 
 
 def test_the_summary_block_is_written_by_the_main_process_only(tmp_path, caplog, monkeypatch):

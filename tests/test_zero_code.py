@@ -17,8 +17,8 @@ from hft_plugin.testing import tiny_model
 
 from ._workers.common import check_training
 from .helpers import flags, snapshot
-from .test_bootstrap_startup import ROOT, clean_env
-from .test_trainer import plain_trainer
+from .helpers import clean_env, plain_trainer
+from .test_bootstrap_startup import ROOT
 
 # A program that runs several tasks, as a user writes it: the variables change between tasks.
 TASKS = textwrap.dedent("""

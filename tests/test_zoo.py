@@ -23,7 +23,7 @@ from hft_plugin.layouts.generic import find_stacks, read_generic
 from hft_plugin.layouts.named import read_named
 from hft_plugin.testing import tiny_model
 
-from .helpers import assert_frozen_and_trained, snapshot, train_steps
+from .helpers import assert_frozen_and_trained, meta_model, snapshot, train_steps
 
 # type -> layers expected (from the default config), and the layout expected when it is a named one
 SAMPLE = {
@@ -43,14 +43,7 @@ SAMPLE = {
 NAMED = {"llama", "gpt2", "mixtral"}
 
 
-def meta_model(model_type: str, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides))
-
-
-def groups_by_param(layout) -> dict[str, set[str]]:
+def roles_by_param(layout) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for unit in layout.units():
         for part in unit.parts:
@@ -108,14 +101,14 @@ def test_zamba_interleaved_input_projection_stays_whole():
 
 def test_a_mixer_is_read_by_its_class_and_family_prefixes_are_ignored():
     # NemotronH calls every block's main module "mixer": Mamba, attention, MLP or MoE by class
-    groups = groups_by_param(read_generic(meta_model("nemotron_h")))
-    assert groups["model.layers.0.mixer.in_proj.weight"] == {"attention"}  # Mamba-2 mixer
-    assert groups["model.layers.1.mixer.experts.up_proj"] == {"mlp"}  # MoE
-    assert groups["model.layers.1.mixer.gate.weight"] == {"router"}
-    assert groups["model.layers.1.mixer.shared_experts.up_proj.weight"] == {"mlp"}
-    assert groups["model.layers.3.mixer.up_proj.weight"] == {"mlp"}  # dense MLP
+    roles = roles_by_param(read_generic(meta_model("nemotron_h")))
+    assert roles["model.layers.0.mixer.in_proj.weight"] == {"attention"}  # Mamba-2 mixer
+    assert roles["model.layers.1.mixer.experts.up_proj"] == {"mlp"}  # MoE
+    assert roles["model.layers.1.mixer.gate.weight"] == {"router"}
+    assert roles["model.layers.1.mixer.shared_experts.up_proj.weight"] == {"mlp"}
+    assert roles["model.layers.3.mixer.up_proj.weight"] == {"mlp"}  # dense MLP
     # GraniteMoeHybridMambaLayer: "Moe" belongs to the family name, the module is a Mamba mixer
-    granite = groups_by_param(read_generic(meta_model("granitemoehybrid")))
+    granite = roles_by_param(read_generic(meta_model("granitemoehybrid")))
     assert granite["model.layers.0.mamba.in_proj.weight"] == {"attention"}
 
 
@@ -143,7 +136,7 @@ def test_experts_routers_and_shared_experts():
         assert {p.param.rsplit(".", 1)[1] for p in unit.parts} == {"gate_up_proj", "down_proj"}
         assert all(p.boxes == (((0, e, e + 1),),) for p in unit.parts)
     assert stacks["down_proj"][0] == config.n_routed_experts
-    jetmoe = groups_by_param(read_generic(meta_model("jetmoe")))
+    jetmoe = roles_by_param(read_generic(meta_model("jetmoe")))
     assert jetmoe["model.layers.0.mlp.router.layer.weight"] == {"router"}
     assert jetmoe["model.layers.0.self_attention.experts.router.layer.weight"] == {"router"}
     assert jetmoe["model.layers.0.self_attention.experts.input_linear.weight"] == {"attention"}
@@ -229,7 +222,7 @@ def test_generic_reader_agrees_with_the_named_rules(family):
     """On the families with exact rules, the generic reader puts every parameter in the same role."""
     model = tiny_model(family)
     named, generic = read_named(model), read_generic(model)
-    assert groups_by_param(generic) == groups_by_param(named)
+    assert roles_by_param(generic) == roles_by_param(named)
     assert generic.outside == named.outside
 
 
@@ -313,12 +306,3 @@ def test_zoo_benchmark_rows():
     assert summary["meta_buildable"] == 1 and summary["read"] == 1
     assert "| rwkv | generic | 32 |" in zoo.markdown([row], summary, {
         "command": "c", "date": "d", "transformers": "t", "torch": "t", "python": "p", "machine": "m", "load": "1, 1"})
-
-
-def test_generic_docstring_example_runs():
-    import doctest
-
-    import hft_plugin.layouts.generic as generic
-
-    result = doctest.testmod(generic, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

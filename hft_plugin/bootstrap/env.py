@@ -23,10 +23,13 @@ use it for free.
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from .. import switches
+from ..parsing import DECIMAL as _DECIMAL, error as _error, read_bool
+# The value parsers live in the core (the command line reads its flags by the same rules); they are
+# named here too, as they always were: env.parse_int, env.flag_type, ...
+from ..parsing import flag_type, parse_bool, parse_int, parse_max_kl, parse_path, parse_ratio, parse_round  # noqa: F401
 
 HFT_ENABLE = "HFT_ENABLE"
 """``1``/``true``/``yes``/``on`` switches HFT on in every process that inherits it; ``0``/``false``/
@@ -128,9 +131,7 @@ TOOLING_VARIABLES = frozenset({
 the name check accepts them, so a CI run that exports one and trains with ``HFT_ENABLE=1`` is no
 typo."""
 
-_TRUE, _FALSE, _BOOLEANS = switches.ON, switches.OFF, switches.WORDS
-_DIGITS = re.compile(r"[0-9]+")
-_DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_TRUE, _FALSE = switches.ON, switches.OFF
 BUILTIN_STRATEGIES = ("category", "layer", "model", "shielded")
 
 
@@ -169,85 +170,6 @@ def snapshot(environ: Mapping[str, str] | None = None) -> Settings:
     if not _LAST or _LAST[0].items_key != items:
         _LAST[:] = [Settings(items)]
     return _LAST[0]
-
-
-def _error(message: str) -> Exception:
-    from ..errors import ConfigError  # lazily: keep this module free for the start-up hook
-
-    return ConfigError(message)
-
-
-def parse_bool(variable: str, text: str) -> bool:
-    """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False (any case, spaces around ignored);
-    anything else, the empty string included, raises ConfigError naming ``variable``."""
-    value = switches.read(text)
-    if value is not None:
-        return value
-    what = "is empty" if not text.strip() else "is not a boolean"
-    raise _error(f"{variable}={text!r} {what}; accepted values: {_BOOLEANS} (any case), or unset it for the default.")
-
-
-def parse_int(variable: str, text: str) -> int:
-    """A whole number >= 0 in plain ASCII digits (spaces around ignored); else ConfigError naming ``variable``."""
-    value = text.strip()
-    if not _DIGITS.fullmatch(value):  # int() would also take "1_0", "+1", "٣"
-        raise _error(f"{variable}={text!r} is not a whole number; write plain decimal digits, e.g. {variable}=1.")
-    return int(value)
-
-
-def parse_round(variable: str, text: str) -> int | str:
-    """A round: plain ASCII digits, or ``next``; else ConfigError naming ``variable``."""
-    value = text.strip()
-    if value.lower() == "next":
-        return "next"
-    if not _DIGITS.fullmatch(value):
-        raise _error(f"{variable}={text!r} is not a round; write plain decimal digits (0, 1, 2, ...) or 'next' "
-                     "(the round after the one in the loaded model's hft_selection.json).")
-    return int(value)
-
-
-def parse_ratio(variable: str, text: str) -> float:
-    """A plain decimal in (0, 1); else ConfigError naming ``variable``."""
-    value = text.strip()
-    if not _DECIMAL.fullmatch(value):  # float() would also take "0_5", "inf", "nan"
-        raise _error(f"{variable}={text!r} is not a number; set it to a decimal in (0, 1), e.g. {variable}=0.5.")
-    ratio = float(value)
-    if not 0.0 < ratio < 1.0:
-        raise _error(f"{variable}={text!r} is outside (0, 1); it is the trainable share, e.g. {variable}=0.5.")
-    return ratio
-
-
-def parse_path(variable: str, text: str) -> str:
-    """A file path (spaces around ignored); empty is a ConfigError naming ``variable``."""
-    value = text.strip()
-    if not value:
-        raise _error(f"{variable}={text!r} is empty; set it to the scores file that "
-                     "hft_plugin.importance.compute_scores(model).save(folder) wrote, or unset it.")
-    return value
-
-
-def flag_type(parse: Callable[[str, str], Any], flag: str) -> Callable[[str], Any]:
-    """An argparse ``type=`` that reads a command-line flag by the rules of its ``HFT_*`` variable
-    (``parse`` is one of this module's parsers), so ``--round 1_0`` is refused as ``HFT_ROUND=1_0``
-    is, where ``int()`` would read 10.
-
-        >>> import argparse
-        >>> flag_type(parse_int, "--seed")("3")
-        3
-        >>> flag_type(parse_int, "--seed")("1_0")
-        Traceback (most recent call last):
-        argparse.ArgumentTypeError: --seed='1_0' is not a whole number; write plain decimal digits, e.g. --seed=1.
-    """
-    import argparse
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(flag, text)
-        except ValueError as error:  # ConfigError is a ValueError
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = flag.lstrip("-")  # argparse names the type in "invalid ... value"
-    return convert
 
 
 def _parse_strategy(variable: str, text: str) -> str:
@@ -321,9 +243,7 @@ def share_reference(environ: Mapping[str, str] | None = None) -> bool:
         >>> share_reference({}), share_reference({"HFT_SHARE_REFERENCE": "0"})
         (True, False)
     """
-    environ = snapshot(environ)
-    text = environ.get(HFT_SHARE_REFERENCE)
-    return True if text is None else parse_bool(HFT_SHARE_REFERENCE, text)
+    return read_bool(snapshot(environ), HFT_SHARE_REFERENCE, True)
 
 
 def maybe_watching(environ: Mapping[str, str] | None = None) -> bool:
@@ -331,15 +251,6 @@ def maybe_watching(environ: Mapping[str, str] | None = None) -> bool:
     off arms the hook (a malformed value then fails when training starts)."""
     environ = snapshot(environ)
     return environ.get(HFT_WATCH_FORGETTING, "").strip().lower() not in ("", *_FALSE)
-
-
-def parse_max_kl(variable: str, text: str) -> float:
-    """A plain positive decimal (nats per token); else ConfigError naming ``variable``."""
-    value = text.strip()
-    if not _DECIMAL.fullmatch(value) or float(value) <= 0:
-        raise _error(f"{variable}={text!r} is not a positive number; it is the largest KL(base || model), in nats per "
-                     f"token, at which training goes on, e.g. {variable}=0.05. Unset it for no budget.")
-    return float(value)
 
 
 def watch_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from ..layouts.base import GROUPS, Layout, Unit
+from ..layouts.base import GROUPS as ROLES, Layout, Unit
 from . import rng as make_rng
 
 _EXHAUSTIVE_MAX_UNITS = 10  # 2**10 subsets per layer and role; larger roles (MoE experts) go greedy
@@ -23,15 +23,9 @@ _EXHAUSTIVE_MAX_UNITS = 10  # 2**10 subsets per layer and role; larger roles (Mo
 def select(layout: Layout, config, round: int, attempt: int) -> set[str]:
     rng = make_rng(config, round, attempt)
     chosen: set[str] = set()
-    # Roles with the coarsest units first: what one role cannot hit exactly (at most half a unit)
-    # is carried into the next, finer one, so the layers' total lands closer than any role alone.
-    largest = {}
-    for unit in layout.units():
-        largest[unit.group] = max(largest.get(unit.group, 0), unit.numel)
-    groups = sorted(largest, key=lambda g: (-largest[g], GROUPS.index(g) if g in GROUPS else len(GROUPS), g))
     carry = 0.0  # chosen minus ideal so far, in parameters
-    for group in groups:
-        per_layer = [sorted((u for u in layer if u.group == group), key=lambda u: u.key) for layer in layout.layers]
+    for role in roles_coarsest_first(layout):
+        per_layer = units_per_layer(layout, role)
         order = [i for i, units in enumerate(per_layer) if units]
         rng.shuffle(order)
         # Largest layers first (random among equals): the smaller ones after them absorb the carry.
@@ -43,6 +37,21 @@ def select(layout: Layout, config, round: int, attempt: int) -> set[str]:
             carry += sum(u.numel for u in subset) - ideal
             chosen.update(u.key for u in subset)
     return chosen
+
+
+def roles_coarsest_first(layout: Layout) -> list[str]:
+    """The roles of ``layout``, those with the largest unit first (ties in the order of
+    ``ROLES``): what one role cannot hit exactly (at most half a unit) is carried into the next,
+    finer one, so the layers' total lands closer than any role alone."""
+    largest: dict[str, int] = {}
+    for unit in layout.units():
+        largest[unit.group] = max(largest.get(unit.group, 0), unit.numel)  # Unit.group is the unit's role
+    return sorted(largest, key=lambda r: (-largest[r], ROLES.index(r) if r in ROLES else len(ROLES), r))
+
+
+def units_per_layer(layout: Layout, role: str) -> list[list[Unit]]:
+    """Each layer's units of ``role``, by key (an empty list for a layer without that role)."""
+    return [sorted((u for u in layer if u.group == role), key=lambda u: u.key) for layer in layout.layers]
 
 
 def balanced_subset(units: list[Unit], target: float, rng: random.Random) -> list[Unit]:

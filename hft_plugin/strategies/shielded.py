@@ -23,8 +23,9 @@ import random
 from typing import Callable, Mapping
 
 from ..errors import ScoresError
-from ..layouts.base import GROUPS, Layout, Unit
+from ..layouts.base import Layout, Unit
 from . import rng as make_rng
+from .category import roles_coarsest_first, units_per_layer
 
 _EXHAUSTIVE_MAX_UNITS = 10  # as category: 2**10 subsets per layer and role; more units go greedy
 
@@ -56,14 +57,10 @@ def choose(layout: Layout, ratio: float, importance: Mapping[str, float | None],
     while they bring the role closer to its target.
     """
     scale = 1.0 + sum(abs(v) for v in importance.values() if v is not None)  # avoiding outranks any score
-    largest: dict[str, int] = {}
-    for unit in layout.units():
-        largest[unit.group] = max(largest.get(unit.group, 0), unit.numel)
-    groups = sorted(largest, key=lambda g: (-largest[g], GROUPS.index(g) if g in GROUPS else len(GROUPS), g))
     chosen: set[str] = set()
     carry = 0.0
-    for group in groups:
-        per_layer = [sorted((u for u in layer if u.group == group), key=lambda u: u.key) for layer in layout.layers]
+    for role in roles_coarsest_first(layout):
+        per_layer = units_per_layer(layout, role)
         options = []
         for units in per_layer:
             if not units:
