@@ -119,7 +119,7 @@ def applied_counts(selection: Selection, requires_grad: Mapping[str, bool] | nn.
     per_role: dict[str, list[int]] = {r: [0, v["total"]] for r, v in stats["roles"].items()}
     for unit, trains in selection.units():
         if trains:
-            per_role[unit.group][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
+            per_role[unit.role][0] += sum(p.numel for p in unit.parts if requires_grad.get(p.param, False))
     layer_trainable = sum(c[0] for c in per_role.values())
     outside_trainable = sum(selection.layout.numel(n) for n in selection.layout.outside
                             if n not in frozen_plan and requires_grad.get(n, False))

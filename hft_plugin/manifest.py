@@ -41,7 +41,7 @@ def selection_to_dict(selection) -> dict[str, Any]:
         "shapes": {n: list(s) for n, s in selection.layout.shapes.items()},
         "outside": list(selection.layout.outside),
         "layers": [
-            [{"key": u.key, "group": u.group, "trainable": u.key in selection.trainable_units,
+            [{"key": u.key, "group": u.role, "trainable": u.key in selection.trainable_units,
               "parts": [{"param": p.param, "numel": p.numel,
                          "boxes": None if p.boxes is None else [[list(r) for r in b] for b in p.boxes]}
                         for p in u.parts]}

@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Sequence
 
-from .layouts.base import GROUPS as ROLES
+from .layouts.base import ROLES
 
 if TYPE_CHECKING:
     from .freeze import HFTHandle
@@ -125,9 +125,9 @@ def layer_grid(selection: "Selection") -> Grid:
             names[unit.key] = relative
             if relative not in by_name:
                 column, summarised = _column(relative)
-                if unit.group == "router" and not summarised:
+                if unit.role == "router" and not summarised:
                     column = "router"
-                by_name[relative] = (column, unit.group, summarised)  # Unit.group is the unit's role
+                by_name[relative] = (column, unit.role, summarised)
         raw.append(names)
     # Two units with one short name (GPT-2's attn.c_proj and mlp.c_proj): use the module path instead.
     owners: dict[str, set[str]] = {}

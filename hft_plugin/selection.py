@@ -20,7 +20,7 @@ from .boxes import Box
 from .checks import applied_counts, check_fits, check_model, check_trains_something  # noqa: F401
 from .config import HFTConfig
 from .errors import ConfigError, LayoutError
-from .layouts.base import GROUPS as ROLES, Layout, Part, Unit, gc_paused
+from .layouts.base import ROLES, Layout, Part, Unit, gc_paused
 from .manifest import MANIFEST_NAME, read_manifest, selection_from_json, selection_to_dict  # noqa: F401
 from .rounds import folder_manifest, model_folder, resolve_round, rounds_run  # noqa: F401
 
@@ -124,7 +124,7 @@ class Selection:
         """
         per_role: dict[str, list[int]] = {}
         for unit, trains in self.units():
-            counts = per_role.setdefault(unit.group, [0, 0])  # Unit.group is the unit's role
+            counts = per_role.setdefault(unit.role, [0, 0])
             counts[0] += unit.numel if trains else 0
             counts[1] += unit.numel
         layer_trainable = sum(c[0] for c in per_role.values())

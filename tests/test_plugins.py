@@ -25,7 +25,7 @@ class AttentionOnly:
     def hft_select_half(self, layout, config, round, attempt):
         if config.strategy != "attention-only":
             return None
-        return {u.key for u in layout.units() if u.group == "attention"} if attempt == 0 else set()
+        return {u.key for u in layout.units() if u.role == "attention"} if attempt == 0 else set()
 
 
 class ToyLayout:

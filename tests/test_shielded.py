@@ -89,7 +89,7 @@ def test_layers_train_the_larger_mlp_subset_where_it_costs_least(tmp_path):
     path = synthetic(model, value).save(str(tmp_path))
     selection = select_half(model, strategy="shielded", scores=path)
     two = [i for i, layer in enumerate(selection.layout.layers)
-           if sum(1 for u in layer if u.group == "mlp" and selection.is_trainable(u.key)) == 2]
+           if sum(1 for u in layer if u.role == "mlp" and selection.is_trainable(u.key)) == 2]
     assert set(two) == cheap
 
 

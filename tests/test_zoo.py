@@ -47,7 +47,7 @@ def roles_by_param(layout) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for unit in layout.units():
         for part in unit.parts:
-            out.setdefault(part.param, set()).add(unit.group)
+            out.setdefault(part.param, set()).add(unit.role)
     return out
 
 
@@ -84,7 +84,7 @@ def test_mamba_input_projections_split_by_the_mixers_sizes():
     halves = [u for u in mamba if ".in_proj:" in u.key]
     assert [u.key.rsplit(":", 1)[1] for u in halves] == ["x", "z"]
     assert halves[0].numel == halves[1].numel
-    assert {u.group for u in mamba} == {"attention", "norm"}
+    assert {u.role for u in mamba} == {"attention", "norm"}
     model = meta_model("mamba2")
     mixer = model.backbone.layers[0].mixer
     parts = {u.key.rsplit(":", 1)[1]: u for u in read_generic(model).layers[0] if ".in_proj:" in u.key}
@@ -118,12 +118,12 @@ def test_experts_routers_and_shared_experts():
     config = meta_model("qwen2_moe").config
     assert len(experts) == config.num_experts
     for e, unit in enumerate(experts):  # one unit per expert: its gate_up and down slices
-        assert unit.group == "mlp"
+        assert unit.role == "mlp"
         assert {p.param.rsplit(".", 1)[1] for p in unit.parts} == {"gate_up_proj", "down_proj"}
         assert all(p.boxes == (((0, e, e + 1),),) for p in unit.parts)
-    assert units["mlp.gate"].group == "router"
-    assert units["mlp.shared_expert_gate"].group == "router"
-    assert units["mlp.shared_expert.up_proj"].group == "mlp"
+    assert units["mlp.gate"].role == "router"
+    assert units["mlp.shared_expert_gate"].role == "router"
+    assert units["mlp.shared_expert.up_proj"].role == "mlp"
     # LongCat-Flash: one unit per routed expert, each with its gate_up and down slices. Its "zero
     # experts" (identity, no weights) are no units: transformers 5.25 computes them outside the
     # stacks; 5.24 also stacked a dead gate_up slice for each, which the next test covers.
@@ -172,7 +172,7 @@ def test_a_longer_expert_stack_still_splits_per_slice():
         names = {p.param.rsplit(".", 1)[1] for p in unit.parts}
         assert names == ({"gate_up_proj", "down_proj"} if e < 4 else {"gate_up_proj"})
         assert all(p.boxes == (((0, e, e + 1),),) for p in unit.parts)
-    assert {u.group for u in experts} == {"mlp"}
+    assert {u.role for u in experts} == {"mlp"}
     assert layout.layer_numel == sum(p.numel() for n, p in _Toy(_ZeroExpertsBlock(), _ZeroExpertsBlock()).named_parameters()
                                      if n.startswith("blocks."))
 
@@ -185,12 +185,12 @@ def test_norms_inside_attention_train_with_their_projection():
     }
     kv_a = units["self_attn.kv_a_proj_with_mqa"]
     assert "model.layers.0.self_attn.kv_a_layernorm.weight" in {p.param for p in kv_a.parts}
-    assert units["input_layernorm"].group == "norm"
+    assert units["input_layernorm"].role == "norm"
 
 
 def test_parallel_lists_are_zipped_into_layers():
     layout = read_generic(meta_model("xlm"))
-    first = {u.key: u.group for u in layout.layers[0]}
+    first = {u.key: u.role for u in layout.layers[0]}
     assert first["transformer.attentions.0.q_lin"] == "attention"
     assert first["transformer.ffns.0.lin1"] == "mlp"
     assert first["transformer.layer_norm1.0"] == "norm"
@@ -208,7 +208,7 @@ def test_every_stack_is_read():
     # lists of single modules are no blocks: Gemma 3n's AltUp projections stay outside
     gemma3n = read_generic(meta_model("gemma3n_text"))
     assert any(n.startswith("model.altup_projections.") for n in gemma3n.outside)
-    assert "other" in {u.group for u in gemma3n.units()}
+    assert "other" in {u.role for u in gemma3n.units()}
 
 
 def test_a_module_owning_several_matrices_has_one_unit_each():
@@ -246,7 +246,7 @@ class _Toy(nn.Module):
 def test_raw_matrices_of_one_module_are_one_unit_each():
     layout = read_generic(_Toy(_Block(), _Block()))
     assert [u.key for u in layout.layers[1]] == ["blocks.1:w_qkv", "blocks.1:w_out", "blocks.1:w_in"]
-    assert {u.group for u in layout.units()} == {"other"}
+    assert {u.role for u in layout.units()} == {"other"}
 
 
 def test_what_cannot_be_split_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""The data a layout reader produces: a model read into layers, groups and units.
+"""The data a layout reader produces: a model read into layers, roles and units.
 
 A *unit* is the smallest thing a strategy trains or freezes: one projection with its bias, one
 norm, one expert's gate matrix. A unit is made of *parts*; a part is a whole parameter or a region
@@ -24,8 +24,11 @@ from torch import nn
 
 from ..boxes import Box
 
-GROUPS = ("attention", "mlp", "norm", "router", "other")
+ROLES = ("attention", "mlp", "norm", "router", "other")
 """Roles inside a transformer block. The category strategy balances each role on its own."""
+
+GROUPS = ROLES
+"""Deprecated name of :data:`ROLES`."""
 
 
 def param_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -52,9 +55,14 @@ class Unit:
     """What trains or freezes as one: e.g. ``layers.3.self_attn.q`` with its weight and bias."""
 
     key: str
-    group: str
+    role: str  # one of ROLES
     layer: int
     parts: tuple[Part, ...]
+
+    @property
+    def group(self) -> str:
+        """Deprecated name of :attr:`role`."""
+        return self.role
 
     @functools.cached_property  # read many times by the strategies; writes __dict__, so fine when frozen
     def numel(self) -> int:
@@ -173,10 +181,3 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     if best is None or best[0] == 0:
         return None
     return best[1], best[2]
-
-
-def leaf_params(module: nn.Module, prefix: str = "") -> Iterable[tuple[str, str, nn.Module, nn.Parameter]]:
-    """(module path, parameter name, module, parameter) for every parameter a module owns directly."""
-    for mod_name, mod in module.named_modules(prefix=prefix):
-        for pname, param in mod.named_parameters(recurse=False):
-            yield mod_name, pname, mod, param

@@ -43,7 +43,7 @@ Example:
     >>> with torch.device("meta"):
     ...     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", num_hidden_layers=2))
     >>> layout = read_generic(model)
-    >>> len(layout.layers), sorted({u.group for u in layout.units()})
+    >>> len(layout.layers), sorted({u.role for u in layout.units()})
     (2, ['attention', 'norm'])
 """
 

@@ -16,7 +16,7 @@ from .base import Layout, Part, Unit, find_layer_list, param_shape
 Splitter = Callable[[str, tuple[int, ...]], Sequence[tuple[str, tuple[Box, ...]]]]
 
 # A classifier places one module inside a block: (path in block, module, its params) ->
-# (group, splitter or None, unit the module follows or None), or None when it cannot place it.
+# (role, splitter or None, unit the module follows or None), or None when it cannot place it.
 Placement = tuple[str, "Splitter | None", "str | None"]
 Classifier = Callable[[str, nn.Module], "Placement | None"]
 
@@ -55,7 +55,7 @@ def read_with(
     unplaced: list[str] = []
     for index, roots in enumerate(layers):
         units: dict[str, list[Part]] = {}
-        groups: dict[str, str] = {}
+        roles: dict[str, str] = {}
         first_unit: dict[str, str] = {}  # classifier path -> the first unit of that module
         follows: list[tuple[str, list[Part]]] = []
         for prefix, base, root in roots:
@@ -71,7 +71,7 @@ def read_with(
                 if placement is None:
                     unplaced.extend(_join(prefix, path, pname) for pname, _ in own)
                     continue
-                group, splitter, follow = placement
+                role, splitter, follow = placement
                 module_key = _join(prefix, path)
                 for pname, p in own:
                     full = _join(prefix, path, pname)
@@ -90,7 +90,7 @@ def read_with(
                         else:
                             if key not in units:
                                 units[key] = []
-                                groups[key] = group
+                                roles[key] = role
                                 first_unit.setdefault(seen_as, key)
                             units[key].append(part)
         for target, parts in follows:
@@ -99,7 +99,7 @@ def read_with(
                 unplaced.extend(p.param for p in parts)
             else:
                 units[owner].extend(parts)
-        result.append([Unit(k, groups[k], index, tuple(ps)) for k, ps in units.items()])
+        result.append([Unit(k, roles[k], index, tuple(ps)) for k, ps in units.items()])
     if unplaced:
         shown = ", ".join(unplaced[:8]) + (f" and {len(unplaced) - 8} more" if len(unplaced) > 8 else "")
         raise LayoutError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from ..layouts.base import GROUPS as ROLES, Layout, Unit
+from ..layouts.base import ROLES, Layout, Unit
 from . import rng as make_rng
 
 _EXHAUSTIVE_MAX_UNITS = 10  # 2**10 subsets per layer and role; larger roles (MoE experts) go greedy
@@ -45,13 +45,13 @@ def roles_coarsest_first(layout: Layout) -> list[str]:
     finer one, so the layers' total lands closer than any role alone."""
     largest: dict[str, int] = {}
     for unit in layout.units():
-        largest[unit.group] = max(largest.get(unit.group, 0), unit.numel)  # Unit.group is the unit's role
+        largest[unit.role] = max(largest.get(unit.role, 0), unit.numel)
     return sorted(largest, key=lambda r: (-largest[r], ROLES.index(r) if r in ROLES else len(ROLES), r))
 
 
 def units_per_layer(layout: Layout, role: str) -> list[list[Unit]]:
     """Each layer's units of ``role``, by key (an empty list for a layer without that role)."""
-    return [sorted((u for u in layer if u.group == role), key=lambda u: u.key) for layer in layout.layers]
+    return [sorted((u for u in layer if u.role == role), key=lambda u: u.key) for layer in layout.layers]
 
 
 def balanced_subset(units: list[Unit], target: float, rng: random.Random) -> list[Unit]:
