@@ -17,7 +17,7 @@ import functools
 import gc
 import hashlib
 import math
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
