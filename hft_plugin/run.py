@@ -28,6 +28,7 @@ from .config import HFTConfig
 from .distributed import check_ranks_agree
 from .errors import OptimizerMismatchError, SelectionMismatchError
 from .freeze import HFTHandle, apply_selection
+from .layouts.base import unwrap_model
 from .optimizers import drop_frozen, unfuse_strided, unwrap
 from .report import stats_metrics, train_start_summary
 from .selection import Selection, select_half
@@ -43,9 +44,9 @@ _RUNS: "weakref.WeakKeyDictionary[Any, HFTRun]" = weakref.WeakKeyDictionary()
 _BUILT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _unwrapped(model):
-    from .layouts.base import unwrap_model
-
+def unwrapped(model):
+    """``model`` with its DDP, DeepSpeed and ``torch.compile`` wrappers looked through: the object a
+    run, its handle and every adapter refer to (the one helper for it; adapters use this one)."""
     return unwrap_model(model)
 
 
@@ -69,7 +70,7 @@ class HFTRun:
 
     def __init__(self, model, config: HFTConfig, selection: Selection | None = None, *, partial: str = "auto",
                  share_reference: bool = True):
-        self._model = weakref.ref(_unwrapped(model))
+        self._model = weakref.ref(unwrapped(model))
         self.requested = config  # the options asked for (round="next" unresolved)
         self.config = selection.config if selection is not None else config
         self.selection = selection
@@ -85,14 +86,28 @@ class HFTRun:
         self._zero_masks = ZeroGradientMasks()
         self._input_grads_enabled = False
         self._report_metrics = False
+        self._resume_checked: tuple[str | None, Selection] | None = None  # in the training call under way
 
     @classmethod
     def of(cls, model) -> "HFTRun | None":
         """The run of ``model`` (wrappers looked through), if one is under way."""
         try:
-            return _RUNS.get(_unwrapped(model))
+            return _RUNS.get(unwrapped(model))
         except TypeError:  # not something a weak reference can point to: no run
             return None
+
+    @classmethod
+    def take_over(cls, model, config: HFTConfig, *, partial: str = "auto", share_reference: bool = True) -> "HFTRun":
+        """The run a framework's trainer drives on ``model``: the one the model's set-up started
+        (LLaMA-Factory's loader applies HFT before the trainer exists) if it asked for the same
+        options, so HFT is applied once; else a new one, started."""
+        run = cls.of(model)
+        if run is not None and not run.claimed and run.handle is not None and not run.handle.removed \
+                and run.requested == config:
+            run.share_reference = share_reference
+            run.use_partial(partial)
+            return run
+        return cls(model, config, partial=partial, share_reference=share_reference).start()
 
     @property
     def model(self):
@@ -131,7 +146,7 @@ class HFTRun:
 
     def follow(self, model) -> None:
         """Before a training run starts: keep the selection applied to the model that trains."""
-        model = _unwrapped(model)
+        model = unwrapped(model)
         if self.handle is None or self.handle.model is not model:
             # a new model object (the Trainer's model_init builds one inside train()): same options
             old = self._model()
@@ -145,6 +160,19 @@ class HFTRun:
             # another run applied its own round to this model object; put ours back
             self.apply(self.selection)
             _RUNS[model] = self
+
+    def release_on_stop(self, optimizer, *, owned_by_engine: bool = False) -> bool:
+        """HFT stops while the framework holds ``optimizer``: True when the framework must drop it
+        (with its scheduler), because it was built under HFT and owns only this round's half, so the
+        next training builds one for the whole model. One the user gave is left to them, with a
+        warning (``owned_by_engine``: DeepSpeed built it from its config; nothing to say)."""
+        if self.built_under_hft(optimizer):
+            logger.info("hft_plugin: HFT disabled; the next train() builds a new optimizer and scheduler.")
+            return True
+        if optimizer is not None and not owned_by_engine:
+            logger.warning("hft_plugin: HFT disabled, but the optimizer given to the Trainer owns only the half that "
+                           "trained with HFT; give the Trainer a new optimizer to train the whole model.")
+        return False
 
     def stop(self) -> None:
         """Undo everything the run put on the model: hooks, the input-gradient hook, the selection
@@ -181,6 +209,23 @@ class HFTRun:
         logger.warning("hft_plugin: %s trained another half than this installation selects for the same "
                        "options; resuming with the checkpoint's half.", checkpoint)
         self.apply(resumed)
+
+    def check_resume_once(self, checkpoint: str | None, *, optimizer_exists: bool = False,
+                          loading: bool = False) -> None:
+        """:meth:`check_resume` once per checkpoint and selection in one training call (until
+        :meth:`reset_resume_check`), so each framework event that can reach it first may call it;
+        ``loading``: the weights are about to be loaded, so unshare what loading would change."""
+        checked = self._resume_checked
+        if checked is not None and checked[0] == checkpoint and checked[1] is self.selection:
+            return
+        self.check_resume(checkpoint, optimizer_exists=optimizer_exists)
+        if loading:
+            self.before_load(checkpoint)
+        self._resume_checked = (checkpoint, self.selection)
+
+    def reset_resume_check(self) -> None:
+        """A training call starts or ends: the next one checks its checkpoint again."""
+        self._resume_checked = None
 
     def load_checkpoint(self, checkpoint: str) -> None:
         """Load the tensors a framework's plain resume misses (experts saved one key per expert)."""
@@ -266,22 +311,14 @@ class HFTRun:
         if self.handle is not None:
             self.handle.mask_gradients()
 
-    def enable_input_grads_if_needed(self) -> None:
-        """Reentrant checkpointing gives layer weights no gradient when nothing before them requires
-        grad; with frozen embeddings that is every layer, so make the embeddings' output require it."""
-        model = self.handle.model
-        checkpointing = getattr(model, "is_activation_checkpointing", None)
-        if checkpointing is None:  # transformers before the rename
-            checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if self._input_grads_enabled or not checkpointing:
-            return
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if embeddings is None or any(p.requires_grad for p in embeddings.parameters()):
-            return
-        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
-            return  # the trainer (e.g. for PEFT) or the user already did it
-        model.enable_input_require_grads()
-        self._input_grads_enabled = True
+    def require_input_grads(self) -> None:
+        """Make the input embeddings' output require grad (the model's ``enable_input_require_grads``)
+        until :meth:`stop`: reentrant checkpointing gives layer weights no gradient when nothing before
+        them requires grad, and with frozen embeddings that is every layer. The adapter, which knows
+        its framework's model, says when."""
+        if not self._input_grads_enabled:
+            self.handle.model.enable_input_require_grads()
+            self._input_grads_enabled = True
 
     # -- the reference model -------------------------------------------------------------------------
     def share_with(self, reference, declined: str | None = None) -> SharedReference | None:
@@ -313,8 +350,17 @@ class HFTRun:
         """``hft_selection.json`` in ``directory`` (the output dir, every checkpoint)."""
         self.selection.save(directory)
 
-    def training_started(self) -> None:
-        """The stats go into the first metrics logged from now on."""
+    def training_started(self, announce: str | None = None, manifest_dir: str | None = None,
+                         extra_lines: Iterable[str] = ()) -> None:
+        """Training starts now: the train-start block is logged for ``announce`` (the trainer's name;
+        None on all but the main process), ``hft_selection.json`` written to ``manifest_dir`` (None:
+        this process does not save), and the stats go into the first metrics logged from now on."""
+        if announce is not None:
+            # WARNING, the level transformers and TRL use for what a user must see at their default
+            # verbosity: with logging unconfigured, Python's last-resort handler prints it to stderr.
+            logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", announce, self.summary(extra_lines))
+        if manifest_dir is not None:
+            self.save_manifest(manifest_dir)
         self._report_metrics = True
 
     def metrics(self) -> dict:

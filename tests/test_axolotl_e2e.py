@@ -1,7 +1,8 @@
 """`axolotl train cfg.yml` end to end on a tiny local Llama and a local alpaca file: with
 HFT_ENABLE=1 (Axolotl re-launches itself under `accelerate launch`, so the trainer runs in a fresh
-interpreter reached only by the start-up hook), without it (the control: every tensor moves), and
-with `adapter: lora` (refused before training). Runs in the Axolotl environment: bash .ci/axolotl.sh."""
+interpreter reached only by the start-up hook; every step trains under the model's HFTRun), without
+it (the control: every tensor moves), and with `adapter: lora` (refused before training). Runs in the
+Axolotl environment: bash .ci/axolotl.sh."""
 
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ pytest.importorskip("axolotl", reason="Axolotl tests run in their own environmen
 from hft_plugin import Selection  # noqa: E402
 from hft_plugin.selection import MANIFEST_NAME  # noqa: E402
 
+from ._workers import run_probe  # noqa: E402
 from .helpers import assert_frozen_and_trained  # noqa: E402
 from .test_cli_e2e import load_weights  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # fp16/bf16 off: Axolotl defaults to fp16 without a bf16 GPU, which CPU matmuls reject; fp32 also
 # makes the saved weights comparable bit for bit with the input.
@@ -80,10 +84,16 @@ def axolotl_train(tmp_path: Path, inputs, extra: str = "", expect_ok: bool = Tru
 
 
 def test_hft_enable_trains_one_half(tmp_path, inputs):
-    out, log, _ = axolotl_train(tmp_path, inputs, HFT_ENABLE="1", HFT_ROUND="1")
+    # the probe plugin records, at every step, whether the trainer's model has its HFTRun
+    probe = "plugins:\n  - tests._workers.run_probe.RunProbePlugin\n"
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    out, log, _ = axolotl_train(tmp_path, inputs, extra=probe, HFT_ENABLE="1", HFT_ROUND="1", PYTHONPATH=pythonpath)
     assert "accelerate" in log  # the default launcher: the trainer ran in a fresh interpreter
     selection = Selection.load(str(out / MANIFEST_NAME))
     assert selection.config.round == 1
+    steps = run_probe.read(out)
+    assert [s["step"] for s in steps] == [1, 2, 3] and steps[0]["trainer"] == "AxolotlTrainer"
+    assert all(s["run"] and s["claimed"] and s["handle_active"] and s["round"] == 1 for s in steps), steps
     counts = assert_frozen_and_trained(selection, load_weights(inputs[0]), load_weights(out))
     assert counts["frozen"] > 0 and counts["trained"] > 0
     assert "'hft/round': '1'" in log

@@ -52,6 +52,16 @@ def test_mask_overhead_measures_every_variant():
     assert result["masked_tensors"] > 0 and result["fused_mask_s"] > 0 and result["hook_multiplies_s"] > 0
 
 
+def test_grad_hook_mask_compares_both_ways_and_both_are_exact():
+    grad_hook_mask = pytest.importorskip("grad_hook_mask")
+    result = grad_hook_mask.measure(2, steps=1, warmup=0, batch=1, seq=8, repeats=1, log=lambda *_: None,
+                                    layers=2, hidden=32, intermediate=64, heads=2, vocab=64)
+    assert set(result["step_s"]) == set(grad_hook_mask.VARIANTS) and result["masked_tensors"] == 14
+    assert result["exact"] == dict(hook_equals_clip=True, clip_frozen_kept=True, hook_frozen_kept=True,
+                                   none_frozen_kept=False)
+    assert grad_hook_mask.verdict([result]).startswith("Verdict: ")
+
+
 def test_unfused_twin_trains_the_same_units():
     mask_overhead = pytest.importorskip("mask_overhead")
     from hft_plugin import select_half

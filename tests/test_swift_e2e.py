@@ -1,5 +1,6 @@
 """`swift sft` end to end on a tiny local Llama and a local messages file: with HFT_ENABLE=1 (`swift sft`
-runs the training in a child interpreter, reached only by the start-up hook), without it (the
+runs the training in a child interpreter, reached only by the start-up hook; every step trains under
+the model's HFTRun), without it (the
 control: every tensor moves), and with ms-swift's default tuner, LoRA (refused before training).
 Runs in the ms-swift environment: bash .ci/swift.sh."""
 
@@ -19,6 +20,7 @@ pytest.importorskip("swift.pipelines", reason="ms-swift tests run in their own e
 from hft_plugin import Selection  # noqa: E402
 from hft_plugin.selection import MANIFEST_NAME  # noqa: E402
 
+from ._workers import run_probe  # noqa: E402
 from .helpers import assert_frozen_and_trained  # noqa: E402
 from .test_cli_e2e import load_weights  # noqa: E402
 
@@ -65,8 +67,13 @@ def swift_sft(tmp_path: Path, inputs, *flags: str, expect_ok: bool = True, **var
 
 
 def test_hft_enable_trains_one_half(tmp_path, inputs):
-    out, log, _ = swift_sft(tmp_path, inputs, "--tuner_type", "full", HFT_ENABLE="1", HFT_ROUND="1")
+    # the probe callback records, at every step, whether the trainer's model has its HFTRun
+    out, log, _ = swift_sft(tmp_path, inputs, "--tuner_type", "full", "--external_plugins", run_probe.__file__,
+                            "--callbacks", run_probe.NAME, HFT_ENABLE="1", HFT_ROUND="1")
     assert "run sh: `" in log  # swift sft ran the training in a child interpreter
+    steps = run_probe.read(out)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert all(s["run"] and s["claimed"] and s["handle_active"] and s["round"] == 1 for s in steps), steps
     checkpoint = out / f"checkpoint-{STEPS}"
     selection = Selection.load(str(out / MANIFEST_NAME))
     assert selection.config.round == 1

@@ -42,6 +42,25 @@ def test_plain_trainer_trains_exactly_the_chosen_half(tmp_path, family):
     assert "hft/attention_ratio" in first and "hft/trainable_ratio" not in trainer.state.log_history[1]
 
 
+def test_the_stats_reach_every_reporter_once(tmp_path):
+    # a reporter added after enable_hft (W&B, TensorBoard: callbacks) sees the stats in the first logs
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = plain_trainer(tmp_path, max_steps=2, logging_steps=1)
+    handle = enable_hft(trainer, round=1)
+    trainer.add_callback(Reporter())
+    trainer.train()
+    assert seen[0]["hft/round"] == 1
+    assert seen[0]["hft/trainable_ratio"] == pytest.approx(handle.selection.trainable_ratio)
+    assert "loss" in seen[0] and not any("hft/round" in logs for logs in seen[1:])
+
+
 def test_summary_is_logged_at_train_start(tmp_path, caplog):
     trainer = plain_trainer(tmp_path, max_steps=1)
     enable_hft(trainer)
@@ -143,10 +162,12 @@ def test_disable_restores_everything(tmp_path):
     trainer = plain_trainer(tmp_path, "phi3")
     original = flags(trainer.model)
     methods = set(vars(trainer))
+    callbacks = list(trainer.callback_handler.callbacks)
     enable_hft(trainer)
-    assert flags(trainer.model) != original
+    assert flags(trainer.model) != original and len(trainer.callback_handler.callbacks) == len(callbacks) + 1
     assert disable_hft(trainer) is True
     assert flags(trainer.model) == original and set(vars(trainer)) == methods
+    assert trainer.callback_handler.callbacks == callbacks
     assert disable_hft(trainer) is False
     trainer.args.max_steps = 1
     trainer.train()  # a full fine-tune again: the optimizer owns every tensor

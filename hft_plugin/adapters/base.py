@@ -14,7 +14,8 @@ An adapter is a small class::
 
 ``instrument()`` checks the installed versions, patches once (a second call warns and returns) and
 ``uninstrument()`` undoes it (a second call is harmless). Patches are wrapt proxies carrying a
-marker, so a patch is never applied twice, even by two adapter instances.
+marker, so a patch is never applied twice, even by two adapter instances. Methods of one object
+(a trainer) are wrapped on the instance with :class:`InstanceWrappers`.
 
 Each patch records its owners: two adapters of one class (two ``TransformersAdapter`` s, say) share
 one proxy, and it is removed only when the last of them lets go, so one ``uninstrument()`` cannot
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.metadata
 import logging
+import weakref
 from typing import Any, Callable, Iterator
 
 import wrapt
@@ -154,6 +157,51 @@ def live_patches() -> list[tuple[str, int]]:
         live.append((f"{module}.{name}.{attribute}" if module else f"{name}.{attribute}",
                      len(getattr(current, OWNERS, ()))))
     return sorted(live)
+
+
+class InstanceWrappers:
+    """Methods of one object (a trainer) wrapped on the instance, never on its class, and put back by
+    :meth:`restore`: what a subclass overrides is still reached, and nothing outlives the object.
+    After ``wrap(name, wrapper)``, ``obj.name(*args)`` calls ``wrapper(original, *args)``.
+
+        >>> class Greeter:
+        ...     def hello(self, name):
+        ...         return f"hello {name}"
+        >>> greeter = Greeter()
+        >>> wrappers = InstanceWrappers(greeter)
+        >>> wrappers.wrap("hello", lambda original, name: original(name).upper())
+        True
+        >>> greeter.hello("you"), wrappers.restore(), greeter.hello("you"), vars(greeter)
+        ('HELLO YOU', None, 'hello you', {})
+    """
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = weakref.ref(obj)  # the object holds its wrappers (and whoever made them), not the reverse
+        self._saved: dict[str, Any] = {}
+
+    def wrap(self, name: str, wrapper: Callable) -> bool:
+        """Wrap ``name`` once; False (nothing changed) if it is wrapped already or the object has none."""
+        obj = self._obj()
+        original = getattr(obj, name, None)
+        if original is None or name in self._saved:
+            return False
+        self._saved[name] = obj.__dict__.get(name, _MISSING)
+        setattr(obj, name, functools.wraps(original)(functools.partial(wrapper, original)))
+        return True
+
+    def restore(self) -> None:
+        obj = self._obj()
+        for name, previous in self._saved.items():
+            if obj is None:
+                break
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, previous)
+        self._saved.clear()
+
+
+_MISSING = object()
 
 
 def _owner(owner: Any) -> Any:

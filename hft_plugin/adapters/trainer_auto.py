@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from ..config import HFTConfig
 from ..errors import ConfigError, HFTError, IntegrationError
+from . import compat
 from .base import Adapter, patch, unpatch
 from .trainer_support import build_config, resolve_checkpoint, trainer_class
 from .transformers import _OPTED_OUT, _SESSIONS, _Session, enable_hft
@@ -73,7 +74,7 @@ def _auto_train(wrapped, instance, args, kwargs):
         try:
             return wrapped(*args, **kwargs)
         finally:
-            session._checked = None
+            session.run.reset_resume_check()
     return wrapped(*args, **kwargs)
 
 
@@ -92,7 +93,7 @@ def _auto_prepare(wrapped, instance, args, kwargs):
     session = _auto_enable(instance)
     if session is None or session._in_prepare:
         return wrapped(*args, **kwargs)
-    return session.prepare(wrapped, args, kwargs)
+    return session.prepare(wrapped, *args, **kwargs)
 
 
 class TransformersAdapter(Adapter):
@@ -122,7 +123,7 @@ class TransformersAdapter(Adapter):
 
     name = "transformers"
     instruments = ("transformers >= 5.3",)
-    _TARGETS = (("Trainer.train", _auto_train), ("Trainer._prepare_for_training", _auto_prepare))
+    _TARGETS = (("Trainer.train", _auto_train), (f"Trainer.{compat.PREPARE}", _auto_prepare))
 
     def __init__(self, config: "HFTConfig | Mapping[str, Any] | None" = None, *, watch_only: bool = False,
                  **options: Any) -> None:
@@ -134,14 +135,9 @@ class TransformersAdapter(Adapter):
     def _instrument(self, config: "HFTConfig | Mapping[str, Any] | None" = None, **options: Any) -> None:
         if config is not None or options:
             self.config = build_config(config if config is not None else self.config, options)
-        Trainer = trainer_class()
-        if not hasattr(Trainer, "_prepare_for_training"):
-            import transformers
-
-            raise IntegrationError(
-                f"transformers {transformers.__version__} has no Trainer._prepare_for_training; hft_plugin "
-                "supports transformers >= 5.3."
-            )
+        problem = compat.prepare_problem(trainer_class())
+        if problem:
+            raise IntegrationError(problem)
         for path, wrapper in self._TARGETS:
             patch("transformers.trainer", path, wrapper, owner=self)
         _AutoState.adapters.append(self)

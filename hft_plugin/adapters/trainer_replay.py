@@ -24,13 +24,11 @@ Where it hooks, and why there:
 The replay pool is processed as the trainer processes its own data: TRL trainers through their
 dataset preparation (tokenization, chat template, EOS, completion-only loss where the source has
 prompts, truncation, packing), the plain ``Trainer`` by tokenizing text with its tokenizer where its
-data are token ids. The private access this needs sits in the ``_compat`` functions below.
+data are token ids. The private access this needs sits in :mod:`hft_plugin.adapters.compat`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 import weakref
@@ -40,100 +38,15 @@ from transformers import TrainerCallback
 
 from .. import replay as core
 from ..errors import HFTError, IntegrationError, ReplayError, ReplayUnsupportedError
+from ..run import unwrapped
+from . import compat
+from .base import InstanceWrappers
 
 logger = logging.getLogger("hft_plugin")
 
 _REPLAYS: "weakref.WeakKeyDictionary[Any, Replay]" = weakref.WeakKeyDictionary()
-_MISSING = object()
 _MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "seq_lengths",
                   "completion_mask", "assistant_masks")
-
-
-# -- the private access, in one place ----------------------------------------------------------------------
-def _compat_prepare(trainer, dataset, *, plain_text: bool):
-    """Run the trainer's own dataset preparation on ``dataset``, or return None if it has none.
-
-    TRL 1.x keeps it in ``_prepare_dataset`` with one of two signatures (SFT: with packing and the
-    formatting function; DPO, KTO, Reward: without). Text sampled by the model (``plain_text``) is
-    prepared without the user's formatting function: it is plain language-modelling text."""
-    prepare = getattr(trainer, "_prepare_dataset", None)
-    if prepare is None:
-        return None
-    if getattr(trainer, "_skip_prepare_dataset", False):  # SFT's dataset_kwargs={"skip_prepare_dataset": True}
-        return dataset
-    names = list(inspect.signature(prepare).parameters)
-    args = trainer.args
-    if names[:6] == ["dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"]:
-        formatting = None if plain_text else getattr(trainer, "_formatting_func", None)
-        return prepare(dataset, trainer.processing_class, args, args.packing, formatting, "replay")
-    if names[:4] == ["dataset", "processing_class", "args", "dataset_name"]:
-        return prepare(dataset, trainer.processing_class, args, "replay")
-    import trl
-
-    raise ReplayUnsupportedError(
-        f"{type(trainer).__name__}._prepare_dataset{inspect.signature(prepare)} (TRL {trl.__version__}) is not a "
-        "signature hft_plugin knows, so replay data cannot be prepared as the trainer prepares its own. Give the "
-        "replay source already prepared (the columns of trainer.train_dataset), or use TRL 1.x.")
-
-
-def _compat_signature_columns(trainer) -> list[str] | None:
-    """The columns the trainer keeps (``remove_unused_columns``), as the trainer computes them."""
-    setter = getattr(trainer, "_set_signature_columns_if_needed", None)
-    if setter is None:
-        return None
-    setter()
-    columns = getattr(trainer, "_signature_columns", None)
-    return list(columns) if columns is not None else None
-
-
-def _compat_dataloader(trainer, dataset, make_sampler):
-    """The trainer's own loader over ``dataset`` with the sampler ``make_sampler(inner)`` (inner: the
-    trainer's own sampler for its examples). transformers >= 5.0 builds every loader in
-    ``_get_dataloader(dataset, description, batch_size, sampler_fn, is_training)``; older versions
-    are refused by :func:`enable_replay`."""
-    inner = trainer._get_train_sampler(trainer.train_dataset)
-    sampler = make_sampler(_seeded(trainer, inner))
-    dataset.sampler = sampler
-    # The trainer wraps whatever data_collator holds when it builds the loader (column removal around
-    # it): for that moment it holds the marking collator, so the marks survive to the trainer's own.
-    had = trainer.__dict__.get("data_collator", _MISSING)
-    trainer.data_collator = _MarkingCollator(trainer.data_collator)
-    try:
-        return trainer._get_dataloader(dataset=dataset, description="Training", batch_size=trainer._train_batch_size,
-                                       sampler_fn=lambda _dataset: sampler, is_training=True)
-    finally:
-        if had is _MISSING:
-            trainer.__dict__.pop("data_collator", None)
-        else:
-            trainer.data_collator = had
-
-
-def _compat_supported(trainer) -> str | None:
-    """Why this transformers cannot take replay, or None."""
-    for name in ("_get_dataloader", "_get_train_sampler", "_train_batch_size"):
-        if not hasattr(trainer, name):
-            import transformers
-
-            return (f"transformers {transformers.__version__} builds its loaders differently (no Trainer.{name}); "
-                    "replay needs transformers >= 5.0")
-    return None
-
-
-def _seeded(trainer, inner):
-    """A plain ``RandomSampler`` draws its order from the global random state; accelerate replaces it by
-    a seeded one (``use_seedable_sampler``) only when it sees it, which it no longer does inside the
-    mixing sampler. So do what accelerate does: seed it with ``data_seed`` (else ``seed``) plus the
-    epoch. The trainer's examples then come in the order accelerate would give them."""
-    from torch.utils.data import RandomSampler
-
-    if type(inner) is not RandomSampler:
-        return inner  # the trainer's own sampler (length-grouped, sequential, a TRL trainer's): as it is
-    import torch
-    from accelerate.data_loader import SeedableRandomSampler
-
-    seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
-    return SeedableRandomSampler(data_source=inner.data_source, replacement=inner.replacement,
-                                 num_samples=inner._num_samples, generator=torch.Generator(), data_seed=seed)
 
 
 # -- the replay on one trainer -------------------------------------------------------------------------------
@@ -161,7 +74,7 @@ class Replay:
         self._sum = self._count = None
         self._pending = None
         self._hooks: list[Any] = []
-        self._wrapped: dict[str, Any] = {}
+        self._wrappers = InstanceWrappers(trainer)
         self.callback = _ReplayCallback(self)
 
     @property
@@ -185,9 +98,9 @@ class Replay:
     # -- installing -------------------------------------------------------------------------------------
     def start(self) -> "Replay":
         trainer = self.trainer
-        self._wrap("get_train_dataloader", self._wrap_dataloader)
+        self._wrappers.wrap("get_train_dataloader", self._train_dataloader)
         trainer.callback_handler.callbacks.insert(0, self.callback)  # before the reporters: they log replay/loss
-        model = _unwrapped(trainer.model)
+        model = unwrapped(trainer.model)
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, with_kwargs=True)]
         _REPLAYS[trainer] = self
@@ -198,39 +111,25 @@ class Replay:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        for name, previous in self._wrapped.items():
-            if previous is _MISSING:
-                trainer.__dict__.pop(name, None)
-            else:
-                setattr(trainer, name, previous)
-        self._wrapped.clear()
+        self._wrappers.restore()
         if self.callback in trainer.callback_handler.callbacks:
             trainer.callback_handler.callbacks.remove(self.callback)
         if _REPLAYS.get(trainer) is self:
             del _REPLAYS[trainer]
 
-    def _wrap(self, name: str, make) -> None:
+    def _train_dataloader(self, original, *args, **kwargs):
         trainer = self.trainer
-        self._wrapped[name] = trainer.__dict__.get(name, _MISSING)
-        original = getattr(trainer, name)
-        setattr(trainer, name, functools.wraps(original)(make(original)))
+        if self.ratio == 0:
+            return original(*args, **kwargs)
+        mixed = core.MixedDataset(trainer.train_dataset, self.pool, self.columns)
 
-    def _wrap_dataloader(self, original):
-        def get_train_dataloader(*args, **kwargs):
-            trainer = self.trainer
-            if self.ratio == 0:
-                return original(*args, **kwargs)
-            main = trainer.train_dataset
-            mixed = core.MixedDataset(main, self.pool, self.columns)
+        def make_sampler(inner):
+            sampler = core.MixingSampler(inner, len(inner), len(self.pool), compat.train_batch_size(trainer),
+                                         self.ratio, self.seed)
+            self.layout = sampler.layout
+            return sampler
 
-            def make_sampler(inner):
-                sampler = core.MixingSampler(inner, len(inner), len(self.pool), trainer._train_batch_size,
-                                             self.ratio, self.seed)
-                self.layout = sampler.layout
-                return sampler
-
-            return _compat_dataloader(trainer, mixed, make_sampler)
-        return get_train_dataloader
+        return compat.train_dataloader(trainer, mixed, make_sampler, _MarkingCollator)
 
     # -- the replay loss, from the forward's own outputs -------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -391,12 +290,6 @@ def _write_record(replay: Replay, folder: str) -> None:
 
 
 # -- building the pool -------------------------------------------------------------------------------------
-def _unwrapped(model):
-    from ..layouts.base import unwrap_model
-
-    return unwrap_model(model)
-
-
 def _tokenizer(trainer):
     processing = getattr(trainer, "processing_class", None)
     return getattr(processing, "tokenizer", processing)
@@ -433,7 +326,7 @@ def _self_texts(trainer, *, seed: int, samples: int, sample_length: int) -> tupl
         if stored is not None:
             logger.warning("hft_plugin: %s was drawn with other settings (%s); drawing again with %s.", here,
                            {k: stored.get(k) for k in wanted}, wanted)
-        model = _unwrapped(trainer.model)
+        model = unwrapped(trainer.model)
         # once per run (then read from the file): it can take minutes on a CPU, so say so first
         logger.warning("hft_plugin: replay 'self': sampling %d texts of up to %d tokens from the model, once; they "
                        "are stored in %s.", samples, sample_length, here)
@@ -491,9 +384,9 @@ def _check_format(trainer, raw, prepared_by_trainer: bool) -> None:
 
 
 def _prepare_pool(trainer, raw, *, plain_text: bool, max_length: int | None):
-    _check_format(trainer, raw, getattr(trainer, "_prepare_dataset", None) is not None)
+    _check_format(trainer, raw, compat.prepares_own_data(trainer))
     try:
-        prepared = _compat_prepare(trainer, raw, plain_text=plain_text)
+        prepared = compat.prepare_dataset(trainer, raw, plain_text=plain_text)
     except HFTError:
         raise
     except Exception as exc:  # the trainer's own preparation refused it: say which source and why
@@ -512,7 +405,7 @@ def _columns(trainer, pool) -> list[str] | None:
     main = trainer.train_dataset
     main_columns = list(getattr(main, "column_names", None) or [])
     if trainer.args.remove_unused_columns:
-        signature = _compat_signature_columns(trainer)
+        signature = compat.signature_columns(trainer)
         keep = [c for c in main_columns if signature is None or c in signature]
     else:
         keep = main_columns
@@ -600,7 +493,7 @@ def enable_replay(trainer, source: Any, *, ratio: float = core.DEFAULT_RATIO, se
                 f"{type(trainer).__name__} builds its training batches itself ({method} is its own, as in online "
                 "trainers that generate completions: GRPO, RLOO, distillation), so no share of them can be "
                 "replayed data. Replay works with the Trainer and TRL's offline trainers (SFT, DPO, Reward, KTO).")
-    problem = _compat_supported(trainer)
+    problem = compat.replay_problem(trainer)
     if problem:
         raise ReplayUnsupportedError(problem)
     if trainer.train_dataset is None or not hasattr(trainer.train_dataset, "__len__"):

@@ -1,18 +1,24 @@
 """What the Trainer adapter (:mod:`hft_plugin.adapters.transformers`) checks and writes around
-the trainer's events: the trainer can take HFT, a PEFT model is refused, why a reference model keeps
-its own copy, and the model card's HFT section."""
+the trainer's events: the trainer can take HFT, a PEFT model is refused, the trainer's optimizer fits
+the round, the reference model shares the frozen half (or why it keeps its own copy), and the model
+card's HFT section."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..config import HFTConfig
 from ..errors import ConfigError, IntegrationError, UnsupportedModelError
 from ..freeze import HFTHandle
+from ..run import unwrapped
 from ..selection import Selection, applied_counts
 from ..sharing import FSDP, unshareable_reason
+from . import compat
 from .fsdp import is_fsdp2_module
+
+if TYPE_CHECKING:
+    from ..run import HFTRun
 
 # Wrappers that have already split the model across processes: changing requires_grad under them
 # is silently wrong (DDP does not reduce newly trainable gradients, ZeRO keeps updating newly
@@ -26,12 +32,6 @@ def trainer_class():
     except ImportError as exc:  # pragma: no cover - transformers is a hard requirement of this adapter
         raise IntegrationError("enable_hft needs transformers: pip install 'hft-plugin[trl]'.") from exc
     return Trainer
-
-
-def _unwrapped(model):
-    from ..layouts.base import unwrap_model
-
-    return unwrap_model(model)
 
 
 def write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", original: Callable, args: tuple,
@@ -53,7 +53,7 @@ def write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", 
     if trainer.is_world_process_zero():
         counts = applied_counts(selection, handle.model) if handle is not None else None
         add_model_card_section(os.path.join(trainer.args.output_dir, "README.md"), selection, counts,
-                               base_model=base_model_name(_unwrapped(trainer.model)))
+                               base_model=base_model_name(unwrapped(trainer.model)))
     return result
 
 
@@ -62,7 +62,7 @@ def refuse_peft(trainer) -> None:
     alternatives, before anything changes."""
     from ..layouts.base import is_peft
 
-    model = _unwrapped(trainer.model)
+    model = unwrapped(trainer.model)
     if is_peft(model):
         raise UnsupportedModelError(
             f"{type(trainer).__name__}'s model is a {type(model).__name__} (PEFT adapters, e.g. LoRA from the "
@@ -86,6 +86,13 @@ def sharing_declined(trainer) -> str | None:
     return None
 
 
+def share_reference(trainer, run: "HFTRun") -> None:
+    """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one) shares the
+    policy's frozen half, or keeps sharing it; checked each time training starts."""
+    reference = getattr(trainer, "ref_model", None)
+    run.share_with(reference, sharing_declined(trainer) if reference is not None else None)
+
+
 def replay_lines(trainer) -> list[str]:
     """Replay's line in the train-start block (hft_plugin.adapters.trainer_replay), if it is on."""
     import sys
@@ -101,13 +108,9 @@ def check_trainer(trainer) -> None:
             f"enable_hft needs a transformers.Trainer (or a TRL trainer), got {type(trainer).__name__}. For a "
             "model and your own loop use select_half and apply_selection."
         )
-    if not hasattr(Trainer, "_prepare_for_training"):
-        import transformers
-
-        raise IntegrationError(
-            f"transformers {transformers.__version__} sets up training differently from the versions hft_plugin "
-            "supports (it has no Trainer._prepare_for_training). Install transformers >= 5.3."
-        )
+    problem = compat.prepare_problem(Trainer)
+    if problem:
+        raise IntegrationError(problem)
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call enable_hft after creating it with a model.")
     wrapped = getattr(trainer, "model_wrapped", None)
@@ -126,6 +129,23 @@ def build_config(config: "HFTConfig | Mapping[str, Any] | None", options: Mappin
     if isinstance(config, Mapping):
         return HFTConfig.from_dict({**config, **options})
     raise ConfigError(f"config={config!r} is not an HFTConfig or a dict of HFT options (ratio, round, ...).")
+
+
+def settle_optimizer(trainer, run: "HFTRun") -> None:
+    """A trainer's optimizer that does not fit the round is dropped with its scheduler (the Trainer
+    builds both again); one passed to the Trainer is refused (:meth:`HFTRun.settle`). DeepSpeed builds
+    its optimizer from its config: nothing to settle."""
+    optimizer = trainer.optimizer
+    if optimizer is None or getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    if run.settle(optimizer, given=trainer.callback_handler.optimizer is optimizer):
+        drop_optimizer(trainer, run)
+
+
+def drop_optimizer(trainer, run: "HFTRun") -> None:
+    run.release(trainer.optimizer)
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
 
 
 def resolve_checkpoint(trainer, resume) -> str | None:

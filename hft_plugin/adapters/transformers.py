@@ -8,20 +8,14 @@ set-up path alone, so one integration serves them all::
     enable_hft(trainer, round=0)      # freezes the half that does not train
     trainer.train()
 
-Each trainer gets a session that translates the trainer's events into calls on the model's
-:class:`~hft_plugin.run.HFTRun` (which owns the selection, the checks, the optimizer's fit, the
-manifest and the metrics): ``enable_hft`` checks the trainer and starts (or takes over) the run
-before any optimizer, DDP or DeepSpeed wrapper exists; ``Trainer._prepare_for_training``, the one
-method every optimizer path goes through (``create_optimizer``, DeepSpeed's ``DummyOptim``,
-ZeRO-2/3), is wrapped: before it the run checks the resumed checkpoint, the ranks and the
-optimizer, after it the optimizer is attached. Under DeepSpeed ZeRO and FSDP partly trained tensors
-train through the gradient mask, elsewhere through region parameters (:mod:`hft_plugin.regions`).
-Zero-code activation (``HFT_ENABLE=1``) is :class:`~hft_plugin.adapters.trainer_auto.TransformersAdapter`.
+Each trainer gets a session (:class:`_Session`) that translates the trainer's events into calls
+on the model's :class:`~hft_plugin.run.HFTRun`, which owns the selection, the checks, the
+optimizer's fit, the manifest and the metrics. Zero-code activation (``HFT_ENABLE=1``) is
+:class:`~hft_plugin.adapters.trainer_auto.TransformersAdapter`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import weakref
 from typing import Any, Callable, Mapping
@@ -30,11 +24,17 @@ from ..config import HFTConfig
 from ..errors import HFTError
 from ..freeze import HFTHandle
 from ..run import HFTRun
-from ..selection import Selection
 from ..sharing import share_option
+from . import compat
+from .base import InstanceWrappers
 from .fsdp import check_fsdp, fsdp_plugin
-from .trainer_support import (build_config, check_trainer, refuse_peft, replay_lines, resolve_checkpoint, shards,
-                              sharing_declined, write_model_card)
+from .trainer_support import (build_config, check_trainer, drop_optimizer, refuse_peft, replay_lines,
+                              resolve_checkpoint, settle_optimizer, share_reference, shards, write_model_card)
+
+try:  # the base class only: without transformers, enable_hft refuses with the line to install it
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - transformers is a requirement of the trainer integration
+    TrainerCallback = object  # type: ignore[misc,assignment]
 
 logger = logging.getLogger("hft_plugin")
 
@@ -44,16 +44,36 @@ _SESSIONS: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionar
 _OPTED_OUT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
+class _Metrics(TrainerCallback):
+    """The run's stats in the first metrics logged after training starts (W&B, TensorBoard and the
+    log history show them); first among the callbacks, so the reporters see what it adds."""
+
+    def __init__(self, run: HFTRun):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        stats = self.run.metrics() if isinstance(logs, dict) else {}
+        if stats:
+            logs.update(stats)
+            last = state.log_history[-1] if state.log_history else None  # the Trainer's copy of these logs
+            if isinstance(last, dict) and last.get("step") == state.global_step:
+                last.update(stats)
+
+
 class _Session:
     """HFT on one trainer: translates the trainer's events into calls on its :class:`HFTRun`.
 
-    Where transformers has a public event (``TrainerCallback``) that fires at the same moment with
-    the same data, it would be used; the events HFT needs have none: ``_prepare_for_training``
-    (before and after the optimizer exists), ``create_optimizer`` (the optimizer just built),
-    ``save_model`` (every folder weights go to, checkpoints and the final save; ``on_save`` sees
-    checkpoints only), ``log`` (before the entry goes to ``log_history``; ``on_log`` sees it
-    after) and the clipping methods (before the gradient norm is taken). So the instance's methods
-    are wrapped, and put back by :meth:`stop`.
+    ``enable_hft`` starts (or takes over) the run before any optimizer, DDP or DeepSpeed wrapper
+    exists. The stats reach the logs through a ``TrainerCallback`` (:class:`_Metrics`). The other
+    events have no callback, so the trainer's methods are wrapped (:class:`InstanceWrappers`, put
+    back by :meth:`stop`): ``train`` (before a checkpoint's weights are loaded);
+    ``_prepare_for_training``, which every optimizer path goes through (``create_optimizer``,
+    DeepSpeed's ``DummyOptim``, ZeRO-2/3): before it the resumed checkpoint, the ranks and the
+    optimizer are checked, after it the optimizer is attached; ``create_optimizer`` (the optimizer
+    just built); ``save_model`` (every folder weights go to: ``on_save`` sees checkpoints only, not
+    ``trainer.save_model(folder)``); ``create_model_card`` (TRL's card takes no tags from the model,
+    and no event says a card was written); the gradient norm (:func:`compat.clipping_wrappers`).
+    On the instance, not the class: TRL overrides ``create_model_card`` without calling the Trainer's.
     """
 
     def __init__(self, trainer, run: HFTRun):
@@ -61,11 +81,9 @@ class _Session:
         # the wrapped methods; a strong reference would keep every trainer (and model) forever
         self._trainer = weakref.ref(trainer)
         self.run = run
-        self._wrapped: dict[str, Any] = {}
+        self._wrappers = InstanceWrappers(trainer)
         self._in_prepare = False
-        # (checkpoint, selection) checked in the train() call under way: the instance wrapper, the
-        # class-level patch of zero-code activation and the prepare step each reach the same checks
-        self._checked: tuple[str | None, Selection] | None = None
+        self.callback = _Metrics(run)
         self.automatic = False  # started by zero-code activation
         self.requested: HFTConfig = run.requested  # the options asked for (round="next" unresolved)
 
@@ -78,91 +96,53 @@ class _Session:
     # -- turning on and off --------------------------------------------------------------------------
     def start(self) -> HFTHandle:
         try:
-            self.settle_optimizer()
+            settle_optimizer(self.trainer, self.run)
         except HFTError:
             self.run.stop()  # the model as it was
             raise
         self.run.claimed = True
         _SESSIONS[self.trainer] = self
-        self.share_reference()
-        for name, wrapper in (("train", self._train), ("_prepare_for_training", self._prepare_for_training),
+        share_reference(self.trainer, self.run)
+        for name, wrapper in (("train", self._train), (compat.PREPARE, self.prepare),
                               ("create_optimizer", self._create_optimizer), ("save_model", self._save_model),
-                              ("log", self._log), ("create_model_card", self._create_model_card)):
-            self._wrap(name, wrapper)
+                              ("create_model_card", self._create_model_card)):
+            self._wrappers.wrap(name, wrapper)
+        self.trainer.callback_handler.callbacks.insert(0, self.callback)  # before the reporters
         self._wrap_clipping_if_masked()
         return self.handle
-
-    def _wrap(self, name: str, wrapper: Callable) -> None:
-        original = getattr(self.trainer, name, None)
-        if original is None or name in self._wrapped:
-            return
-        self._wrapped[name] = self.trainer.__dict__.get(name, _MISSING)
-        setattr(self.trainer, name, functools.wraps(original)(functools.partial(wrapper, original)))
 
     def _wrap_clipping_if_masked(self) -> None:
         # Region parameters need nothing at clipping time; mask-mechanism tensors are masked before
         # the norm is taken (outside DeepSpeed, whose gradient hooks mask them earlier).
         if self.handle.masked_parameters and not getattr(self.trainer, "is_deepspeed_enabled", False):
-            self._wrap("_clip_grad_norm", self._mask_first)
-            self._wrap("_get_grad_norm", self._mask_before_norm)
-
-    def settle_optimizer(self) -> None:
-        """A trainer's optimizer that does not fit the round is dropped with its scheduler (the
-        Trainer builds both again); one passed to the Trainer is refused (:meth:`HFTRun.settle`)."""
-        trainer = self.trainer
-        optimizer = trainer.optimizer
-        if optimizer is None or getattr(trainer, "is_deepspeed_enabled", False):
-            return
-        if self.run.settle(optimizer, given=trainer.callback_handler.optimizer is optimizer):
-            self._drop_optimizer()
-
-    def _drop_optimizer(self) -> None:
-        self.run.release(self.trainer.optimizer)
-        self.trainer.optimizer = None
-        self.trainer.lr_scheduler = None
+            for name, wrapper in compat.clipping_wrappers(self.run.mask_gradients).items():
+                self._wrappers.wrap(name, wrapper)
 
     def stop(self) -> None:
-        for name, previous in self._wrapped.items():
-            if previous is _MISSING:
-                self.trainer.__dict__.pop(name, None)
-            else:
-                setattr(self.trainer, name, previous)
-        self._wrapped.clear()
-        optimizer = self.trainer.optimizer
-        if self.run.built_under_hft(optimizer):
-            # It owns only this round's half: the next train() builds one for what trains then.
-            self._drop_optimizer()
-            logger.info("hft_plugin: HFT disabled; the next train() builds a new optimizer and scheduler.")
-        elif optimizer is not None and not getattr(self.trainer, "is_deepspeed_enabled", False):
-            logger.warning("hft_plugin: HFT disabled, but the optimizer given to the Trainer owns only the half that "
-                           "trained with HFT; give the Trainer a new optimizer to train the whole model.")
+        trainer = self.trainer
+        self._wrappers.restore()
+        if self.callback in trainer.callback_handler.callbacks:
+            trainer.callback_handler.callbacks.remove(self.callback)
+        deepspeed = getattr(trainer, "is_deepspeed_enabled", False)
+        if self.run.release_on_stop(trainer.optimizer, owned_by_engine=deepspeed):
+            drop_optimizer(trainer, self.run)
         self.run.stop()
-        if _SESSIONS.get(self.trainer) is self:
-            del _SESSIONS[self.trainer]
-
-    def share_reference(self) -> None:
-        """The trainer's ``ref_model`` (TRL's DPO, KTO, GRPO, ... and any trainer exposing one)
-        shares the policy's frozen half, or keeps sharing it; checked each time training starts."""
-        reference = getattr(self.trainer, "ref_model", None)
-        self.run.share_with(reference, sharing_declined(self.trainer) if reference is not None else None)
+        if _SESSIONS.get(trainer) is self:
+            del _SESSIONS[trainer]
 
     # -- the wrappers (each gets the trainer's method it replaces first) ------------------------------
     def _train(self, original: Callable, resume_from_checkpoint=None, *args, **kwargs):
-        self._checked = None
+        self.run.reset_resume_check()
         try:
             self.before_train(resolve_checkpoint(self.trainer, resume_from_checkpoint))
             return original(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self._checked = None
+            self.run.reset_resume_check()
 
     def before_train(self, checkpoint: str | None) -> None:
         """Before the trainer loads ``checkpoint``'s weights into the model: refuse a checkpoint of
         another selection, and unshare what loading would change. Once per train() call."""
-        if self._checked is not None and self._checked[0] == checkpoint and self._checked[1] is self.selection:
-            return
-        self.check_resume(checkpoint)
-        self.run.before_load(checkpoint)
-        self._checked = (checkpoint, self.selection)
+        self.run.check_resume_once(checkpoint, optimizer_exists=self.trainer.optimizer is not None, loading=True)
 
     def _create_optimizer(self, original: Callable, *args, **kwargs):
         optimizer = original(*args, **kwargs)
@@ -176,34 +156,16 @@ class _Session:
             self.run.save_manifest(output_dir or self.trainer.args.output_dir)
         return result
 
-    def _log(self, original: Callable, logs, *args, **kwargs):
-        if isinstance(logs, dict):
-            logs.update(self.run.metrics())
-        return original(logs, *args, **kwargs)
-
     def _create_model_card(self, original: Callable, *args, **kwargs):
         return write_model_card(self.trainer, self.selection, self.handle, original, args, kwargs)
 
-    def _mask_first(self, original: Callable, *args, **kwargs):
-        self.run.mask_gradients()
-        return original(*args, **kwargs)
-
-    def _mask_before_norm(self, original: Callable, model, grad_norm=None, *args, **kwargs):
-        if grad_norm is None:  # not clipped this step (max_grad_norm=0): the norm is measured here
-            self.run.mask_gradients()
-        return original(model, grad_norm, *args, **kwargs)
-
     # -- what happens before and after the trainer builds its optimizer ------------------------------
-    def _prepare_for_training(self, original: Callable, *args, **kwargs):
-        return self.prepare(original, args, kwargs)
-
-    def prepare(self, original: Callable, args: tuple, kwargs: dict):
+    def prepare(self, original: Callable, *args, **kwargs):
         if self._in_prepare:  # the class-level patch and the instance wrapper both lead here
             return original(*args, **kwargs)
         self._in_prepare = True
         try:
-            resume = kwargs.get("resume_from_checkpoint", args[2] if len(args) > 2 else None)
-            self.before_prepare(resume)
+            self.before_prepare(compat.prepare_resume(args, kwargs))
             result = original(*args, **kwargs)
             self.after_prepare()
             return result
@@ -214,27 +176,22 @@ class _Session:
         trainer, run = self.trainer, self.run
         run.follow(trainer.model)
         checkpoint = resolve_checkpoint(trainer, resume)
-        if self._checked is None or self._checked[0] != checkpoint or self._checked[1] is not self.selection:
-            self.check_resume(checkpoint)  # e.g. model_init built a new model and selection inside train()
+        # checked already in this train() call, unless model_init built a new model and selection inside it
+        run.check_resume_once(checkpoint, optimizer_exists=trainer.optimizer is not None)
         if checkpoint is not None and not shards(trainer):  # the Trainer loaded the checkpoint just before this step
             run.load_checkpoint(checkpoint)
-        self.share_reference()
+        share_reference(trainer, run)
         if getattr(trainer, "is_fsdp_enabled", False):
             check_fsdp(fsdp_plugin(trainer.accelerator), self.handle)
         run.check_ranks_agree()
         if getattr(trainer, "is_deepspeed_enabled", False):
             run.install_zero_masks()
-        run.enable_input_grads_if_needed()
+        if compat.input_grads_needed(run.model):
+            run.require_input_grads()
         self._wrap_clipping_if_masked()
-        self.settle_optimizer()
-        if trainer.is_world_process_zero():
-            # WARNING, the level transformers and TRL use for what a user must see at their default
-            # verbosity: with logging unconfigured, Python's last-resort handler prints it to stderr.
-            logger.warning("hft_plugin: %s trains with Half Fine-Tuning\n%s", type(trainer).__name__,
-                           run.summary(replay_lines(trainer)))
-        if trainer.args.should_save:
-            run.save_manifest(trainer.args.output_dir)
-        run.training_started()
+        settle_optimizer(trainer, run)
+        run.training_started(type(trainer).__name__ if trainer.is_world_process_zero() else None,
+                             trainer.args.output_dir if trainer.args.should_save else None, replay_lines(trainer))
 
     def after_prepare(self) -> None:
         trainer = self.trainer
@@ -243,12 +200,6 @@ class _Session:
             self.run.check_zero_optimizer(getattr(trainer.model_wrapped, "optimizer", None))
         else:
             self.run.attach(trainer.optimizer)  # refuses an optimizer that does not fit the round
-
-    def check_resume(self, checkpoint: str | None) -> None:
-        self.run.check_resume(checkpoint, optimizer_exists=self.trainer.optimizer is not None)
-
-
-_MISSING = object()
 
 
 def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *,
@@ -306,20 +257,8 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
         logger.warning("hft_plugin: HFT is already enabled on this trainer; nothing changed%s. Call disable_hft "
                        "first to change it.", note)
         return existing.handle
-    return _Session(trainer, _run_for(trainer, cfg, share)).start()
-
-
-def _run_for(trainer, config: HFTConfig, share: bool) -> HFTRun:
-    """The run for ``trainer.model``: the one its set-up started (LLaMA-Factory's model loader
-    applies HFT before the trainer exists), so HFT is applied once, or a new one."""
-    partial = "mask" if shards(trainer) else "auto"
-    run = HFTRun.of(trainer.model)
-    if run is not None and not run.claimed and run.handle is not None and not run.handle.removed \
-            and run.requested == config:
-        run.share_reference = share
-        run.use_partial(partial)
-        return run
-    return HFTRun(trainer.model, config, partial=partial, share_reference=share).start()
+    run = HFTRun.take_over(trainer.model, cfg, partial="mask" if shards(trainer) else "auto", share_reference=share)
+    return _Session(trainer, run).start()
 
 
 def disable_hft(trainer) -> bool:

@@ -30,6 +30,7 @@ from ..forgetting import (DEFAULT_BATCH_SIZE, DEFAULT_EVERY, DEFAULT_LENGTH, DEF
                           BaseSnapshot, Measurement, Probes, check_count, check_every, check_max_kl, context_length,
                           encode_texts, measure, over_budget, read_texts, sample_probes, trained_tensors,
                           usable_tokenizer, vocab_size)
+from ..run import unwrapped
 
 logger = logging.getLogger("hft_plugin")
 
@@ -45,12 +46,6 @@ _NO_TOKENIZER = ("hft_plugin: the forgetting monitor found no tokenizer (trainer
                  "encode text): its probes are token ids sampled from the model, and %s keeps them without text.")
 
 
-def _unwrapped(model):
-    from ..layouts.base import unwrap_model
-
-    return unwrap_model(model)
-
-
 def _declined(trainer) -> str | None:
     """Why the monitor cannot measure this trainer's model, in one line, or None."""
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -63,7 +58,7 @@ def _declined(trainer) -> str | None:
         if is_deepspeed_zero3_enabled() or getattr(plugin, "zero_stage", None) == 3:
             return ("DeepSpeed ZeRO-3 partitions the weights across processes, so no process holds a whole model to "
                     "measure; measure checkpoints after training with `hft forgetting BASE TUNED`")
-    model = _unwrapped(trainer.model)
+    model = unwrapped(trainer.model)
     if any(p.device.type == "meta" for p in model.parameters()):
         return "the model is on the meta device (no weights to measure)"
     return None
@@ -71,7 +66,7 @@ def _declined(trainer) -> str | None:
 
 def _source_folder(model) -> str | None:
     """The local folder the model was loaded from (a previous round's output), if any."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    path = getattr(getattr(model, "config", None), "name_or_path", None)
     return path if isinstance(path, str) and path and os.path.isdir(path) else None
 
 
@@ -101,7 +96,7 @@ class ForgettingMonitor(TrainerCallback):
         # below; a reason only the main process has (a resume it cannot measure) leaves the others'
         # steps in place, so that all processes still log and agree on the budget at the same steps
         self._off_everywhere = declined is not None
-        self._model = weakref.ref(_unwrapped(trainer.model))
+        self._model = weakref.ref(unwrapped(trainer.model))
         self.history: list[dict[str, float]] = []
         self.last: Measurement | None = None
         self.stopped_at: int | None = None
@@ -126,7 +121,7 @@ class ForgettingMonitor(TrainerCallback):
     def measure(self) -> Measurement:
         """Compare the trainer's model with its base now (main process)."""
         trainer = self._trainer()
-        return measure(_unwrapped(trainer.model), self.probes, self.base, batch_size=self.batch_size)
+        return measure(unwrapped(trainer.model), self.probes, self.base, batch_size=self.batch_size)
 
     def _record(self, step: int) -> Measurement:
         result = self.last = self.measure()
@@ -154,7 +149,7 @@ class ForgettingMonitor(TrainerCallback):
             return self._decline(args, reason, everywhere=True)
         if self.base is None:  # another process: it only takes part in the budget's verdict
             return
-        model = _unwrapped(trainer.model)
+        model = unwrapped(trainer.model)
         if model is not self._model():
             # model_init built a new model inside train(): fine before any step, not on a resume
             if state.global_step > 0:
@@ -398,7 +393,7 @@ def watch_forgetting(trainer, *, every: int = DEFAULT_EVERY, texts: "Sequence[st
         return existing
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call watch_forgetting after creating it with a model.")
-    model = _unwrapped(trainer.model)
+    model = unwrapped(trainer.model)
     main = trainer.is_world_process_zero()
     declined = _declined(trainer)
     probes = base = None
