@@ -443,10 +443,9 @@ def _match(handle: "HFTHandle", policy: nn.Module, ref_params, report: SharingRe
 
 def share_option(value: bool | None, setting: bool | None = None) -> bool:
     """Whether to share: ``value`` if given (a bool), else ``setting`` (what the integration read
-    from its settings, ``hft_plugin.bootstrap.env.share_reference()``), else ``HFT_SHARE_REFERENCE``
-    read here through the core's parser (default on), as :func:`hft_plugin.plugins.autoload_disabled`
-    reads its own variable: the core imports nothing from ``bootstrap``. Raises ConfigError on
-    anything else, naming the argument or the variable."""
+    from its settings: the Trainer adapter passes ``hft_plugin.bootstrap.env.share_reference()``),
+    else ``HFT_SHARE_REFERENCE`` read through the core's parser (default on), for a caller with no
+    settings of its own. Raises ConfigError on anything else, naming the argument or the variable."""
     if value is None:
         if setting is not None:
             return setting

@@ -210,7 +210,6 @@ def _replay_loss_part(marks, kwargs, output):
 def _token_selection(marks, shape, device):
     """A [rows, tokens] boolean of replay positions for a batch of ``shape``, from row marks [rows]
     or token marks [1, tokens] (padding-free batches); None if they do not fit."""
-    import torch
 
     marks = marks.to(device)
     if marks.dim() == 1 and marks.shape[0] == shape[0]:

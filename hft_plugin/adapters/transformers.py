@@ -20,6 +20,7 @@ import logging
 import weakref
 from typing import Any, Callable, Mapping
 
+from ..bootstrap import env
 from ..config import HFTConfig
 from ..errors import HFTError
 from ..freeze import HFTHandle
@@ -249,7 +250,7 @@ def enable_hft(trainer, config: "HFTConfig | Mapping[str, Any] | None" = None, *
     check_trainer(trainer)
     refuse_peft(trainer)
     cfg = build_config(config, options)
-    share = share_option(share_reference)
+    share = share_option(share_reference, env.share_reference() if share_reference is None else None)
     _OPTED_OUT.discard(trainer)
     existing = _SESSIONS.get(trainer)
     if existing is not None:
