@@ -10,7 +10,7 @@ layer (q, k, v, o, gate, up, down) stands for a partly trained tensor with half 
 (alternate halves per layer):
 
 - ``none``:  no mask (the frozen rows move: the timing baseline only);
-- ``clip``:  today's way: ``GradientMask.apply()`` (hft_plugin.masking) once per optimizer step,
+- ``clip``:  today's way: ``GradientMask.apply()`` (hft_plugin.mechanisms.mask) once per optimizer step,
   after the last micro-batch's backward, before ``clip_grad_norm_``;
 - ``hook``:  a post-accumulate-grad hook per tensor zeroing its frozen rows, every backward.
 
@@ -77,7 +77,7 @@ def _zero_rows(start: int, length: int):
 
 class Variant:
     def __init__(self, kind: str, sizes: dict, lr: float = 1e-3):
-        from hft_plugin.masking import GradientMask
+        from hft_plugin.mechanisms.mask import GradientMask
 
         self.kind = kind
         self.model = llama(**sizes)
