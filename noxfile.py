@@ -2,13 +2,14 @@
 
     nox -s fresh         # the README's install, unpinned: the day's newest transformers/TRL (CI's environment)
     nox -s newest        # transformers/TRL newest verified, pinned (requirements/newest.txt)
-    nox -s oldest        # transformers/TRL oldest supported (lower ends of the `trl` extra)
+    nox -s oldest        # torch 2.8.0 (the floor) with transformers/TRL oldest supported (.ci/oldest.sh)
     nox -s llamafactory  # LLaMA-Factory 0.9.5 with its own pins, CPU torch (.ci/llamafactory.sh)
     nox -s openrlhf      # OpenRLHF 0.11.2 imports, adapter driven on CPU (.ci/openrlhf.sh)
     nox -s axolotl       # Axolotl 0.19.0 with its own pins, CPU torch (.ci/axolotl.sh)
     nox -s swift         # ms-swift 4.6.0 with its own pins, CPU torch (.ci/swift.sh)
 
-Every environment keeps the CPU build of torch 2.13.0 (requirements/cpu-torch.txt as a constraint).
+Every environment but the oldest keeps the CPU build of torch 2.13.0 (requirements/cpu-torch.txt as a
+constraint); the oldest pins torch at pyproject.toml's floor (requirements/oldest.txt), PyPI's CUDA build.
 `.ci/run` builds the fresh cell itself and runs the whole suite in it; when tests fail there,
 `.ci/pinned-rerun` runs them again under requirements/newest.txt.
 """
@@ -52,9 +53,12 @@ def newest(session: nox.Session) -> None:
     _transformers_cell(session, "requirements/newest.txt")
 
 
-@nox.session(python="3.11")
+@nox.session(python=False)
 def oldest(session: nox.Session) -> None:
-    _transformers_cell(session, "requirements/oldest.txt")
+    """torch at the floor, transformers/TRL/accelerate/datasets at the lower ends of the `trl` extra, in a
+    cached venv (.ci/oldest.sh): the region, exactness, sharing, FSDP2 and verify tests, and the
+    Trainer and activation tests (TRANSFORMERS_TESTS)."""
+    session.run("bash", ".ci/oldest.sh", *session.posargs, external=True)
 
 
 @nox.session(python=False)
