@@ -389,3 +389,21 @@ def test_an_optimizer_over_the_models_trainable_tensors_gets_the_regions_on_atta
     with pytest.raises(HFTError, match="do not train in this round"):
         handle.attach(stale)
     handle.remove()
+
+
+def test_expert_forward_runs_on_transformers_without_post_expert_norm():
+    # transformers before 5.20 builds experts modules without `has_post_expert_norm` (the LLaMA-Factory,
+    # Axolotl and ms-swift cells pin 5.6 to 5.19): HFT's expert forward must not require it.
+    from hft_plugin import apply_selection, select_half
+    from hft_plugin.testing import tiny_model
+
+    model = tiny_model("mixtral")
+    for module in model.modules():
+        if "has_post_expert_norm" in vars(module):
+            del module.has_post_expert_norm
+    handle = apply_selection(model, select_half(model, round=0))
+    try:
+        ids = torch.randint(3, 64, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        handle.remove()

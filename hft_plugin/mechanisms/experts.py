@@ -150,7 +150,7 @@ def hft_experts_forward(self: nn.Module, spec: tuple, hidden_states: torch.Tenso
     out = _project(self, projections, up, selected, offsets, expert_ids_g)
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
     out = _project(self, projections, "down_proj", out, offsets, expert_ids_g)
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # transformers < 5.20 has no such attribute (nor norm)
         out = self.post_expert_norm(out)
     weighted = out * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
