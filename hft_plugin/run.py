@@ -44,11 +44,6 @@ _RUNS: "weakref.WeakKeyDictionary[Any, HFTRun]" = weakref.WeakKeyDictionary()
 _BUILT: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def unwrapped(model):
-    """``model`` with its DDP, DeepSpeed and ``torch.compile`` wrappers looked through: the object a
-    run, its handle and every adapter refer to (the one helper for it; adapters use this one)."""
-    return unwrap_model(model)
-
 
 class HFTRun:
     """Half fine-tuning of one model for one training run: its selection, its handle, and the
@@ -70,7 +65,7 @@ class HFTRun:
 
     def __init__(self, model, config: HFTConfig, selection: Selection | None = None, *, partial: str = "auto",
                  share_reference: bool = True):
-        self._model = weakref.ref(unwrapped(model))
+        self._model = weakref.ref(unwrap_model(model))
         self.requested = config  # the options asked for (round="next" unresolved)
         self.config = selection.config if selection is not None else config
         self.selection = selection
@@ -92,7 +87,7 @@ class HFTRun:
     def of(cls, model) -> "HFTRun | None":
         """The run of ``model`` (wrappers looked through), if one is under way."""
         try:
-            return _RUNS.get(unwrapped(model))
+            return _RUNS.get(unwrap_model(model))
         except TypeError:  # not something a weak reference can point to: no run
             return None
 
@@ -146,7 +141,7 @@ class HFTRun:
 
     def follow(self, model) -> None:
         """Before a training run starts: keep the selection applied to the model that trains."""
-        model = unwrapped(model)
+        model = unwrap_model(model)
         if self.handle is None or self.handle.model is not model:
             # a new model object (the Trainer's model_init builds one inside train()): same options
             old = self._model()

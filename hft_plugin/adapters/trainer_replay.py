@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 
 from .. import replay as core
 from ..errors import HFTError, IntegrationError, ReplayError, ReplayUnsupportedError
-from ..run import unwrapped
+from ..layouts.base import unwrap_model
 from . import compat
 from .base import InstanceWrappers
 
@@ -100,7 +100,7 @@ class Replay:
         trainer = self.trainer
         self._wrappers.wrap("get_train_dataloader", self._train_dataloader)
         trainer.callback_handler.callbacks.insert(0, self.callback)  # before the reporters: they log replay/loss
-        model = unwrapped(trainer.model)
+        model = unwrap_model(trainer.model)
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, with_kwargs=True)]
         _REPLAYS[trainer] = self
@@ -325,7 +325,7 @@ def _self_texts(trainer, *, seed: int, samples: int, sample_length: int) -> tupl
         if stored is not None:
             logger.warning("hft_plugin: %s was drawn with other settings (%s); drawing again with %s.", here,
                            {k: stored.get(k) for k in wanted}, wanted)
-        model = unwrapped(trainer.model)
+        model = unwrap_model(trainer.model)
         # once per run (then read from the file): it can take minutes on a CPU, so say so first
         logger.warning("hft_plugin: replay 'self': sampling %d texts of up to %d tokens from the model, once; they "
                        "are stored in %s.", samples, sample_length, here)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from ..config import HFTConfig
 from ..errors import ConfigError, IntegrationError, UnsupportedModelError
 from ..freeze import HFTHandle
-from ..run import unwrapped
+from ..layouts.base import unwrap_model
 from ..selection import Selection, applied_counts
 from ..sharing import FSDP, unshareable_reason
 from . import compat
@@ -53,7 +53,7 @@ def write_model_card(trainer, selection: Selection, handle: "HFTHandle | None", 
     if trainer.is_world_process_zero():
         counts = applied_counts(selection, handle.model) if handle is not None else None
         add_model_card_section(os.path.join(trainer.args.output_dir, "README.md"), selection, counts,
-                               base_model=base_model_name(unwrapped(trainer.model)))
+                               base_model=base_model_name(unwrap_model(trainer.model)))
     return result
 
 
@@ -62,7 +62,7 @@ def refuse_peft(trainer) -> None:
     alternatives, before anything changes."""
     from ..layouts.base import is_peft
 
-    model = unwrapped(trainer.model)
+    model = unwrap_model(trainer.model)
     if is_peft(model):
         raise UnsupportedModelError(
             f"{type(trainer).__name__}'s model is a {type(model).__name__} (PEFT adapters, e.g. LoRA from the "

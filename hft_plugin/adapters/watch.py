@@ -30,7 +30,7 @@ from ..forgetting import (DEFAULT_BATCH_SIZE, DEFAULT_EVERY, DEFAULT_LENGTH, DEF
                           BaseSnapshot, Measurement, Probes, check_count, check_every, check_max_kl, context_length,
                           encode_texts, measure, over_budget, read_texts, sample_probes, trained_tensors,
                           usable_tokenizer, vocab_size)
-from ..run import unwrapped
+from ..layouts.base import unwrap_model
 
 logger = logging.getLogger("hft_plugin")
 
@@ -58,7 +58,7 @@ def _declined(trainer) -> str | None:
         if is_deepspeed_zero3_enabled() or getattr(plugin, "zero_stage", None) == 3:
             return ("DeepSpeed ZeRO-3 partitions the weights across processes, so no process holds a whole model to "
                     "measure; measure checkpoints after training with `hft forgetting BASE TUNED`")
-    model = unwrapped(trainer.model)
+    model = unwrap_model(trainer.model)
     if any(p.device.type == "meta" for p in model.parameters()):
         return "the model is on the meta device (no weights to measure)"
     return None
@@ -96,7 +96,7 @@ class ForgettingMonitor(TrainerCallback):
         # below; a reason only the main process has (a resume it cannot measure) leaves the others'
         # steps in place, so that all processes still log and agree on the budget at the same steps
         self._off_everywhere = declined is not None
-        self._model = weakref.ref(unwrapped(trainer.model))
+        self._model = weakref.ref(unwrap_model(trainer.model))
         self.history: list[dict[str, float]] = []
         self.last: Measurement | None = None
         self.stopped_at: int | None = None
@@ -121,7 +121,7 @@ class ForgettingMonitor(TrainerCallback):
     def measure(self) -> Measurement:
         """Compare the trainer's model with its base now (main process)."""
         trainer = self._trainer()
-        return measure(unwrapped(trainer.model), self.probes, self.base, batch_size=self.batch_size)
+        return measure(unwrap_model(trainer.model), self.probes, self.base, batch_size=self.batch_size)
 
     def _record(self, step: int) -> Measurement:
         result = self.last = self.measure()
@@ -149,7 +149,7 @@ class ForgettingMonitor(TrainerCallback):
             return self._decline(args, reason, everywhere=True)
         if self.base is None:  # another process: it only takes part in the budget's verdict
             return
-        model = unwrapped(trainer.model)
+        model = unwrap_model(trainer.model)
         if model is not self._model():
             # model_init built a new model inside train(): fine before any step, not on a resume
             if state.global_step > 0:
@@ -393,7 +393,7 @@ def watch_forgetting(trainer, *, every: int = DEFAULT_EVERY, texts: "Sequence[st
         return existing
     if trainer.model is None:
         raise IntegrationError("The trainer has no model yet; call watch_forgetting after creating it with a model.")
-    model = unwrapped(trainer.model)
+    model = unwrap_model(trainer.model)
     main = trainer.is_world_process_zero()
     declined = _declined(trainer)
     probes = base = None

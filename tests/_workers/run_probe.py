@@ -31,9 +31,10 @@ class RunProbe(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         from hft_plugin.freeze import active_handle
-        from hft_plugin.run import HFTRun, unwrapped
+        from hft_plugin.layouts.base import unwrap_model
+        from hft_plugin.run import HFTRun
 
-        policy = unwrapped(self.trainer.model if self.trainer is not None else model)
+        policy = unwrap_model(self.trainer.model if self.trainer is not None else model)
         run = HFTRun.of(policy)
         self.records.append({
             "step": state.global_step, "model": type(policy).__name__, "trainer": type(self.trainer).__name__,
